@@ -1,0 +1,100 @@
+"""The ``gdpo`` command line: ``gdpo <command> [--config FILE] [key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from gdpo.config import ConfigError, config_reference, load_config, to_dict
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+_REF_BLOCK = re.compile(r"(<!-- config-reference:start -->\n)(.*?)(<!-- config-reference:end -->)", re.DOTALL)
+
+
+def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--config", default=None, help="YAML preset (default: configs/tiny_cpu.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.prompts_per_step=8")
+    return p
+
+
+def cmd_sft(args) -> int:
+    from gdpo.tasks.tiny_policy import ensure_tiny_policy
+
+    cfg = load_config(args.config, args.overrides)
+    path = ensure_tiny_policy(cfg.sft)
+    stats = json.loads((path / "build.json").read_text())
+    print(json.dumps({"path": str(path), **stats}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Until the distributed trainer lands: build (or reuse) the tiny policy and evaluate it."""
+    from gdpo.policy import resolve_model_path
+    from gdpo.tasks.tiny_policy import evaluate_policy
+
+    cfg = load_config(args.config, args.overrides)
+    path = resolve_model_path(cfg)
+    metrics = evaluate_policy(path, cfg.data.eval_size or 200, seed=cfg.trainer.seed,
+                              max_new_tokens=cfg.rollout.max_new_tokens, threads=cfg.sft.threads)
+    out = Path(cfg.trainer.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "demo_eval.json.tmp"
+    tmp.write_text(json.dumps({"model": path, **metrics}, indent=2))
+    tmp.replace(out / "demo_eval.json")
+    print(f"\npolicy: {path}")
+    print(f"{'held-out problems':<34}{metrics['eval_problems']:>10}")
+    print(f"{'greedy accuracy':<34}{metrics['greedy_accuracy']:>10.1%}")
+    print(f"{'mean completion tokens':<34}{metrics['mean_completion_tokens']:>10.1f}")
+    print(f"{'mean shortest-solution tokens':<34}{metrics['mean_shortest_solution_tokens']:>10.1f}")
+    print(f"{'verbosity (mean / shortest)':<34}{metrics['verbosity_ratio']:>10.2f}x")
+    print(f"written: {out / 'demo_eval.json'}")
+    return 0
+
+
+def cmd_check_config(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def cmd_config_doc(args) -> int:
+    ref = config_reference()
+    if not args.write:
+        print(ref, end="")
+        return 0
+    text = README.read_text()
+    if not _REF_BLOCK.search(text):
+        print(f"{README} has no <!-- config-reference:start/end --> block", file=sys.stderr)
+        return 1
+    README.write_text(_REF_BLOCK.sub(lambda m: m.group(1) + ref + m.group(3), text))
+    print(f"updated the config reference in {README}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gdpo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _with_config(sub.add_parser("sft", help="build (or reuse) the tiny SFT policy")).set_defaults(fn=cmd_sft)
+    _with_config(sub.add_parser("demo", help="the main job on the embedded default config")).set_defaults(fn=cmd_demo)
+    _with_config(sub.add_parser("check-config", help="validate a config and print it resolved")).set_defaults(fn=cmd_check_config)
+    doc = sub.add_parser("config-doc", help="print (or --write into README.md) the config reference")
+    doc.add_argument("--write", action="store_true")
+    doc.set_defaults(fn=cmd_config_doc)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"gdpo: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The one config schema: frozen dataclasses, YAML presets, dotted overrides, validated once.
+
+Every field carries its documentation in ``metadata["doc"]`` (the README's config reference is
+generated from it, so the two cannot drift). Workers receive the validated, frozen object and never
+mutate it.
+
+    cfg = load_config("configs/tiny_cpu.yaml", ["trainer.prompts_per_step=8"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+BUILTIN_TINY_POLICY = "builtin:tiny-chain-arith"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what is allowed."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its documentation (immutable defaults only)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples / doc_factory for container defaults")
+    return field(default=default, metadata={"doc": text})
+
+
+def doc_factory(factory: Any, text: str) -> Any:
+    return field(default_factory=factory, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = doc(BUILTIN_TINY_POLICY, "HF model directory or hub id loaded with from_pretrained; "
+                    f"'{BUILTIN_TINY_POLICY}' builds (and caches) the project's tiny SFT policy")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "parameter dtype for learner and rollout")
+    trust_remote_code: bool = doc(False, "passed to from_pretrained")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    cache_dir: str = doc(".cache/gdpo", "where built policies are cached (keyed by a hash of this section)")
+    seed: int = doc(0, "seed for data generation, initialization and batching")
+    hidden_size: int = doc(128, "tiny policy width")
+    num_layers: int = doc(4, "tiny policy depth")
+    num_heads: int = doc(2, "attention heads; head_dim = hidden_size / num_heads must be >= 64 for vLLM's CPU attention")
+    steps: int = doc(1200, "optimizer steps of supervised training")
+    sequences_per_step: int = doc(64, "training sequences per optimizer step")
+    lr: float = doc(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)")
+    threads: int = doc(2, "torch intra-op threads while training")
+    eval_problems: int = doc(200, "held-out problems for the post-build accuracy / verbosity check")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = doc("task:chain_arith", "prompt source: 'task:NAME' (project task), a .jsonl path, or 'hf:NAME[:CONFIG]:SPLIT'")
+    eval: str = doc("task:chain_arith", "held-out source, same forms as data.train (tasks use a disjoint seed)")
+    prompt_column: str = doc("question", "column holding the problem text")
+    answer_column: str = doc("answer", "column holding the gold answer; passed to rewards as `answer`")
+    template: str = doc("{question}\n", "prompt template; {column} placeholders are filled from the row")
+    use_chat_template: bool = doc(False, "wrap the filled template with the tokenizer's chat template")
+    eval_size: int = doc(200, "held-out prompts per evaluation (0 = all)")
+    train_size: int = doc(0, "train prompts to use (0 = all / task default)")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = doc(1, "vLLM rollout workers (Ray actors); prompts are split across them")
+    samples_per_prompt: int = doc(8, "completions per prompt: the group size of group-normalized estimators")
+    max_new_tokens: int = doc(128, "generation limit per completion, in tokens")
+    temperature: float = doc(1.0, "sampling temperature for training rollouts")
+    top_p: float = doc(1.0, "nucleus sampling for training rollouts")
+    eval_temperature: float = doc(0.0, "sampling temperature for held-out evaluation (0 = greedy)")
+    tensor_parallel_size: int = doc(1, "vLLM tensor parallelism per worker (GPU only)")
+    gpu_memory_utilization: float = doc(0.5, "vLLM GPU memory fraction (GPU only)")
+    kv_cache_gib: int = doc(1, "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    name: str = doc("accuracy", "registered reward name, 'module:function', or 'path/to/file.py:function'")
+    weight: float = doc(1.0, "weight w_k of this reward in the advantage sum")
+    kwargs: dict = doc_factory(dict, "keyword arguments bound to the reward function (e.g. a token budget)")
+    condition_on: Optional[str] = doc(None, "GDPO Eq. 8: pay this reward only when reward `condition_on` reaches the threshold, else 0")
+    condition_threshold: float = doc(1.0, "threshold on the raw conditioning reward")
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    functions: tuple[RewardSpec, ...] = doc_factory(lambda: (RewardSpec(),), "the reward functions, in order (K columns of the reward matrix)")
+    num_workers: int = doc(1, "reward worker actors")
+    verifier_processes: int = doc(2, "math-verify worker processes per reward worker")
+    verifier_timeout_s: float = doc(10.0, "per-item timeout of the math verifier; a hung item scores None")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    estimator: Literal["gdpo", "grpo"] = doc("gdpo", "advantage estimator")
+    grpo_scale: Literal["group", "batch", "none"] = doc("group", "GRPO std scaling (group std, batch std, or none as in Dr. GRPO)")
+    adv_eps: float = doc(1e-4, "epsilon added to every std in the advantage normalization")
+    clip_eps_low: float = doc(0.2, "lower clip of the importance ratio: 1 - clip_eps_low")
+    clip_eps_high: float = doc(0.28, "upper clip of the importance ratio: 1 + clip_eps_high (DAPO clip-higher)")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = doc(
+        "token-mean", "loss aggregation; the denominator is always global over the step's batch")
+    kl_coef: float = doc(0.0, "coefficient of the KL penalty to the reference policy (0 = off)")
+    kl_estimator: Literal["k1", "k3"] = doc("k3", "per-token KL estimator")
+    filter_zero_variance: tuple[str, ...] = doc((), "drop groups whose named reward components all have zero variance")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_workers: int = doc(1, "DeepSpeed learner workers (data parallel)")
+    zero_stage: Literal[2, 3] = doc(2, "DeepSpeed ZeRO stage")
+    lr: float = doc(1e-3, "AdamW learning rate of the adapters")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    grad_clip: float = doc(1.0, "gradient norm clip")
+    micro_batch_per_worker: int = doc(16, "sequences per forward/backward on each learner")
+    updates_per_step: int = doc(1, "optimizer steps per rollout batch (mini-batches); > 1 makes updates off-policy")
+    dora_rank: int = doc(8, "DoRA rank r")
+    dora_alpha: float = doc(16.0, "DoRA alpha (scale s = alpha / r)")
+    target_modules: tuple[str, ...] = doc(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                          "names of the linear layers that get adapters")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    steps: int = doc(20, "training steps (one rollout batch each)")
+    prompts_per_step: int = doc(16, "prompts per step; each gets rollout.samples_per_prompt completions")
+    seed: int = doc(0, "global seed (prompt order, sampling, initialization)")
+    output_dir: str = doc("runs/tiny_cpu", "metrics, checkpoints, final policy and summary.json go here")
+    resume: Literal["auto", "never"] = doc("auto", "auto: continue from the last checkpoint in output_dir if one exists")
+    eval_every: int = doc(10, "held-out evaluation every N steps (0 = only before and after)")
+    save_every: int = doc(5, "checkpoint every N steps")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    address: Optional[str] = doc(None, "Ray address; None starts an embedded Ray")
+    placement: Literal["colocated", "separate"] = doc("colocated", "rollout and learner share devices, or get their own")
+    num_cpus: Optional[int] = doc(None, "CPUs for the embedded Ray (None = all)")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = doc_factory(ModelConfig, "policy model")
+    sft: SFTConfig = doc_factory(SFTConfig, "building the tiny project policy (used when model.path is the builtin)")
+    data: DataConfig = doc_factory(DataConfig, "prompt data")
+    rollout: RolloutConfig = doc_factory(RolloutConfig, "vLLM rollout")
+    rewards: RewardsConfig = doc_factory(RewardsConfig, "reward functions")
+    algorithm: AlgorithmConfig = doc_factory(AlgorithmConfig, "advantages and loss")
+    learner: LearnerConfig = doc_factory(LearnerConfig, "DeepSpeed learners and DoRA adapters")
+    trainer: TrainerConfig = doc_factory(TrainerConfig, "driver loop")
+    cluster: ClusterConfig = doc_factory(ClusterConfig, "Ray cluster")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset (the embedded default when None), apply dotted overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `a.b.c=value` override in place; list elements are addressed by index."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]))
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(node, last, key)] = value
+    else:
+        node[last] = value
+
+
+def _child(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, where)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override key '{where}' goes below a value that is not a section")
+    if part not in node or node[part] is None:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override key '{where}': index {part!r} is out of range 0..{len(node) - 1}")
+    return int(part)
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping, naming the dotted key of any mistake."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix or '<root>'}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = unknown[0]
+        near = difflib.get_close_matches(str(key), fields, n=1)
+        hint = f"; did you mean '{_join(prefix, near[0])}'?" if near else ""
+        raise ConfigError(f"unknown config key '{_join(prefix, key)}'{hint} "
+                          f"(allowed: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in raw}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' = {value!r} is not allowed (allowed: {', '.join(map(repr, args))})")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {type(value).__name__}")
+        return tuple(_coerce(args[0], v, f"{key}.{i}") for i, v in enumerate(value))
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; raises ConfigError naming the key. Nothing starts before this passes."""
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    for key, value in _positive_ints(cfg):
+        need(value >= 1, key, f"must be >= 1, got {value}")
+    need(cfg.rollout.samples_per_prompt >= 2, "rollout.samples_per_prompt",
+         f"the '{cfg.algorithm.estimator}' estimator normalizes within groups of samples_per_prompt "
+         f"completions, so it needs >= 2 (got {cfg.rollout.samples_per_prompt})")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {cfg.rollout.top_p}")
+    need(cfg.rollout.temperature > 0, "rollout.temperature", "training rollouts must sample (> 0)")
+    need(cfg.rollout.eval_temperature >= 0, "rollout.eval_temperature", "must be >= 0")
+    need(0 < cfg.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    need(cfg.algorithm.adv_eps > 0, "algorithm.adv_eps", "must be > 0")
+    need(cfg.algorithm.clip_eps_low >= 0 and cfg.algorithm.clip_eps_low < 1, "algorithm.clip_eps_low", "must be in [0, 1)")
+    need(cfg.algorithm.clip_eps_high >= 0, "algorithm.clip_eps_high", "must be >= 0")
+    need(cfg.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+    need(cfg.learner.lr > 0, "learner.lr", "must be > 0")
+    need(cfg.learner.dora_alpha > 0, "learner.dora_alpha", "must be > 0")
+    need(len(cfg.learner.target_modules) > 0, "learner.target_modules", "needs at least one module name")
+    need(cfg.sft.hidden_size % cfg.sft.num_heads == 0, "sft.num_heads", "must divide sft.hidden_size")
+    need(cfg.sft.hidden_size // cfg.sft.num_heads >= 64, "sft.num_heads",
+         f"head_dim = {cfg.sft.hidden_size // cfg.sft.num_heads} < 64 is rejected by vLLM's CPU attention")
+    need(cfg.trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0")
+    need(cfg.data.eval_size >= 0 and cfg.data.train_size >= 0, "data.eval_size", "sizes must be >= 0")
+    _validate_rewards(cfg, need)
+
+
+def _positive_ints(cfg: Config):
+    yield from [
+        ("rollout.num_workers", cfg.rollout.num_workers), ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+        ("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size), ("rollout.kv_cache_gib", cfg.rollout.kv_cache_gib),
+        ("rewards.num_workers", cfg.rewards.num_workers), ("rewards.verifier_processes", cfg.rewards.verifier_processes),
+        ("learner.num_workers", cfg.learner.num_workers), ("learner.micro_batch_per_worker", cfg.learner.micro_batch_per_worker),
+        ("learner.updates_per_step", cfg.learner.updates_per_step), ("learner.dora_rank", cfg.learner.dora_rank),
+        ("trainer.steps", cfg.trainer.steps), ("trainer.prompts_per_step", cfg.trainer.prompts_per_step),
+        ("trainer.save_every", cfg.trainer.save_every), ("sft.steps", cfg.sft.steps),
+        ("sft.sequences_per_step", cfg.sft.sequences_per_step), ("sft.threads", cfg.sft.threads),
+        ("sft.hidden_size", cfg.sft.hidden_size), ("sft.num_layers", cfg.sft.num_layers),
+        ("sft.num_heads", cfg.sft.num_heads), ("sft.eval_problems", cfg.sft.eval_problems),
+    ]
+
+
+def _validate_rewards(cfg: Config, need) -> None:
+    from rewards.registry import RewardError, resolve_reward
+
+    specs = cfg.rewards.functions
+    need(len(specs) >= 1, "rewards.functions", "needs at least one reward")
+    need(cfg.rewards.verifier_timeout_s > 0, "rewards.verifier_timeout_s", "must be > 0")
+    names = [s.name for s in specs]
+    for i, spec in enumerate(specs):
+        key = f"rewards.functions.{i}"
+        try:
+            resolve_reward(spec.name)
+        except RewardError as err:
+            raise ConfigError(f"config key '{key}.name': {err}") from err
+        need(names.count(spec.name) == 1, f"{key}.name", f"reward '{spec.name}' is listed twice")
+        if spec.condition_on is not None:
+            need(spec.condition_on in names[:i], f"{key}.condition_on",
+                 f"must name a reward listed before this one (one of {names[:i]}), got {spec.condition_on!r}")
+    for name in cfg.algorithm.filter_zero_variance:
+        need(name in names, "algorithm.filter_zero_variance", f"{name!r} is not a configured reward (one of {names})")
+
+
+# ----------------------------------------------------------------------------- documentation
+
+def config_reference() -> str:
+    """Markdown reference of every config key, generated from the field docs."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    hints_cache: dict[type, dict] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = hints_cache.setdefault(cls, typing.get_type_hints(cls))
+        for f in dataclasses.fields(cls):
+            key = _join(prefix, f.name)
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key)
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if typing.get_origin(tp) is tuple and default and dataclasses.is_dataclass(default[0]):
+                lines.append(f"| `{key}` | list | see below | {f.metadata['doc']} |")
+                walk(type(default[0]), f"{key}.N")
+                continue
+            lines.append(f"| `{key}` | {_type_name(tp)} | `{_plain(default)}` | {f.metadata['doc']} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return " \\| ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) for a in args).replace("NoneType", "null")
+    if origin is tuple:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain, YAML-ready mapping of a config (tuples become lists)."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(cfg)

@@ -1,0 +1,194 @@
+"""The tiny offline policy: a Qwen2-architecture causal LM trained by SFT on verbose chain arithmetic.
+
+Everything is built here, nothing downloaded: a byte-level BPE tokenizer trained with the
+``tokenizers`` library on task text, a small ``Qwen2ForCausalLM`` (head_dim 64, as vLLM's CPU
+attention requires), and a seeded supervised run. The result is an ordinary HF model directory,
+loaded everywhere with ``from_pretrained(path)``, exactly as a hub model or a local Qwen2.5 would be.
+
+The build is cached under ``sft.cache_dir`` keyed by a hash of the SFT settings and
+``BUILD_VERSION``; it is written to a temporary directory and renamed into place when complete, so
+an interrupted build never leaves a half-written policy behind.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from gdpo.config import SFTConfig
+from gdpo.tasks import chain_arith
+
+BUILD_VERSION = 1  # bump when the task text, tokenizer or training recipe changes
+EOS = "<|endoftext|>"
+TEMPLATE = "{question}\n"  # the prompt template the policy is trained with (DataConfig.template default)
+MAX_POSITIONS = 256
+
+
+def policy_dir(cfg: SFTConfig) -> Path:
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "threads", "eval_problems")}
+    key = hashlib.sha256(json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.cache_dir) / f"tiny-chain-arith-{key}"
+
+
+def ensure_tiny_policy(cfg: SFTConfig, log: Callable[[str], None] = print) -> Path:
+    """Return the cached policy directory, building it first if it is not there."""
+    out = policy_dir(cfg)
+    if (out / "build.json").is_file():
+        log(f"tiny policy: reusing cached build {out}")
+        return out
+    log(f"tiny policy: building {out} (SFT, {cfg.steps} steps)")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stats = build_tiny_policy(cfg, tmp, log)
+    (tmp / "build.json").write_text(json.dumps(stats, indent=2))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished the same build first; theirs is equivalent
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_tokenizer(seed: int):
+    """Byte-level BPE (Qwen2-style) trained on task text, so numbers and task words are single tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(f"tokenizer/{seed}")
+    texts = []
+    for p in chain_arith.problems("train", 4000, seed):
+        texts.append(TEMPLATE.format(question=p.question) + chain_arith.verbose_solution(p, rng))
+    texts += [" ".join(str(i) for i in range(100))] * 4  # every number up to 99 becomes one token
+    tok = Tokenizer(models.BPE())
+    # numbers, words and every other character are separate pieces, so a number has the same token id
+    # in the prompt and in the solution (the policy copies operands from the prompt)
+    pieces = pre_tokenizers.Split(Regex(r"\d+|[A-Za-z]+|[^\dA-Za-z]"), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pieces, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, min_frequency=2, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None,
+                                   model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False)
+
+
+def build_model(cfg: SFTConfig, tokenizer):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    head_dim = cfg.hidden_size // cfg.num_heads
+    mconf = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        head_dim=head_dim, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32", use_sliding_window=False,
+    )
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(mconf)
+
+
+def _batch(tokenizer, problems: list, rng: random.Random) -> dict[str, torch.Tensor]:
+    ids, labels = [], []
+    for p in problems:
+        prompt = tokenizer(TEMPLATE.format(question=p.question), add_special_tokens=False)["input_ids"]
+        target = tokenizer(chain_arith.verbose_solution(p, rng), add_special_tokens=False)["input_ids"]
+        target = target + [tokenizer.eos_token_id]
+        ids.append(prompt + target)
+        labels.append([-100] * len(prompt) + target)
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),  # [B, T]
+        "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),  # [B, T]
+        "labels": torch.tensor([y + [-100] * (width - len(y)) for y in labels]),  # [B, T]
+    }
+
+
+def build_tiny_policy(cfg: SFTConfig, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Train the tiny policy into ``out`` and return its build statistics."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        t0 = time.time()
+        tokenizer = build_tokenizer(cfg.seed)
+        model = build_model(cfg, tokenizer)
+        n_params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+        warmup = max(1, cfg.steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
+        rng = random.Random(f"sft/{cfg.seed}")
+        pool = chain_arith.problems("train", cfg.steps * cfg.sequences_per_step, cfg.seed)
+        model.train()
+        loss_ema = None
+        for step in range(cfg.steps):
+            chunk = pool[step * cfg.sequences_per_step:(step + 1) * cfg.sequences_per_step]
+            loss = model(**_batch(tokenizer, chunk, rng)).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+            if (step + 1) % max(1, cfg.steps // 10) == 0:
+                log(f"  sft step {step + 1}/{cfg.steps} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)")
+        model.eval()
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        train_s = time.time() - t0
+        metrics = evaluate_policy(out, cfg.eval_problems, seed=cfg.seed)
+        return {"params": n_params, "train_seconds": round(train_s, 1), "steps": cfg.steps,
+                "final_loss": loss_ema, **metrics}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
+                       batch_size: int = 64) -> list[list[int]]:
+    """Greedy completion token ids (without the EOS) for each prompt, with HF generate (left padding)."""
+    tokenizer.padding_side = "left"
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+            out.append(row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
+    return out
+
+
+def evaluate_policy(path: Path | str, n_problems: int, seed: int = 0, max_new_tokens: int = 128,
+                    threads: Optional[int] = None) -> dict:
+    """Greedy accuracy and verbosity of a chain-arithmetic policy on held-out problems."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rewards import BoundReward
+
+    if threads:
+        torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    probs = chain_arith.problems("eval", n_problems, seed)
+    prompts = [TEMPLATE.format(question=p.question) for p in probs]
+    ids = greedy_completions(model, tokenizer, prompts, max_new_tokens)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    correct = BoundReward.from_name("accuracy").score(prompts, texts, {"answer": [str(p.answer) for p in probs]})
+    lengths = [len(x) for x in ids]
+    shortest = [len(tokenizer(chain_arith.shortest_solution(p), add_special_tokens=False)["input_ids"]) for p in probs]
+    return {
+        "eval_problems": len(probs),
+        "greedy_accuracy": sum(c or 0.0 for c in correct) / len(probs),
+        "mean_completion_tokens": sum(lengths) / len(lengths),
+        "mean_shortest_solution_tokens": sum(shortest) / len(shortest),
+        "verbosity_ratio": (sum(lengths) / len(lengths)) / (sum(shortest) / len(shortest)),
+    }

@@ -1,0 +1,58 @@
+"""``accuracy``: 1.0 when the completion's final answer equals the gold answer, else 0.0.
+
+Equality is math-verify's (parse both sides, compare symbolically), run in a process pool with a
+per-item timeout (see ``verifier_pool``). Accepted answer forms: ``\\boxed{..}``, GSM8K's ``#### N``,
+plain numbers and LaTeX. A gold answer that cannot be parsed scores None (unscorable), as does an
+item that times out; a completion without a parsable answer scores 0.0.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional
+
+from rewards.registry import register_reward
+from rewards.verifier_pool import shared_pool
+
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
+def normalize_answer_text(text: str) -> str:
+    """Make GSM8K's ``#### N`` form look like a boxed answer; otherwise leave the text to math-verify."""
+    if "\\boxed" not in text and "####" in text:
+        lines = text.rsplit("####", 1)[1].strip().splitlines()
+        value = _THOUSANDS.sub("", lines[0].strip().rstrip(".")) if lines else ""
+        if value:
+            return f"\\boxed{{{value}}}"
+    return text
+
+
+def check_answer(gold: str, pred: str, timeout_s: float = 5.0) -> Optional[bool]:
+    """math-verify equality of ``pred`` against ``gold``; None when the gold cannot be parsed.
+
+    Runs inside a verifier worker process (its main thread), where math-verify's signal-based
+    timeouts work.
+    """
+    from math_verify import parse, verify
+
+    seconds = max(1, math.ceil(timeout_s))
+    gold_text = normalize_answer_text(gold)
+    gold_parsed = parse(gold_text, parsing_timeout=seconds)
+    if not gold_parsed:
+        return None
+    if not any(mark in gold_text for mark in ("$", "\\boxed", "\\(", "\\[")):
+        # a bare gold such as "1+x^2" is one expression, not text to pick the first number from
+        gold_parsed = parse(f"${gold_text}$", parsing_timeout=seconds) or gold_parsed
+    pred_parsed = parse(normalize_answer_text(pred), parsing_timeout=seconds)
+    if not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=seconds))
+
+
+@register_reward("accuracy")
+def accuracy(prompts: list[str], completions: list[str], answer: list[str], processes: int = 2,
+             timeout_s: float = 10.0, **_) -> list[Optional[float]]:
+    """Verifiable-answer reward (the rule-based accuracy reward of DeepSeek-R1, Guo et al. 2025, §2.2.2)."""
+    pool = shared_pool(check_answer, processes, timeout_s)
+    verdicts = pool.map([(str(g), c) for g, c in zip(answer, completions)])
+    return [None if v is None else float(v) for v in verdicts]

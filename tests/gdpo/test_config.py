@@ -1,0 +1,111 @@
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from gdpo.config import (DEFAULT_CONFIG, Config, ConfigError, config_reference, load_config, to_dict)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_config_is_the_embedded_preset_and_validates():
+    cfg = load_config()
+    assert DEFAULT_CONFIG.name == "tiny_cpu.yaml"
+    assert cfg.algorithm.estimator == "gdpo"
+    assert [r.name for r in cfg.rewards.functions] == ["accuracy", "length_budget"]
+    assert cfg.rewards.functions[1].condition_on == "accuracy"
+    assert cfg.model.path == "builtin:tiny-chain-arith"
+
+
+def test_every_preset_in_configs_validates():
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        if preset.name.startswith(("ofq", "compress")):
+            continue
+        load_config(preset)
+
+
+def test_dotted_overrides_with_types_and_list_indices():
+    cfg = load_config(None, ["trainer.prompts_per_step=8", "algorithm.estimator=grpo", "rollout.top_p=0.9",
+                             "rewards.functions.1.kwargs={max_tokens: 40}", "learner.target_modules=[q_proj,v_proj]",
+                             "cluster.address=null"])
+    assert cfg.trainer.prompts_per_step == 8
+    assert cfg.algorithm.estimator == "grpo"
+    assert cfg.rollout.top_p == 0.9
+    assert cfg.rewards.functions[1].kwargs == {"max_tokens": 40}
+    assert cfg.learner.target_modules == ("q_proj", "v_proj")
+    assert cfg.cluster.address is None
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.trainer.steps = 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.prompts_per_stp=8", r"unknown config key 'trainer.prompts_per_stp'.*did you mean 'trainer.prompts_per_step'"),
+    ("trainer.prompts_per_step=eight", r"'trainer.prompts_per_step' must be an integer, got 'eight'"),
+    ("trainer.prompts_per_step=2.5", r"'trainer.prompts_per_step' must be an integer"),
+    ("algorithm.estimator=ppo", r"'algorithm.estimator' = 'ppo' is not allowed \(allowed: 'gdpo', 'grpo'\)"),
+    ("rollout.samples_per_prompt=1", r"'rollout.samples_per_prompt'.*'gdpo' estimator.*needs >= 2"),
+    ("rewards.functions.0.name=nope", r"'rewards.functions.0.name': unknown reward 'nope' \(registered: accuracy,"),
+    ("rewards.functions.1.condition_on=format", r"'rewards.functions.1.condition_on': must name a reward listed before"),
+    ("learner.zero_stage=1", r"'learner.zero_stage' = 1 is not allowed \(allowed: 2, 3\)"),
+    ("sft.num_heads=4", r"'sft.num_heads': head_dim = 32 < 64"),
+    ("trainer.steps=0", r"'trainer.steps': must be >= 1"),
+    ("rollout.top_p=1.5", r"'rollout.top_p': must be in \(0, 1\]"),
+    ("learner.lr=.nan", r"'learner.lr' must be finite"),
+    ("model.trust_remote_code=yes please", r"'model.trust_remote_code' must be true or false"),
+    ("rewards.functions.5.weight=1", r"'rewards.functions.5': index '5' is out of range 0..1"),
+    ("noequals", r"not of the form key=value"),
+    ("algorithm.filter_zero_variance=[length]", r"'algorithm.filter_zero_variance': 'length' is not a configured reward"),
+])
+def test_bad_input_names_the_key_and_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(lst)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("rewards:\n  functions:\n    - name: accuracy\n    - name: accuracy\n")
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_config(dup)
+
+
+def test_yaml_round_trip(tmp_path):
+    import yaml
+    cfg = load_config(None, ["trainer.steps=3"])
+    out = tmp_path / "c.yaml"
+    out.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(out) == cfg
+
+
+def test_every_field_is_documented():
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
+            if dataclasses.is_dataclass(f.type) if not isinstance(f.type, str) else False:
+                walk(f.type)
+    walk(Config)
+    ref = config_reference()
+    assert "`trainer.prompts_per_step`" in ref and "`rewards.functions.N.condition_on`" in ref
+
+
+def test_readme_config_reference_is_generated_from_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", readme, re.DOTALL)
+    assert m, "README.md lacks the generated config reference block"
+    assert m.group(1) == config_reference(), "README config reference is stale: run `gdpo config-doc --write`"
