@@ -53,7 +53,7 @@ class SFTConfig:
     hidden_size: int = doc(128, "tiny policy width")
     num_layers: int = doc(4, "tiny policy depth")
     num_heads: int = doc(2, "attention heads; head_dim = hidden_size / num_heads must be >= 64 for vLLM's CPU attention")
-    steps: int = doc(1200, "optimizer steps of supervised training")
+    steps: int = doc(500, "optimizer steps of supervised training")
     sequences_per_step: int = doc(64, "training sequences per optimizer step")
     lr: float = doc(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)")
     threads: int = doc(2, "torch intra-op threads while training")

@@ -8,7 +8,8 @@ shortest solution states each step and boxes the result::
     \\boxed{5}
 
 Verbose targets (what the tiny policy is warm-started on) add, at random, a restatement of the
-problem and 0-3 redundant lines after each step ("check 3+4=7 ok", "so far 7", "7 is right").
+problem and 0-2 redundant lines after each step ("check 3+4=7 ok", "check: so far 7",
+"check: 7 is right"; see ``REDUNDANT_LINES_P``).
 Every redundant line is true, so a policy that drops them stays correct while using fewer tokens:
 exactly what efficient-reasoning RL has to learn.
 
@@ -67,14 +68,22 @@ def shortest_solution(p: Problem) -> str:
     return "\n".join(lines + [f"\\boxed{{{p.answer}}}"])
 
 
-def verbose_solution(p: Problem, rng: random.Random, max_redundant_per_step: int = 3,
-                     restate_prob: float = 0.5) -> str:
-    lines = [f"we need {p.expression}"] if rng.random() < restate_prob else []
+REDUNDANT_LINES_P = (0.15, 0.35, 0.5)  # P(0, 1, 2 redundant lines after a step)
+RESTATE_P = 0.6
+
+
+def verbose_solution(p: Problem, rng: random.Random) -> str:
+    """A correct solution padded with true but useless lines.
+
+    Redundant lines all start with "check", and more of them is always the likelier choice, so the
+    policy's greedy (modal) output is verbose too, not only its samples.
+    """
+    lines = [f"we need {p.expression}"] if rng.random() < RESTATE_P else []
     for a, op, x, v in p.steps():
         lines.append(f"{a}{op}{x}={v}")
-        fillers = [f"check {a}{op}{x}={v} ok", f"so far {v}", f"{v} is right"]
-        for _ in range(rng.randint(0, max_redundant_per_step)):
-            lines.append(rng.choice(fillers))
+        fillers = [f"check {a}{op}{x}={v} ok", f"check: so far {v}", f"check: {v} is right"]
+        count = rng.choices(range(len(REDUNDANT_LINES_P)), weights=REDUNDANT_LINES_P)[0]
+        lines += [rng.choice(fillers) for _ in range(count)]
     return "\n".join(lines + [f"\\boxed{{{p.answer}}}"])
 
 

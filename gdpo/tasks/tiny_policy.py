@@ -27,7 +27,7 @@ import torch
 from gdpo.config import SFTConfig
 from gdpo.tasks import chain_arith
 
-BUILD_VERSION = 1  # bump when the task text, tokenizer or training recipe changes
+BUILD_VERSION = 2  # bump when the task text, tokenizer or training recipe changes
 EOS = "<|endoftext|>"
 TEMPLATE = "{question}\n"  # the prompt template the policy is trained with (DataConfig.template default)
 MAX_POSITIONS = 256

@@ -1,0 +1,44 @@
+import dataclasses
+import json
+import os
+
+import pytest
+
+from gdpo.config import SFTConfig, load_config
+from gdpo.tasks.tiny_policy import ensure_tiny_policy, policy_dir
+
+
+def _log(_msg):
+    pass
+
+
+def test_build_is_an_ordinary_hf_directory_and_cached(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = SFTConfig(cache_dir=str(tmp_path), steps=3, sequences_per_step=8, eval_problems=8)
+    path = ensure_tiny_policy(cfg, _log)
+    assert path == policy_dir(cfg) and (path / "build.json").is_file()
+    conf = AutoConfig.from_pretrained(path)
+    assert conf.model_type == "qwen2" and conf.hidden_size // conf.num_attention_heads >= 64
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("Compute 3+4-2\n", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tok))
+    assert tok.decode(tok("14-3=11\n\\boxed{11}")["input_ids"]) == "14-3=11\n\\boxed{11}"
+    stamp = os.stat(path / "model.safetensors").st_mtime_ns
+    assert ensure_tiny_policy(cfg, _log) == path  # second call reuses the cache
+    assert os.stat(path / "model.safetensors").st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    other = dataclasses.replace(cfg, seed=1)
+    assert policy_dir(other) != path
+
+
+@pytest.mark.slow
+def test_default_policy_meets_the_targets():
+    """The embedded default's policy: >= 70% greedy accuracy, >= 2x the shortest solution's tokens."""
+    cfg = load_config()
+    path = ensure_tiny_policy(cfg.sft)
+    stats = json.loads((path / "build.json").read_text())
+    assert stats["eval_problems"] >= 200
+    assert stats["greedy_accuracy"] >= 0.70, stats
+    assert stats["verbosity_ratio"] >= 2.0, stats
