@@ -11,6 +11,10 @@ sample):
 - A group whose (non-NaN) values of a reward are all equal gets exactly 0 for that reward instead
   of ``0 / (0 + eps)`` rounding noise.
 - Standard deviations are the unbiased (n - 1) estimate, as in DeepSeekMath's GRPO and TRL.
+
+GDPO is invariant to a positive rescaling of any one reward exactly when eps = 0, and up to
+O(eps / std) otherwise; in a batch whose summed z-scores all but cancel (every group's rewards
+trade off exactly), the final batch normalization magnifies that O(eps) residue.
 """
 from __future__ import annotations
 

@@ -170,14 +170,13 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
 def evaluate_policy(path: Path | str, n_problems: int, seed: int = 0, max_new_tokens: int = 128,
                     threads: Optional[int] = None) -> dict:
     """Greedy accuracy and verbosity of a chain-arithmetic policy on held-out problems."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from gdpo.policy import load_policy
     from rewards import BoundReward
 
     if threads:
         torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model, tokenizer = load_policy(str(path))
+    model.eval()
     probs = chain_arith.problems("eval", n_problems, seed)
     prompts = [TEMPLATE.format(question=p.question) for p in probs]
     ids = greedy_completions(model, tokenizer, prompts, max_new_tokens)

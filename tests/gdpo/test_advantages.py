@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 from gdpo.advantages import apply_conditions, gdpo_advantages, grpo_advantages, zero_variance_groups
 
 EPS = 1e-4
+EXAMPLES = int(os.environ.get("GDPO_HYPOTHESIS_EXAMPLES", "60"))  # raise for a deeper search
 
 
 def _two_rollout_batch():
@@ -102,19 +104,21 @@ def reward_batches(draw):
     return torch.tensor(values, dtype=torch.float64).view(groups * size, k), size
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(reward_batches(), st.floats(0.1, 100.0), st.data())
 def test_gdpo_invariant_to_positive_rescaling_of_one_reward(batch, scale, data):
     r, size = batch
     k = data.draw(st.integers(0, r.shape[1] - 1))
     scaled = r.clone()
     scaled[:, k] *= scale
-    a = gdpo_advantages(r, size, eps=1e-9)
-    b = gdpo_advantages(scaled, size, eps=1e-9)
+    # eps = 0: the property is exact there; with eps > 0 it holds up to O(eps / std), which the
+    # batch normalization can amplify when a batch's summed z-scores all but cancel
+    a = gdpo_advantages(r, size, eps=0.0)
+    b = gdpo_advantages(scaled, size, eps=0.0)
     assert torch.allclose(a, b, atol=1e-6)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(reward_batches(), st.randoms(use_true_random=False))
 def test_permutation_within_groups_is_equivariant(batch, rnd):
     r, size = batch
@@ -129,7 +133,7 @@ def test_permutation_within_groups_is_equivariant(batch, rnd):
         assert torch.allclose(fn(r[perm], size), fn(r, size)[perm], atol=1e-9)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(reward_batches(), st.data())
 def test_no_nan_leaves_with_random_missing_rewards(batch, data):
     r, size = batch
