@@ -1,0 +1,191 @@
+"""Learner: the policy with DoRA adapters inside a DeepSpeed engine; log-probs, GDPO updates, merged weights.
+
+Plain functions over (engine, model); ``actors/learner.py`` only holds them. Loss denominators are
+global (all micro-batches on all ranks), and DeepSpeed averages gradients over ranks, so each rank
+scales its share by the world size: the update equals one large-batch step on one learner.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from gdpo.config import Config
+from gdpo.dora import dora_merged_weight
+from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
+from gdpo.records import TrainBatch, WeightUpdate
+
+# vLLM loads these projections as one stacked tensor; they must be published together
+STACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def build_policy(model_path: str, cfg: Config):
+    """HF model + peft DoRA adapters on ``learner.target_modules``; only adapter weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    from gdpo.policy import load_policy
+
+    model, tokenizer = load_policy(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    lconf = LoraConfig(r=cfg.learner.dora_rank, lora_alpha=cfg.learner.dora_alpha, lora_dropout=0.0,
+                       target_modules=list(cfg.learner.target_modules), use_dora=True, bias="none",
+                       task_type="CAUSAL_LM")
+    matched = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in cfg.learner.target_modules]
+    if not matched:
+        raise ValueError(f"config key 'learner.target_modules': no module of {model_path} is named "
+                         f"{list(cfg.learner.target_modules)}")
+    model = get_peft_model(model, lconf)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def make_engine(model, cfg: Config):
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, betas=(0.9, 0.999))
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_per_worker,
+        "gradient_accumulation_steps": 1,  # boundaries are set by hand in train_step
+        "gradient_clipping": cfg.learner.grad_clip,
+        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "fp16": {"enabled": cfg.model.dtype == "float16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    return engine
+
+
+def _micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
+    return [(lo, min(n, lo + micro)) for lo in range(0, n, micro)]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = True) -> torch.Tensor:
+    """Log-prob of token t+1 at position t: ``[N, L-1]`` (reference = adapters disabled, no model copy)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for lo, hi in _micro_slices(len(batch), micro):
+            ids, att = batch.input_ids[lo:hi], batch.attention_mask[lo:hi]
+            if adapters:
+                logits = model(input_ids=ids, attention_mask=att).logits
+            else:
+                with model.disable_adapter():
+                    logits = model(input_ids=ids, attention_mask=att).logits
+            out.append(token_logprobs(logits[:, :-1], ids[:, 1:]))
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def train_step(engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, global_seqs: float,
+               world_size: int) -> dict[str, float]:
+    """One optimizer step on this rank's share of the batch; returns this rank's metric sums."""
+    alg = cfg.algorithm
+    slices = _micro_slices(len(batch), cfg.learner.micro_batch_per_worker)
+    sums = {"loss": 0.0, "pg_loss": 0.0, "kl_tokens": 0.0, "clipped_tokens": 0.0, "entropy_tokens": 0.0,
+            "tokens": 0.0}
+    engine.train()
+    for i, (lo, hi) in enumerate(slices):
+        mb = batch.slice(lo, hi)
+        engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
+        logits = engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]  # [n, L-1, V]
+        logp = token_logprobs(logits, mb.input_ids[:, 1:])  # [n, L-1]
+        mask = mb.loss_mask[:, 1:]  # [n, L-1]
+        out = policy_loss(logp, mb.old_logprobs, mb.advantages, mask, eps_low=alg.clip_eps_low,
+                          eps_high=alg.clip_eps_high, agg=alg.loss_agg, global_tokens=global_tokens,
+                          global_seqs=global_seqs, max_len=cfg.rollout.max_new_tokens, ref_logp=mb.ref_logprobs,
+                          kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator)
+        engine.backward(out.loss * world_size, scale_wrt_gas=False)
+        n_tok = mask.sum().item()
+        with torch.no_grad():
+            ent = (entropy_from_logits(logits.detach()) * mask).sum().item()
+        sums["loss"] += out.loss.item()
+        sums["pg_loss"] += out.pg_loss.item()
+        sums["kl_tokens"] += out.kl.item() * n_tok
+        sums["clipped_tokens"] += out.clip_fraction.item() * n_tok
+        sums["entropy_tokens"] += ent
+        sums["tokens"] += n_tok
+    engine.step()
+    sums["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+    return sums
+
+
+def sync_module_names(model, target_modules: tuple[str, ...]) -> list[str]:
+    """HF names of the linear modules whose weights a sync must send: adapted ones and their stack mates."""
+    wanted = set(target_modules)
+    for group in STACKED:
+        if wanted & set(group):
+            wanted |= set(group)
+    base = model.get_base_model()
+    return [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in wanted and hasattr(m, "weight")
+            and getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+
+
+@torch.no_grad()
+def merged_weights(model, module_names: list[str]) -> dict[str, torch.Tensor]:
+    """Checkpoint-format ``{name.weight: W'}`` of the given modules, DoRA merged (paper Eq. 5)."""
+    base = model.get_base_model()
+    out = {}
+    for name in module_names:
+        mod = base.get_submodule(name)
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            w = dora_merged_weight(mod.base_layer.weight, mod.lora_A["default"].weight, mod.lora_B["default"].weight,
+                                   mod.lora_magnitude_vector["default"].weight, mod.scaling["default"])
+        else:
+            w = mod.weight
+        out[f"{name}.weight"] = w.detach().contiguous().clone()
+    return out
+
+
+def publish_weights(model, module_names: list[str], version: int, directory: str) -> WeightUpdate:
+    """Write the merged weights to ``directory/policy-v{version}.safetensors`` atomically."""
+    from safetensors.torch import save_file
+
+    tensors = merged_weights(model, module_names)
+    os.makedirs(directory, exist_ok=True)
+    final = Path(directory) / f"policy-v{version}.safetensors"
+    tmp = final.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"policy_version": str(version)})
+    os.replace(tmp, final)
+    digest = hashlib.sha256(final.read_bytes()).hexdigest()
+    for old in Path(directory).glob("policy-v*.safetensors"):
+        if old != final:
+            old.unlink(missing_ok=True)
+    return WeightUpdate(path=str(final), version=version, checksum=digest, num_bytes=final.stat().st_size,
+                        names=sorted(tensors))
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The trainable (adapter) tensors, for cross-rank equality checks and checkpoints."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def checksum_params(model) -> str:
+    h = hashlib.sha256()
+    for n, p in sorted(adapter_state(model).items()):
+        h.update(n.encode())
+        h.update(p.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def count_tokens(batch: TrainBatch) -> float:
+    return float(batch.loss_mask[:, 1:].sum().item())
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: Optional[str] = None) -> None:
+    """Set the torch.distributed environment and initialize it (gloo on CPU, nccl on GPU)."""
+    import deepspeed
+
+    os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank % max(1, torch.cuda.device_count()))})
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+

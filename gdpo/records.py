@@ -1,0 +1,92 @@
+"""Typed records passed between the driver and the actors (no dicts of lists across the wire)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """Completions of one step: ``samples_per_prompt`` contiguous samples per prompt."""
+
+    prompt_ids: list[list[int]]  # [N][P_i] prompt tokens of each sample (repeated within a group)
+    completion_ids: list[list[int]]  # [N][T_i] generated tokens (EOS included when the model stopped)
+    completions: list[str]  # [N] decoded completion text
+    finish_reasons: list[str]  # [N] "stop" (EOS) or "length" (hit max_new_tokens)
+    sampling_logprobs: list[list[float]]  # [N][T_i] log-prob of each sampled token under the sampler
+    group_ids: list[int]  # [N] index of the prompt within the step
+    policy_version: int  # weights version the samples were drawn from
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def completion_token_counts(self) -> list[int]:  # [N]
+        return [len(c) for c in self.completion_ids]
+
+    @staticmethod
+    def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
+        versions = {p.policy_version for p in parts}
+        if len(versions) != 1:
+            raise ValueError(f"rollout parts come from different policy versions: {sorted(versions)}")
+        offset, group_ids = 0, []
+        for p in parts:
+            group_ids += [g + offset for g in p.group_ids]
+            offset += (max(p.group_ids) + 1) if p.group_ids else 0
+        return RolloutBatch(
+            prompt_ids=[x for p in parts for x in p.prompt_ids],
+            completion_ids=[x for p in parts for x in p.completion_ids],
+            completions=[x for p in parts for x in p.completions],
+            finish_reasons=[x for p in parts for x in p.finish_reasons],
+            sampling_logprobs=[x for p in parts for x in p.sampling_logprobs],
+            group_ids=group_ids,
+            policy_version=versions.pop(),
+        )
+
+
+@dataclass
+class TrainBatch:
+    """Padded tensors for the learner; position t of ``loss_mask`` marks token t as a completion token."""
+
+    input_ids: Tensor  # [N, L] prompt + completion, right-padded
+    attention_mask: Tensor  # [N, L]
+    loss_mask: Tensor  # [N, L] 1 where the token is a completion token
+    advantages: Tensor  # [N]
+    old_logprobs: Tensor | None = None  # [N, L-1] log-prob of token t+1 under the sampling policy
+    ref_logprobs: Tensor | None = None  # [N, L-1] same under the reference (adapters off)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def slice(self, lo: int, hi: int) -> "TrainBatch":
+        def cut(t):
+            return None if t is None else t[lo:hi]
+        return TrainBatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.loss_mask[lo:hi],
+                          self.advantages[lo:hi], cut(self.old_logprobs), cut(self.ref_logprobs))
+
+    @staticmethod
+    def from_rollouts(batch: RolloutBatch, advantages: Tensor, pad_id: int) -> "TrainBatch":
+        seqs = [p + c for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        width = max(map(len, seqs))
+        n = len(seqs)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        loss_mask = torch.zeros((n, width), dtype=torch.float32)
+        for i, (p, c) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
+            input_ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            attention[i, :len(p) + len(c)] = 1
+            loss_mask[i, len(p):len(p) + len(c)] = 1.0
+        return TrainBatch(input_ids, attention, loss_mask, advantages.float())
+
+
+@dataclass
+class WeightUpdate:
+    """A published policy version: merged weights of the synced layers in a safetensors file."""
+
+    path: str  # safetensors file (in /dev/shm on one node)
+    version: int
+    checksum: str  # sha256 of the file bytes
+    num_bytes: int
+    names: list[str] = field(default_factory=list)  # checkpoint-format parameter names in the file

@@ -1,0 +1,83 @@
+"""Rollout generation with vLLM: engine construction, sampling, weight loading, scoring log-probs.
+
+Plain functions over a ``vllm.LLM``; the Ray actor in ``actors/rollout.py`` only holds the engine.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from gdpo.config import Config
+from gdpo.records import RolloutBatch, WeightUpdate
+
+EXTENSION = "gdpo.vllm_ext.WeightSyncExtension"
+
+
+def make_engine(model_path: str, cfg: Config, seed: int = 0):
+    """A vLLM engine for the policy, with the weight-sync worker extension mixed in."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
+    import vllm
+
+    return vllm.LLM(
+        model=model_path, dtype=cfg.model.dtype, seed=seed, trust_remote_code=cfg.model.trust_remote_code,
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        max_model_len=_max_model_len(model_path, cfg), enforce_eager=True, worker_extension_cls=EXTENSION,
+    )
+
+
+def _max_model_len(model_path: str, cfg: Config) -> Optional[int]:
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
+                    "max_position_embeddings", None)
+    return min(limit, 4096) if limit else None
+
+
+def generate(llm, prompts: list[str], samples_per_prompt: int, *, max_new_tokens: int, temperature: float,
+             top_p: float = 1.0, seed: int = 0, policy_version: int = 0) -> RolloutBatch:
+    """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``."""
+    import vllm
+
+    params = [vllm.SamplingParams(n=samples_per_prompt, temperature=temperature, top_p=top_p,
+                                  max_tokens=max_new_tokens, logprobs=0, seed=seed + i)
+              for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    batch = RolloutBatch([], [], [], [], [], [], policy_version)
+    for g, out in enumerate(outs):
+        for comp in out.outputs:
+            ids = list(comp.token_ids)
+            batch.prompt_ids.append(list(out.prompt_token_ids))
+            batch.completion_ids.append(ids)
+            batch.completions.append(comp.text)
+            batch.finish_reasons.append("length" if comp.finish_reason == "length" else "stop")
+            batch.sampling_logprobs.append([lp[t].logprob for t, lp in zip(ids, comp.logprobs)])
+            batch.group_ids.append(g)
+    return batch
+
+
+def sequence_logprobs(llm, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
+    """Log-prob of each completion token given its prompt, under the engine's current weights."""
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    reqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
+    outs = llm.generate(reqs, vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
+    result = []
+    for out, p, c in zip(outs, prompt_ids, completion_ids):
+        plp = out.prompt_logprobs  # [P + T] entries, the first None
+        result.append([plp[len(p) + j][tok].logprob for j, tok in enumerate(c)])
+    return result
+
+
+def load_weights(llm, update: WeightUpdate) -> int:
+    versions = llm.collective_rpc("gdpo_load_weights", args=(update.path, update.version, update.checksum))
+    if any(v != update.version for v in versions):
+        raise RuntimeError(f"rollout engine workers report versions {versions}, expected {update.version}")
+    return update.version
+
+
+def engine_version(llm) -> int:
+    versions = set(llm.collective_rpc("gdpo_policy_version_now"))
+    if len(versions) != 1:
+        raise RuntimeError(f"rollout engine workers disagree on the policy version: {sorted(versions)}")
+    return versions.pop()
