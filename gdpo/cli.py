@@ -31,6 +31,28 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from gdpo.policy import resolve_model_path
+    from gdpo.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resolve_model_path(cfg))
+    print_summary(summary, cfg.trainer.output_dir)
+    return 0
+
+
+def print_summary(summary: dict, output_dir: str) -> None:
+    base, final = summary["baseline"], summary["final"]
+    print(f"\n{'held-out':<22}{'baseline':>12}{'final':>12}{'change':>12}")
+    acc_change = 100 * (final["accuracy"] - base["accuracy"])
+    tok_change = 100 * (final["mean_tokens"] / base["mean_tokens"] - 1) if base["mean_tokens"] else float("nan")
+    print(f"{'accuracy':<22}{base['accuracy']:>12.1%}{final['accuracy']:>12.1%}{acc_change:>+11.1f}pt")
+    print(f"{'mean tokens':<22}{base['mean_tokens']:>12.1f}{final['mean_tokens']:>12.1f}{tok_change:>+11.1f}%")
+    print(f"{'p90 tokens':<22}{base['p90_tokens']:>12.1f}{final['p90_tokens']:>12.1f}")
+    print(f"{'truncation rate':<22}{base['truncation_rate']:>12.1%}{final['truncation_rate']:>12.1%}")
+    print(f"outputs: {output_dir} (summary.json, metrics.jsonl, final/, checkpoints/)")
+
+
 def cmd_demo(args) -> int:
     """Until the distributed trainer lands: build (or reuse) the tiny policy and evaluate it."""
     from gdpo.policy import resolve_model_path
@@ -78,6 +100,7 @@ def cmd_config_doc(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gdpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _with_config(sub.add_parser("train", help="GDPO/GRPO training on Ray (embedded Ray unless cluster.address)")).set_defaults(fn=cmd_train)
     _with_config(sub.add_parser("sft", help="build (or reuse) the tiny SFT policy")).set_defaults(fn=cmd_sft)
     _with_config(sub.add_parser("demo", help="the main job on the embedded default config")).set_defaults(fn=cmd_demo)
     _with_config(sub.add_parser("check-config", help="validate a config and print it resolved")).set_defaults(fn=cmd_check_config)

@@ -142,6 +142,9 @@ def merged_weights(model, module_names: list[str]) -> dict[str, torch.Tensor]:
         else:
             w = mod.weight
         out[f"{name}.weight"] = w.detach().contiguous().clone()
+        bias = getattr(getattr(mod, "base_layer", mod), "bias", None)
+        if bias is not None:  # unchanged, but vLLM reloads a stacked module whole
+            out[f"{name}.bias"] = bias.detach().contiguous().clone()
     return out
 
 
@@ -189,3 +192,52 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
+
+
+def attach_logprobs(model, batch: TrainBatch, cfg: Config) -> TrainBatch:
+    """Old log-probs (current adapters, before the update) and, when KL is on, the reference's."""
+    micro = cfg.learner.micro_batch_per_worker
+    batch.old_logprobs = sequence_logprobs(model, batch, micro, adapters=True)
+    if cfg.algorithm.kl_coef > 0:
+        batch.ref_logprobs = sequence_logprobs(model, batch, micro, adapters=False)
+    return batch
+
+
+def save_checkpoint(engine, model, directory: str, rank: int) -> None:
+    """DeepSpeed state (module, optimizer, scheduler) on every rank; the peft adapter from rank 0."""
+    engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
+    if rank == 0:
+        model.save_pretrained(os.path.join(directory, "adapter"))
+
+
+def load_checkpoint(engine, directory: str) -> None:
+    path, _ = engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
+    if path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/deepspeed")
+
+
+
+def gathered(model, zero_stage: int):
+    """Full parameters on every rank for the duration (ZeRO-3 partitions them; collective call)."""
+    import contextlib
+
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def save_final(model, tokenizer, directory: str) -> None:
+    """``directory/adapter`` (peft format) and ``directory/merged``: a plain HF model with DoRA merged in
+    by the same math the weight sync uses."""
+    import copy
+
+    model.save_pretrained(os.path.join(directory, "adapter"))
+    adapted = [n for n, m in model.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    plain = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        for name, w in merged_weights(model, adapted).items():
+            plain.get_parameter(name).copy_(w)
+    plain.save_pretrained(os.path.join(directory, "merged"), safe_serialization=True)
+    tokenizer.save_pretrained(os.path.join(directory, "merged"))

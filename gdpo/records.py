@@ -56,6 +56,7 @@ class TrainBatch:
     advantages: Tensor  # [N]
     old_logprobs: Tensor | None = None  # [N, L-1] log-prob of token t+1 under the sampling policy
     ref_logprobs: Tensor | None = None  # [N, L-1] same under the reference (adapters off)
+    sampling_logprobs: Tensor | None = None  # [N, L-1] same as reported by the rollout engine (0 off-completion)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -64,7 +65,17 @@ class TrainBatch:
         def cut(t):
             return None if t is None else t[lo:hi]
         return TrainBatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.loss_mask[lo:hi],
-                          self.advantages[lo:hi], cut(self.old_logprobs), cut(self.ref_logprobs))
+                          self.advantages[lo:hi], cut(self.old_logprobs), cut(self.ref_logprobs),
+                          cut(self.sampling_logprobs))
+
+    @staticmethod
+    def concat(parts: list["TrainBatch"]) -> "TrainBatch":
+        """Rejoin shards cut from one batch by ``slice`` (same width)."""
+        def cat(name):
+            ts = [getattr(p, name) for p in parts]
+            return None if any(t is None for t in ts) else torch.cat(ts)
+        return TrainBatch(*(cat(f) for f in ("input_ids", "attention_mask", "loss_mask", "advantages",
+                                             "old_logprobs", "ref_logprobs", "sampling_logprobs")))
 
     @staticmethod
     def from_rollouts(batch: RolloutBatch, advantages: Tensor, pad_id: int) -> "TrainBatch":
@@ -74,11 +85,13 @@ class TrainBatch:
         input_ids = torch.full((n, width), pad_id, dtype=torch.long)
         attention = torch.zeros((n, width), dtype=torch.long)
         loss_mask = torch.zeros((n, width), dtype=torch.float32)
-        for i, (p, c) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
+        sampling = torch.zeros((n, width - 1), dtype=torch.float32)
+        for i, (p, c, lp) in enumerate(zip(batch.prompt_ids, batch.completion_ids, batch.sampling_logprobs)):
             input_ids[i, :len(p) + len(c)] = torch.tensor(p + c)
             attention[i, :len(p) + len(c)] = 1
             loss_mask[i, len(p):len(p) + len(c)] = 1.0
-        return TrainBatch(input_ids, attention, loss_mask, advantages.float())
+            sampling[i, len(p) - 1:len(p) - 1 + len(c)] = torch.tensor(lp, dtype=torch.float32)
+        return TrainBatch(input_ids, attention, loss_mask, advantages.float(), sampling_logprobs=sampling)
 
 
 @dataclass

@@ -81,3 +81,15 @@ def engine_version(llm) -> int:
     if len(versions) != 1:
         raise RuntimeError(f"rollout engine workers disagree on the policy version: {sorted(versions)}")
     return versions.pop()
+
+
+class StalePolicyError(RuntimeError):
+    """The engine holds another policy version than the driver expects."""
+
+
+def generate_checked(llm, expected_version: int, prompts: list[str], samples_per_prompt: int, **sampling) -> RolloutBatch:
+    """``generate`` after checking that the engine holds ``expected_version`` (never sample a stale policy)."""
+    held = engine_version(llm)
+    if held != expected_version:
+        raise StalePolicyError(f"rollout engine holds policy version {held}, the driver expects {expected_version}")
+    return generate(llm, prompts, samples_per_prompt, policy_version=held, **sampling)

@@ -9,6 +9,11 @@ plain ``model.load_weights`` leaves the CPU engine silently on the old weights.
 from __future__ import annotations
 
 import hashlib
+import logging
+
+# A sync sends only the adapted layers; vLLM warns about every layer it did not receive (norms,
+# embeddings) on each reload. Those keep their tensors by design, so the warnings are noise.
+_QUIET = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
 
 
 def file_sha256(path: str) -> str:
@@ -30,6 +35,8 @@ class WeightSyncExtension:
             raise RuntimeError(f"weight file {path} for policy version {version} is corrupt: "
                                f"sha256 {got[:12]} != published {checksum[:12]}")
         tensors = load_file(path)
+        for name in _QUIET:
+            logging.getLogger(name).setLevel(logging.ERROR)
         self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
         self.gdpo_policy_version = version
         return version

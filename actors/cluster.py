@@ -1,0 +1,239 @@
+"""The actor cluster: placement, work splitting, weight sync and worker restarts.
+
+Rollout and reward workers are stateless between steps (a rollout worker's only state is its
+policy version, re-sent after a restart), so a dead one is replaced and its share retried. A dead
+learner holds optimizer state the run cannot rebuild: the step stops with an error and
+``resume=auto`` continues from the last checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import uuid
+from typing import Callable, Optional
+
+import ray
+import torch
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.learner import LearnerWorker
+from actors.rewards import RewardWorker
+from actors.rollout import RolloutWorker
+from gdpo.config import Config
+from gdpo.records import RolloutBatch, TrainBatch, WeightUpdate
+from rewards import RewardMatrix
+
+WORKER_DIED = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+class LearnerFailed(RuntimeError):
+    """A learner died: its optimizer state is gone; resume from the last checkpoint."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+class Cluster:
+    def __init__(self, cfg: Config, model_path: str, log: Callable[[str], None] = print):
+        self.cfg, self.model_path, self.log = cfg, model_path, log
+        self.use_gpu = torch.cuda.is_available()
+        self.weights_dir = f"/dev/shm/gdpo-weights-{uuid.uuid4().hex[:8]}"
+        self.version = 0
+        self.update_msg: Optional[WeightUpdate] = None
+        self.restarts = {"rollout": 0, "reward": 0}
+        self._make_placement()
+        port = _free_port()
+        m = cfg.learner.num_workers
+        self.learners = [LearnerWorker.options(**self._learner_opts(i)).remote(i, m, "127.0.0.1", port, model_path, cfg)
+                         for i in range(m)]
+        self.rollouts = [self._new_rollout(i) for i in range(cfg.rollout.num_workers)]
+        self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
+        ray.get([w.pid.remote() for w in self.learners + self.rollouts + self.reward_workers])
+        self.pad_id = ray.get(self.learners[0].pad_token_id.remote())
+
+    # ------------------------------------------------------------------ placement
+    def _make_placement(self) -> None:
+        """Colocated: rollout i shares bundle i with learner i. Separate: every actor has its own bundles."""
+        cfg = self.cfg
+        unit = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
+        tp = cfg.rollout.tensor_parallel_size if self.use_gpu else 1
+        if cfg.cluster.placement == "colocated":
+            n = max(cfg.learner.num_workers, cfg.rollout.num_workers * tp)
+            self.learner_bundle = list(range(cfg.learner.num_workers))
+            self.rollout_bundle = [i * tp for i in range(cfg.rollout.num_workers)]
+        else:
+            n = cfg.learner.num_workers + cfg.rollout.num_workers * tp
+            self.learner_bundle = list(range(cfg.learner.num_workers))
+            self.rollout_bundle = [cfg.learner.num_workers + i * tp for i in range(cfg.rollout.num_workers)]
+        self.pg = placement_group([dict(unit) for _ in range(n)], strategy="PACK")
+        ray.get(self.pg.ready(), timeout=120)
+
+    def _strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
+
+    def _learner_opts(self, i: int) -> dict:
+        share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
+        res = {"num_gpus": share} if self.use_gpu else {}
+        return {"num_cpus": share * 0.5, **res, "scheduling_strategy": self._strategy(self.learner_bundle[i])}
+
+    def _new_rollout(self, i: int):
+        share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
+        res = {"num_gpus": share} if self.use_gpu else {}
+        actor = RolloutWorker.options(num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]),
+                                      **res).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
+        if self.update_msg is not None:
+            ray.get(actor.load_weights.remote(self.update_msg))
+        return actor
+
+    def _new_reward(self, i: int):
+        specs = [(r.name, dict(r.kwargs, **self._verifier_kwargs(r.name))) for r in self.cfg.rewards.functions]
+        return RewardWorker.options(num_cpus=0).remote(specs)
+
+    def _verifier_kwargs(self, name: str) -> dict:
+        if name != "accuracy":
+            return {}
+        return {"processes": self.cfg.rewards.verifier_processes, "timeout_s": self.cfg.rewards.verifier_timeout_s}
+
+    # ------------------------------------------------------------------ work
+    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int) -> RolloutBatch:
+        """Split prompts over the rollout workers; a worker that dies is replaced and its share retried."""
+        shares = _split(len(prompts), len(self.rollouts))
+
+        def call(i: int):
+            lo, hi = shares[i]
+            return self.rollouts[i].generate.remote(self.version, prompts[lo:hi], samples_per_prompt,
+                                                    {**sampling, "seed": seed + lo})
+        parts = self._gather_with_restarts(call, [i for i, (lo, hi) in enumerate(shares) if hi > lo], "rollout")
+        return RolloutBatch.concat(parts)
+
+    def score(self, batch: RolloutBatch, prompts: list[str], columns: dict[str, list]) -> RewardMatrix:
+        """Split whole groups over the reward workers (group rewards need their whole group)."""
+        groups = max(batch.group_ids) + 1
+        k = len(batch) // groups
+        shares = [(lo * k, hi * k) for lo, hi in _split(groups, len(self.reward_workers))]
+        counts = batch.completion_token_counts
+
+        def call(i: int):
+            lo, hi = shares[i]
+            return self.reward_workers[i].score.remote(
+                prompts[lo:hi], batch.completions[lo:hi], counts[lo:hi], batch.group_ids[lo:hi],
+                {c: v[lo:hi] for c, v in columns.items()})
+        parts = self._gather_with_restarts(call, [i for i, (lo, hi) in enumerate(shares) if hi > lo], "reward")
+        return RewardMatrix(names=parts[0].names, values=torch.cat([p.values for p in parts]))
+
+    def _gather_with_restarts(self, call, indices: list[int], kind: str, attempts: int = 3) -> list:
+        results: dict[int, object] = {}
+        pending = list(indices)
+        for attempt in range(attempts):
+            refs = {i: call(i) for i in pending}
+            pending = []
+            for i, ref in refs.items():
+                try:
+                    results[i] = ray.get(ref)
+                except WORKER_DIED as err:
+                    if attempt == attempts - 1:
+                        raise RuntimeError(f"{kind} worker {i} died {attempts} times in one step") from err
+                    self.log(f"{kind} worker {i} died ({type(err).__name__}); restarting it and retrying its share")
+                    self.restarts[kind] += 1
+                    if kind == "rollout":
+                        self.rollouts[i] = self._new_rollout(i)
+                    else:
+                        self.reward_workers[i] = self._new_reward(i)
+                    pending.append(i)
+            if not pending:
+                break
+        return [results[i] for i in indices]
+
+    def _learner_call(self, refs: list) -> list:
+        try:
+            return ray.get(refs)
+        except WORKER_DIED as err:
+            raise LearnerFailed("a learner worker died; its optimizer state is lost. Restart with "
+                                "trainer.resume=auto to continue from the last checkpoint") from err
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """Old (and reference) log-probs, then ``learner.updates_per_step`` optimizer steps, data parallel."""
+        m = len(self.learners)
+        shares = _split(len(batch), m)
+        batch = TrainBatch.concat(self._learner_call(
+            [w.logprobs.remote(batch.slice(lo, hi)) for w, (lo, hi) in zip(self.learners, shares)]))
+        mask = batch.loss_mask[:, 1:]
+        drift = ((batch.old_logprobs - batch.sampling_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+        sums: dict[str, float] = {}
+        for ulo, uhi in _split(len(batch), self.cfg.learner.updates_per_step):
+            mini = batch.slice(ulo, uhi)
+            tokens = float(mini.loss_mask[:, 1:].sum())
+            parts = self._learner_call([w.update.remote(mini.slice(lo, hi), tokens, float(len(mini)))
+                                        for w, (lo, hi) in zip(self.learners, _split(len(mini), m))])
+            for p in parts:
+                for key, v in p.items():
+                    sums[key] = sums.get(key, 0.0) + (v if key != "grad_norm" else v / (len(parts) * self.cfg.learner.updates_per_step))
+        tok = max(sums.pop("tokens"), 1.0)
+        return {"loss": sums["loss"] / self.cfg.learner.updates_per_step, "kl": sums["kl_tokens"] / tok,
+                "clip_ratio": sums["clipped_tokens"] / tok, "entropy": sums["entropy_tokens"] / tok,
+                "grad_norm": sums["grad_norm"], "logprob_drift": float(drift)}
+
+    def sync(self) -> WeightUpdate:
+        """Publish the merged DoRA weights as the next policy version and load them into every engine."""
+        t0 = time.time()
+        msg = self._learner_call([w.publish.remote(self.version + 1, self.weights_dir) for w in self.learners])[0]
+        self.update_msg = msg
+        self.version = msg.version
+
+        def call(i: int):
+            return self.rollouts[i].load_weights.remote(msg)
+        self._gather_with_restarts(call, list(range(len(self.rollouts))), "rollout")
+        self.last_sync_s = time.time() - t0
+        return msg
+
+    def save_final(self, directory: str) -> None:
+        self._learner_call([w.save_final.remote(directory) for w in self.learners])
+
+    def adapter_checksums(self) -> list[str]:
+        return self._learner_call([w.adapter_checksum.remote() for w in self.learners])
+
+    def save(self, directory: str) -> None:
+        self._learner_call([w.save.remote(directory) for w in self.learners])
+
+    def load(self, directory: str) -> None:
+        self._learner_call([w.load.remote(directory) for w in self.learners])
+
+    def shutdown(self) -> None:
+        for a in self.learners + self.rollouts + self.reward_workers:
+            try:
+                ray.kill(a)
+            except Exception:  # already gone: nothing to release
+                pass
+        try:
+            remove_placement_group(self.pg)
+        finally:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+
+
+def ray_init(cfg: Config) -> None:
+    """Connect to ``cluster.address`` or start an embedded Ray."""
+    if ray.is_initialized():
+        return
+    if cfg.cluster.address:
+        ray.init(address=cfg.cluster.address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.kv_cache_gib),
+                                           "TOKENIZERS_PARALLELISM": "false"}})

@@ -1,0 +1,194 @@
+"""The driver loop: sample prompts -> rollout -> rewards -> advantages -> update -> sync -> log/eval/save.
+
+One call per stage; the actors do the work (``actors/cluster.py``), the math lives in
+``gdpo/advantages.py`` and ``gdpo/losses.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from gdpo.advantages import apply_conditions, gdpo_advantages, grpo_advantages, zero_variance_groups
+from gdpo.config import Config, to_dict
+from gdpo.data import PromptSet, load_prompts
+from gdpo.metrics import MetricsLogger, token_stats
+from gdpo.records import TrainBatch
+
+
+@dataclass
+class RunState:
+    step: int = 0  # completed training steps
+    cursor: int = 0  # prompts consumed from the shuffled training stream
+    version: int = 0  # policy version held by the rollout engines
+
+
+class PromptStream:
+    """Prompts in a seeded order, reshuffled each epoch; position = ``cursor`` (resumable)."""
+
+    def __init__(self, data: PromptSet, seed: int):
+        self.data, self.seed = data, seed
+
+    def take(self, cursor: int, n: int) -> PromptSet:
+        idx = []
+        for pos in range(cursor, cursor + n):
+            epoch, offset = divmod(pos, len(self.data))
+            order = list(range(len(self.data)))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            idx.append(order[offset])
+        return self.data.take(idx)
+
+
+def compute_advantages(values: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Conditioned rewards (raw), then the configured estimator. ``[N, K] -> [N]``."""
+    names = [r.name for r in cfg.rewards.functions]
+    conditions = [None if r.condition_on is None else (names.index(r.condition_on), r.condition_threshold)
+                  for r in cfg.rewards.functions]
+    raw = apply_conditions(values, conditions)
+    weights = [r.weight for r in cfg.rewards.functions]
+    k = cfg.rollout.samples_per_prompt
+    if cfg.algorithm.estimator == "gdpo":
+        return gdpo_advantages(raw, k, weights, eps=cfg.algorithm.adv_eps), raw
+    return grpo_advantages(raw, k, weights, scale=cfg.algorithm.grpo_scale, eps=cfg.algorithm.adv_eps), raw
+
+
+def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
+    """Held-out accuracy and completion tokens with the eval sampling settings (greedy by default)."""
+    sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.eval_temperature,
+                "top_p": 1.0}
+    batch = cluster.generate(data.prompts, 1, sampling, seed=10**6)
+    matrix = cluster.score(batch, data.prompts, data.columns)
+    out = {"mean_tokens": token_stats(batch.completion_token_counts)["mean"],
+           "p90_tokens": token_stats(batch.completion_token_counts)["p90"],
+           "truncation_rate": batch.finish_reasons.count("length") / len(batch)}
+    for k, name in enumerate(matrix.names):
+        col = matrix.values[:, k]
+        out[name] = float(torch.nan_to_num(col, nan=0.0).mean())
+    out["accuracy"] = out.get("accuracy", float("nan"))
+    return out
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    done = sorted((output_dir / "checkpoints").glob("step-*/trainer_state.json"))
+    return done[-1].parent if done else None
+
+
+def save_checkpoint(cluster, state: RunState, output_dir: Path, keep: int = 2) -> Path:
+    """Write to a temporary directory, then rename: a killed run never leaves a half checkpoint."""
+    root = output_dir / "checkpoints"
+    final = root / f"step-{state.step:06d}"
+    tmp = root / f".tmp-step-{state.step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cluster.save(str(tmp))
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))  # written last: marks complete
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def train(cfg: Config, model_path: str, log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) GDPO/GRPO training; returns the summary written to ``output_dir/summary.json``."""
+    from actors.cluster import Cluster, ray_init
+
+    out = Path(cfg.trainer.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    ray_init(cfg)
+    cluster = Cluster(cfg, model_path, log)
+    try:
+        return _run(cluster, cfg, out, log)
+    finally:
+        cluster.shutdown()
+
+
+def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
+    tok_pad = cluster.pad_id
+    train_data = load_prompts(cfg.data, "train", seed=cfg.trainer.seed)
+    eval_data = load_prompts(cfg.data, "eval", seed=cfg.trainer.seed)
+    stream = PromptStream(train_data, cfg.trainer.seed)
+    state = RunState()
+    ckpt = latest_checkpoint(out) if cfg.trainer.resume == "auto" else None
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if (ckpt and summary_path.is_file()) else {}
+    if ckpt:
+        state = RunState(**{k: v for k, v in json.loads((ckpt / "trainer_state.json").read_text()).items()
+                            if k in RunState.__dataclass_fields__})
+        cluster.load(str(ckpt))
+        rng = torch.load(ckpt / "rng.pt", weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        cluster.version = state.version - 1
+        cluster.sync()
+        log(f"resumed from {ckpt} at step {state.step} (policy version {state.version})")
+    if "baseline" not in summary:
+        summary["baseline"] = evaluate(cluster, cfg, eval_data)
+        log(f"baseline: accuracy {summary['baseline']['accuracy']:.3f}, mean tokens {summary['baseline']['mean_tokens']:.1f}")
+    metrics = MetricsLogger(out, cfg.trainer.steps, initial=state.step)
+    n_prompts, k = cfg.trainer.prompts_per_step, cfg.rollout.samples_per_prompt
+    sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
+                "top_p": cfg.rollout.top_p}
+    while state.step < cfg.trainer.steps:
+        t0 = time.time()
+        prompts = stream.take(state.cursor, n_prompts)
+        rollouts = cluster.generate(prompts.prompts, k, sampling, seed=cfg.trainer.seed * 10**7 + state.step * 10**4)
+        t1 = time.time()
+        sample_prompts = [p for p in prompts.prompts for _ in range(k)]
+        columns = {c: [v for v in vals for _ in range(k)] for c, vals in prompts.columns.items()}
+        matrix = cluster.score(rollouts, sample_prompts, columns)
+        t2 = time.time()
+        advantages, raw = compute_advantages(matrix.values, cfg)
+        flat = zero_variance_groups(raw, k)  # [G, K]
+        keep = torch.ones(len(rollouts), dtype=torch.bool)
+        if cfg.algorithm.filter_zero_variance:
+            cols = [matrix.names.index(n) for n in cfg.algorithm.filter_zero_variance]
+            keep = (~flat[:, cols].all(1)).repeat_interleave(k)
+        batch = TrainBatch.from_rollouts(rollouts, advantages, tok_pad)
+        kept = torch.nonzero(keep).squeeze(1)
+        learn = {}
+        if len(kept) >= len(cluster.learners):
+            learn = cluster.update(_take(batch, kept))
+        t3 = time.time()
+        cluster.sync()
+        t4 = time.time()
+        state = RunState(step=state.step + 1, cursor=state.cursor + n_prompts, version=cluster.version)
+        row = {"step": state.step, "policy_version": state.version, **matrix.stats(), **learn,
+               **{f"tokens/{k_}": v for k_, v in token_stats(rollouts.completion_token_counts).items()},
+               "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
+               "zero_variance_groups": int(flat.all(1).sum()), "filtered_groups": int((~keep).sum()) // k,
+               "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/learn": t3 - t2, "time/sync": t4 - t3,
+               "time/step": t4 - t0, "restarts/rollout": cluster.restarts["rollout"],
+               "restarts/reward": cluster.restarts["reward"]}
+        if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.steps:
+            row.update({f"eval/{k_}": v for k_, v in evaluate(cluster, cfg, eval_data).items()})
+        metrics.log(row)
+        if state.step % cfg.trainer.save_every == 0 or state.step == cfg.trainer.steps:
+            save_checkpoint(cluster, state, out)
+            summary_path.write_text(json.dumps(summary, indent=2))
+    metrics.close()
+    summary["final"] = evaluate(cluster, cfg, eval_data)
+    summary["steps"] = state.step
+    cluster.save_final(str(out / "final"))
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, summary_path)
+    return summary
+
+
+def _take(batch: TrainBatch, idx: torch.Tensor) -> TrainBatch:
+    if len(idx) == len(batch):
+        return batch
+    pick = lambda t: None if t is None else t[idx]  # noqa: E731
+    return TrainBatch(batch.input_ids[idx], batch.attention_mask[idx], batch.loss_mask[idx], batch.advantages[idx],
+                      pick(batch.old_logprobs), pick(batch.ref_logprobs), pick(batch.sampling_logprobs))
