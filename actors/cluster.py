@@ -54,7 +54,8 @@ class Cluster:
     def __init__(self, cfg: Config, model_path: str, log: Callable[[str], None] = print):
         self.cfg, self.model_path, self.log = cfg, model_path, log
         self.use_gpu = torch.cuda.is_available()
-        self.weights_dir = f"/dev/shm/gdpo-weights-{uuid.uuid4().hex[:8]}"
+        self.run_id = uuid.uuid4().hex[:8]
+        self.weights_dir = f"/dev/shm/gdpo-weights-{self.run_id}"
         self.version = 0
         self.update_msg: Optional[WeightUpdate] = None
         self.restarts = {"rollout": 0, "reward": 0}
@@ -96,8 +97,9 @@ class Cluster:
     def _new_rollout(self, i: int):
         share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
         res = {"num_gpus": share} if self.use_gpu else {}
+        name = f"gdpo-rollout-{self.run_id}-{i}-{self.restarts['rollout']}"
         actor = RolloutWorker.options(num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]),
-                                      **res).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
+                                      name=name, **res).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
         if self.update_msg is not None:
             ray.get(actor.load_weights.remote(self.update_msg))
         return actor

@@ -54,27 +54,8 @@ def print_summary(summary: dict, output_dir: str) -> None:
 
 
 def cmd_demo(args) -> int:
-    """Until the distributed trainer lands: build (or reuse) the tiny policy and evaluate it."""
-    from gdpo.policy import resolve_model_path
-    from gdpo.tasks.tiny_policy import evaluate_policy
-
-    cfg = load_config(args.config, args.overrides)
-    path = resolve_model_path(cfg)
-    metrics = evaluate_policy(path, cfg.data.eval_size or 200, seed=cfg.trainer.seed,
-                              max_new_tokens=cfg.rollout.max_new_tokens, threads=cfg.sft.threads)
-    out = Path(cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "demo_eval.json.tmp"
-    tmp.write_text(json.dumps({"model": path, **metrics}, indent=2))
-    tmp.replace(out / "demo_eval.json")
-    print(f"\npolicy: {path}")
-    print(f"{'held-out problems':<34}{metrics['eval_problems']:>10}")
-    print(f"{'greedy accuracy':<34}{metrics['greedy_accuracy']:>10.1%}")
-    print(f"{'mean completion tokens':<34}{metrics['mean_completion_tokens']:>10.1f}")
-    print(f"{'mean shortest-solution tokens':<34}{metrics['mean_shortest_solution_tokens']:>10.1f}")
-    print(f"{'verbosity (mean / shortest)':<34}{metrics['verbosity_ratio']:>10.2f}x")
-    print(f"written: {out / 'demo_eval.json'}")
-    return 0
+    """The main job: GDPO training of the tiny policy on the embedded default (SFT warm start on first run)."""
+    return cmd_train(args)
 
 
 def cmd_check_config(args) -> int:
