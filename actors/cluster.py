@@ -62,8 +62,8 @@ class Cluster:
         self._make_placement()
         port = _free_port()
         m = cfg.learner.num_workers
-        self.learners = [LearnerWorker.options(**self._learner_opts(i)).remote(i, m, "127.0.0.1", port, model_path, cfg)
-                         for i in range(m)]
+        self.learners = [LearnerWorker.options(name=f"gdpo-learner-{self.run_id}-{i}", **self._learner_opts(i))
+                         .remote(i, m, "127.0.0.1", port, model_path, cfg) for i in range(m)]
         self.rollouts = [self._new_rollout(i) for i in range(cfg.rollout.num_workers)]
         self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
         ray.get([w.pid.remote() for w in self.learners + self.rollouts + self.reward_workers])

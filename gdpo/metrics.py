@@ -20,9 +20,18 @@ def token_stats(counts: list[int]) -> dict[str, float]:
 
 class MetricsLogger:
     def __init__(self, out: Path, total_steps: int, initial: int = 0):
+        """Appends to ``metrics.jsonl``, first dropping rows past ``initial`` (steps a resume redoes)."""
         from tqdm import tqdm
 
-        self.file = (out / "metrics.jsonl").open("a")
+        path = out / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            kept = [line for line in rows if json.loads(line)["step"] <= initial]
+            if len(kept) != len(rows):
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)
+        self.file = path.open("a")
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out / "tensorboard"))

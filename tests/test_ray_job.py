@@ -1,6 +1,7 @@
 """The cluster path: `ray start --head` + `ray job submit` running `python -m gdpo.train`."""
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def test_ray_job_submit_runs_training(tmp_path):
     ensure_tiny_policy(load_config(None, [f"sft.cache_dir={cache}"]).sft)  # built once, shared with the job
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    token = tmp_path / "ray_auth_token"  # Ray 2.5x guards the job API with a token; this run's own
+    token.write_text(secrets.token_hex(32))
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     started = _ray("start", "--head", "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--num-cpus=2",
                    "--disable-usage-stats", env=env)
     assert started.returncode == 0, started.stderr[-2000:]

@@ -88,3 +88,33 @@ def test_dead_reward_and_rollout_workers_are_replaced(tmp_path):
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3]  # nothing lost
     assert rows[-1]["restarts/rollout"] >= 1 and rows[-1]["restarts/reward"] >= 1
+
+
+def test_dead_learner_stops_the_run_and_resume_continues(tmp_path):
+    import ray
+
+    from actors.cluster import LearnerFailed
+
+    out = tmp_path / "run"
+    result = {}
+
+    def run():
+        try:
+            result["summary"] = _train(out, "trainer.steps=3", "trainer.save_every=1")
+        except Exception as err:  # the failure is what this test checks
+            result["error"] = err
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step-000001").is_dir() and time.time() < deadline and t.is_alive():
+        time.sleep(0.2)
+    names = [n for n in ray.util.list_named_actors() if n.startswith("gdpo-learner-")]
+    assert names, "no learner found"
+    os.kill(ray.get(ray.get_actor(names[0]).pid.remote()), 9)
+    t.join(600)
+    assert isinstance(result.get("error"), LearnerFailed), result
+    assert "resume=auto" in str(result["error"])
+    _train(out, "trainer.steps=3", "trainer.save_every=1")
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
