@@ -179,18 +179,21 @@ class Cluster:
         mask = batch.loss_mask[:, 1:]
         drift = ((batch.old_logprobs - batch.sampling_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
         sums: dict[str, float] = {}
+        grad_norms = []
         for ulo, uhi in _split(len(batch), self.cfg.learner.updates_per_step):
             mini = batch.slice(ulo, uhi)
             tokens = float(mini.loss_mask[:, 1:].sum())
             parts = self._learner_call([w.update.remote(mini.slice(lo, hi), tokens, float(len(mini)))
                                         for w, (lo, hi) in zip(self.learners, _split(len(mini), m))])
+            grad_norms.append(parts[0].pop("grad_norm"))  # the clipped global norm, the same on every rank
             for p in parts:
+                p.pop("grad_norm", None)
                 for key, v in p.items():
-                    sums[key] = sums.get(key, 0.0) + (v if key != "grad_norm" else v / (len(parts) * self.cfg.learner.updates_per_step))
-        tok = max(sums.pop("tokens"), 1.0)
-        return {"loss": sums["loss"] / self.cfg.learner.updates_per_step, "kl": sums["kl_tokens"] / tok,
+                    sums[key] = sums.get(key, 0.0) + v
+        tok = max(sums["tokens"], 1.0)
+        return {"loss": sums["loss"] / len(grad_norms), "kl": sums["kl_tokens"] / tok,
                 "clip_ratio": sums["clipped_tokens"] / tok, "entropy": sums["entropy_tokens"] / tok,
-                "grad_norm": sums["grad_norm"], "logprob_drift": float(drift)}
+                "grad_norm": sum(grad_norms) / len(grad_norms), "logprob_drift": float(drift)}
 
     def sync(self) -> WeightUpdate:
         """Publish the merged DoRA weights as the next policy version and load them into every engine."""

@@ -25,15 +25,11 @@ class LearnerWorker:
                                   global_seqs=global_seqs, world_size=self.world_size)
 
     def publish(self, version: int, directory: str) -> WeightUpdate | None:
-        with learner.gathered(self.model, self.cfg.learner.zero_stage):
-            if self.rank == 0:
-                return learner.publish_weights(self.model, self.sync_names, version, directory)
-        return None
+        return learner.publish_weights(self.model, self.sync_names, version, directory, self.rank,
+                                       self.cfg.learner.zero_stage)
 
     def save_final(self, directory: str) -> None:
-        with learner.gathered(self.model, self.cfg.learner.zero_stage):
-            if self.rank == 0:
-                learner.save_final(self.model, self.tokenizer, directory)
+        learner.save_final(self.model, self.tokenizer, directory, self.rank, self.cfg.learner.zero_stage)
 
     def save(self, directory: str) -> None:
         learner.save_checkpoint(self.engine, self.model, directory, self.rank)

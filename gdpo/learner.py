@@ -148,11 +148,18 @@ def merged_weights(model, module_names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def publish_weights(model, module_names: list[str], version: int, directory: str) -> WeightUpdate:
-    """Write the merged weights to ``directory/policy-v{version}.safetensors`` atomically."""
+def publish_weights(model, module_names: list[str], version: int, directory: str, rank: int = 0,
+                    zero_stage: int = 2) -> WeightUpdate | None:
+    """Rank 0 writes the merged weights to ``directory/policy-v{version}.safetensors`` atomically.
+
+    Every rank must call it (under ZeRO-3 gathering the parameters is collective); others return None.
+    """
     from safetensors.torch import save_file
 
-    tensors = merged_weights(model, module_names)
+    with gathered(model, zero_stage):
+        if rank != 0:
+            return None
+        tensors = merged_weights(model, module_names)
     os.makedirs(directory, exist_ok=True)
     final = Path(directory) / f"policy-v{version}.safetensors"
     tmp = final.with_suffix(".tmp")
@@ -228,9 +235,15 @@ def gathered(model, zero_stage: int):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
-def save_final(model, tokenizer, directory: str) -> None:
+def save_final(model, tokenizer, directory: str, rank: int = 0, zero_stage: int = 2) -> None:
     """``directory/adapter`` (peft format) and ``directory/merged``: a plain HF model with DoRA merged in
-    by the same math the weight sync uses."""
+    by the same math the weight sync uses. Collective under ZeRO-3; rank 0 writes."""
+    with gathered(model, zero_stage):
+        if rank == 0:
+            _save_final(model, tokenizer, directory)
+
+
+def _save_final(model, tokenizer, directory: str) -> None:
     import copy
 
     model.save_pretrained(os.path.join(directory, "adapter"))

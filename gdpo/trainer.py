@@ -46,8 +46,8 @@ class PromptStream:
         return self.data.take(idx)
 
 
-def compute_advantages(values: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Conditioned rewards (raw), then the configured estimator. ``[N, K] -> [N]``."""
+def compute_advantages(values: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditioned rewards (raw), then the configured estimator. ``[N, K] -> ([N] advantages, [N, K] raw)``."""
     names = [r.name for r in cfg.rewards.functions]
     conditions = [None if r.condition_on is None else (names.index(r.condition_on), r.condition_threshold)
                   for r in cfg.rewards.functions]
@@ -65,8 +65,8 @@ def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
                 "top_p": 1.0}
     batch = cluster.generate(data.prompts, 1, sampling, seed=10**6)
     matrix = cluster.score(batch, data.prompts, data.columns)
-    out = {"mean_tokens": token_stats(batch.completion_token_counts)["mean"],
-           "p90_tokens": token_stats(batch.completion_token_counts)["p90"],
+    tokens = token_stats(batch.completion_token_counts)
+    out = {"mean_tokens": tokens["mean"], "p90_tokens": tokens["p90"],
            "truncation_rate": batch.finish_reasons.count("length") / len(batch)}
     for k, name in enumerate(matrix.names):
         col = matrix.values[:, k]
@@ -104,7 +104,7 @@ def train(cfg: Config, model_path: str, log: Callable[[str], None] = print) -> d
 
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    _write_json(out / "config.json", to_dict(cfg))
     ray_init(cfg)
     cluster = Cluster(cfg, model_path, log)
     try:
@@ -114,7 +114,6 @@ def train(cfg: Config, model_path: str, log: Callable[[str], None] = print) -> d
 
 
 def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
-    tok_pad = cluster.pad_id
     train_data = load_prompts(cfg.data, "train", seed=cfg.trainer.seed)
     eval_data = load_prompts(cfg.data, "eval", seed=cfg.trainer.seed)
     stream = PromptStream(train_data, cfg.trainer.seed)
@@ -154,7 +153,7 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
         if cfg.algorithm.filter_zero_variance:
             cols = [matrix.names.index(n) for n in cfg.algorithm.filter_zero_variance]
             keep = (~flat[:, cols].all(1)).repeat_interleave(k)
-        batch = TrainBatch.from_rollouts(rollouts, advantages, tok_pad)
+        batch = TrainBatch.from_rollouts(rollouts, advantages, cluster.pad_id)
         kept = torch.nonzero(keep).squeeze(1)
         learn = {}
         if len(kept) >= len(cluster.learners):
@@ -175,15 +174,19 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
         metrics.log(row)
         if state.step % cfg.trainer.save_every == 0 or state.step == cfg.trainer.steps:
             save_checkpoint(cluster, state, out)
-            summary_path.write_text(json.dumps(summary, indent=2))
+            _write_json(summary_path, summary)
     metrics.close()
     summary["final"] = evaluate(cluster, cfg, eval_data)
     summary["steps"] = state.step
     cluster.save_final(str(out / "final"))
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, summary_path)
+    _write_json(summary_path, summary)
     return summary
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def _take(batch: TrainBatch, idx: torch.Tensor) -> TrainBatch:

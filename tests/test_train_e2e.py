@@ -100,7 +100,7 @@ def test_dead_learner_stops_the_run_and_resume_continues(tmp_path):
 
     def run():
         try:
-            result["summary"] = _train(out, "trainer.steps=3", "trainer.save_every=1")
+            result["summary"] = _train(out, "trainer.steps=3", "trainer.save_every=1", "algorithm.estimator=grpo")
         except Exception as err:  # the failure is what this test checks
             result["error"] = err
 
@@ -115,6 +115,6 @@ def test_dead_learner_stops_the_run_and_resume_continues(tmp_path):
     t.join(600)
     assert isinstance(result.get("error"), LearnerFailed), result
     assert "resume=auto" in str(result["error"])
-    _train(out, "trainer.steps=3", "trainer.save_every=1")
+    _train(out, "trainer.steps=3", "trainer.save_every=1", "algorithm.estimator=grpo")
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3

@@ -1,6 +1,5 @@
 """The actor cluster on the real stack: two data-parallel DeepSpeed learners, separate placement."""
 import pytest
-import torch
 
 pytestmark = pytest.mark.e2e
 
@@ -16,7 +15,8 @@ def test_two_learners_stay_identical_and_sync_reaches_the_engine():
     from gdpo.trainer import compute_advantages
 
     cfg = load_config(None, ["learner.num_workers=2", "cluster.placement=separate", "cluster.num_cpus=4",
-                             "rollout.samples_per_prompt=4", "learner.micro_batch_per_worker=4", "learner.lr=1e-2"])
+                             "rollout.samples_per_prompt=4", "learner.micro_batch_per_worker=4", "learner.lr=1e-2",
+                             "learner.updates_per_step=2", "algorithm.kl_coef=0.1"])
     ray_init(cfg)
     cluster = Cluster(cfg, resolve_model_path(cfg, log=lambda m: None), log=lambda m: None)
     try:
@@ -32,6 +32,7 @@ def test_two_learners_stay_identical_and_sync_reaches_the_engine():
         assert len(set(before)) == 1 and len(set(after)) == 1  # ranks hold identical adapters
         assert before[0] != after[0]  # and the step changed them
         assert stats["logprob_drift"] < 1e-3
+        assert stats["kl"] > 0  # the second mini-batch sees a policy the first one moved off the reference
         msg = cluster.sync()
         assert msg.version == cluster.version == 1 and msg.num_bytes > 0
         again = cluster.generate(data.prompts[:1], 2, {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}, seed=2)
