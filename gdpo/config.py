@@ -125,6 +125,9 @@ class LearnerConfig:
     grad_clip: float = doc(1.0, "gradient norm clip")
     micro_batch_per_worker: int = doc(16, "sequences per forward/backward on each learner")
     updates_per_step: int = doc(1, "optimizer steps per rollout batch (mini-batches); > 1 makes updates off-policy")
+    lr_schedule: Literal["constant", "cosine"] = doc("constant", "learning-rate schedule over trainer.steps x updates_per_step optimizer steps")
+    lr_warmup_steps: int = doc(0, "linear warm-up optimizer steps")
+    min_lr_ratio: float = doc(0.1, "cosine schedule: final lr as a fraction of learner.lr")
     dora_rank: int = doc(8, "DoRA rank r")
     dora_alpha: float = doc(16.0, "DoRA alpha (scale s = alpha / r)")
     target_modules: tuple[str, ...] = doc(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -311,6 +314,12 @@ def validate(cfg: Config) -> None:
     need(cfg.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
     need(cfg.learner.lr > 0, "learner.lr", "must be > 0")
     need(cfg.learner.dora_alpha > 0, "learner.dora_alpha", "must be > 0")
+    need(cfg.learner.lr_warmup_steps >= 0, "learner.lr_warmup_steps", "must be >= 0")
+    need(0 <= cfg.learner.min_lr_ratio <= 1, "learner.min_lr_ratio", "must be in [0, 1]")
+    need((cfg.trainer.prompts_per_step * cfg.rollout.samples_per_prompt)
+         >= cfg.learner.num_workers * cfg.learner.updates_per_step, "learner.num_workers",
+         "every learner needs at least one sample in every mini-batch "
+         "(prompts_per_step x samples_per_prompt >= num_workers x updates_per_step)")
     need(len(cfg.learner.target_modules) > 0, "learner.target_modules", "needs at least one module name")
     need(cfg.sft.hidden_size % cfg.sft.num_heads == 0, "sft.num_heads", "must divide sft.hidden_size")
     need(cfg.sft.hidden_size // cfg.sft.num_heads >= 64, "sft.num_heads",

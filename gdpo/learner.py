@@ -7,6 +7,7 @@ scales its share by the world size: the update equals one large-batch step on on
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -57,8 +58,24 @@ def make_engine(model, cfg: Config):
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
     return engine
+
+
+def lr_factor(cfg: Config):
+    """Multiplier of learner.lr at optimizer step s: linear warm-up, then constant or cosine decay."""
+    total = cfg.trainer.steps * cfg.learner.updates_per_step
+    warm, floor = cfg.learner.lr_warmup_steps, cfg.learner.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.learner.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 def _micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
@@ -125,8 +142,9 @@ def sync_module_names(model, target_modules: tuple[str, ...]) -> list[str]:
         if wanted & set(group):
             wanted |= set(group)
     base = model.get_base_model()
-    return [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in wanted and hasattr(m, "weight")
-            and getattr(m, "weight", None) is not None and m.weight.dim() == 2]
+    # by module type, not weight shape: ZeRO-3 leaves each rank a flat [0] placeholder
+    return [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in wanted
+            and isinstance(getattr(m, "base_layer", m), torch.nn.Linear)]
 
 
 @torch.no_grad()

@@ -110,3 +110,14 @@ def test_readme_config_reference_is_generated_from_the_schema():
     m = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", readme, re.DOTALL)
     assert m, "README.md lacks the generated config reference block"
     assert m.group(1) == config_reference(), "README config reference is stale: run `gdpo config-doc --write`"
+
+
+def test_lr_schedules():
+    from gdpo.learner import lr_factor
+
+    cos = lr_factor(load_config(None, ["trainer.steps=10", "learner.lr_schedule=cosine", "learner.lr_warmup_steps=2",
+                                       "learner.min_lr_ratio=0.1"]))
+    assert [cos(0), cos(1)] == [0.5, 1.0]
+    assert cos(2) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1) and cos(6) == pytest.approx(0.55)
+    const = lr_factor(load_config(None, ["trainer.steps=10"]))
+    assert const(0) == const(9) == 1.0
