@@ -4,6 +4,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,16 @@ def test_ray_job_submit_runs_training(tmp_path):
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         out = tmp_path / "job_run"
-        submit = _ray("job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--",
-                      sys.executable, "-m", "gdpo.train", "cluster.address=auto", f"sft.cache_dir={cache}",
-                      f"trainer.output_dir={out}", "trainer.steps=1", "trainer.prompts_per_step=4",
-                      "rollout.samples_per_prompt=4", "data.eval_size=8", "trainer.eval_every=0",
-                      env=env, timeout=900)
+        args = ["job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--",
+                sys.executable, "-m", "gdpo.train", "cluster.address=auto", f"sft.cache_dir={cache}",
+                f"trainer.output_dir={out}", "trainer.steps=1", "trainer.prompts_per_step=4",
+                "rollout.samples_per_prompt=4", "data.eval_size=8", "trainer.eval_every=0"]
+        deadline = time.time() + 120
+        while True:  # the head's job agent comes up a little after `ray start` returns
+            submit = _ray(*args, env=env, timeout=900)
+            if "No available agent" not in submit.stdout + submit.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, (submit.stdout[-3000:], submit.stderr[-2000:])
         assert "succeeded" in submit.stdout.lower()
         summary = json.loads((out / "summary.json").read_text())
