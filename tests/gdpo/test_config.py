@@ -119,5 +119,5 @@ def test_lr_schedules():
                                        "learner.min_lr_ratio=0.1"]))
     assert [cos(0), cos(1)] == [0.5, 1.0]
     assert cos(2) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1) and cos(6) == pytest.approx(0.55)
-    const = lr_factor(load_config(None, ["trainer.steps=10"]))
+    const = lr_factor(load_config(None, ["trainer.steps=10", "learner.lr_schedule=constant"]))
     assert const(0) == const(9) == 1.0
