@@ -204,10 +204,6 @@ def checksum_params(model) -> str:
     return h.hexdigest()
 
 
-def count_tokens(batch: TrainBatch) -> float:
-    return float(batch.loss_mask[:, 1:].sum().item())
-
-
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: Optional[str] = None) -> None:
     """Set the torch.distributed environment and initialize it (gloo on CPU, nccl on GPU)."""
     import deepspeed

@@ -61,12 +61,14 @@ class TrainBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def select(self, index) -> "TrainBatch":
+        """Rows ``index`` (a slice or an index tensor) of every field."""
+        return TrainBatch(*(None if t is None else t[index] for t in (
+            self.input_ids, self.attention_mask, self.loss_mask, self.advantages, self.old_logprobs,
+            self.ref_logprobs, self.sampling_logprobs)))
+
     def slice(self, lo: int, hi: int) -> "TrainBatch":
-        def cut(t):
-            return None if t is None else t[lo:hi]
-        return TrainBatch(self.input_ids[lo:hi], self.attention_mask[lo:hi], self.loss_mask[lo:hi],
-                          self.advantages[lo:hi], cut(self.old_logprobs), cut(self.ref_logprobs),
-                          cut(self.sampling_logprobs))
+        return self.select(slice(lo, hi))
 
     @staticmethod
     def concat(parts: list["TrainBatch"]) -> "TrainBatch":

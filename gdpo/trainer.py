@@ -88,7 +88,7 @@ def save_checkpoint(cluster, state: RunState, output_dir: Path, keep: int = 2) -
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     cluster.save(str(tmp))
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state().tolist()}
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     torch.save(rng, tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))  # written last: marks complete
     shutil.rmtree(final, ignore_errors=True)
@@ -127,7 +127,7 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
         cluster.load(str(ckpt))
         rng = torch.load(ckpt / "rng.pt", weights_only=False)
         random.setstate(rng["python"])
-        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        torch.set_rng_state(rng["torch"])
         cluster.version = state.version - 1
         cluster.sync()
         log(f"resumed from {ckpt} at step {state.step} (policy version {state.version})")
@@ -157,7 +157,7 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
         kept = torch.nonzero(keep).squeeze(1)
         learn = {}
         if len(kept) >= len(cluster.learners):
-            learn = cluster.update(_take(batch, kept))
+            learn = cluster.update(batch if len(kept) == len(batch) else batch.select(kept))
         t3 = time.time()
         cluster.sync()
         t4 = time.time()
@@ -188,10 +188,3 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
-
-def _take(batch: TrainBatch, idx: torch.Tensor) -> TrainBatch:
-    if len(idx) == len(batch):
-        return batch
-    pick = lambda t: None if t is None else t[idx]  # noqa: E731
-    return TrainBatch(batch.input_ids[idx], batch.attention_mask[idx], batch.loss_mask[idx], batch.advantages[idx],
-                      pick(batch.old_logprobs), pick(batch.ref_logprobs), pick(batch.sampling_logprobs))
