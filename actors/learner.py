@@ -32,7 +32,7 @@ class LearnerWorker:
         learner.save_final(self.model, self.tokenizer, directory, self.rank, self.cfg.learner.zero_stage)
 
     def save(self, directory: str) -> None:
-        learner.save_checkpoint(self.engine, self.model, directory, self.rank)
+        learner.save_checkpoint(self.engine, self.model, directory, self.rank, self.cfg.learner.zero_stage)
 
     def load(self, directory: str) -> None:
         learner.load_checkpoint(self.engine, directory)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from gdpo.config import Config
-from gdpo.dora import dora_merged_weight
+from gdpo import dora
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
 from gdpo.records import TrainBatch, WeightUpdate
 
@@ -24,20 +24,14 @@ STACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def build_policy(model_path: str, cfg: Config):
-    """HF model + peft DoRA adapters on ``learner.target_modules``; only adapter weights train."""
-    from peft import LoraConfig, get_peft_model
-
+    """HF model + the project's DoRA adapters on ``learner.target_modules``; only adapter weights train."""
     from gdpo.policy import load_policy
 
     model, tokenizer = load_policy(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-    lconf = LoraConfig(r=cfg.learner.dora_rank, lora_alpha=cfg.learner.dora_alpha, lora_dropout=0.0,
-                       target_modules=list(cfg.learner.target_modules), use_dora=True, bias="none",
-                       task_type="CAUSAL_LM")
-    matched = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in cfg.learner.target_modules]
-    if not matched:
-        raise ValueError(f"config key 'learner.target_modules': no module of {model_path} is named "
-                         f"{list(cfg.learner.target_modules)}")
-    model = get_peft_model(model, lconf)
+    try:
+        dora.apply_dora(model, list(cfg.learner.target_modules), cfg.learner.dora_rank, cfg.learner.dora_alpha)
+    except ValueError as e:
+        raise ValueError(f"config key 'learner.target_modules' on {model_path}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -46,6 +40,12 @@ def build_policy(model_path: str, cfg: Config):
 def make_engine(model, cfg: Config):
     import deepspeed
 
+    if cfg.learner.zero_stage == 3:
+        # the fused DoRA forward reads its base weight: gather it with the layer
+        deepspeed.utils.set_z3_leaf_modules(model, [dora.DoraLinear])
+        # ZeRO-3 re-gathers a module's weights from a backward hook on its inputs; with a frozen embedding
+        # the first layers' inputs need no grad, the hook never fires and their norms see empty weights
+        model.enable_input_require_grads()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay, betas=(0.9, 0.999))
     ds_config = {
@@ -94,7 +94,7 @@ def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = Tru
             if adapters:
                 logits = model(input_ids=ids, attention_mask=att).logits
             else:
-                with model.disable_adapter():
+                with dora.adapters_disabled(model):
                     logits = model(input_ids=ids, attention_mask=att).logits
             out.append(token_logprobs(logits[:, :-1], ids[:, 1:]))
     finally:
@@ -141,24 +141,18 @@ def sync_module_names(model, target_modules: tuple[str, ...]) -> list[str]:
     for group in STACKED:
         if wanted & set(group):
             wanted |= set(group)
-    base = model.get_base_model()
     # by module type, not weight shape: ZeRO-3 leaves each rank a flat [0] placeholder
-    return [n for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in wanted
-            and isinstance(getattr(m, "base_layer", m), torch.nn.Linear)]
+    return [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in wanted
+            and isinstance(m, (torch.nn.Linear, dora.DoraLinear))]
 
 
 @torch.no_grad()
 def merged_weights(model, module_names: list[str]) -> dict[str, torch.Tensor]:
-    """Checkpoint-format ``{name.weight: W'}`` of the given modules, DoRA merged (paper Eq. 5)."""
-    base = model.get_base_model()
+    """Checkpoint-format ``{name.weight: W'}`` of the given modules, DoRA merged as merge_dora does."""
     out = {}
     for name in module_names:
-        mod = base.get_submodule(name)
-        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
-            w = dora_merged_weight(mod.base_layer.weight, mod.lora_A["default"].weight, mod.lora_B["default"].weight,
-                                   mod.lora_magnitude_vector["default"].weight, mod.scaling["default"])
-        else:
-            w = mod.weight
+        mod = model.get_submodule(name)
+        w = mod.merged_weight() if isinstance(mod, dora.DoraLinear) else mod.weight
         out[f"{name}.weight"] = w.detach().contiguous().clone()
         bias = getattr(getattr(mod, "base_layer", mod), "bias", None)
         if bias is not None:  # unchanged, but vLLM reloads a stacked module whole
@@ -224,11 +218,12 @@ def attach_logprobs(model, batch: TrainBatch, cfg: Config) -> TrainBatch:
     return batch
 
 
-def save_checkpoint(engine, model, directory: str, rank: int) -> None:
-    """DeepSpeed state (module, optimizer, scheduler) on every rank; the peft adapter from rank 0."""
+def save_checkpoint(engine, model, directory: str, rank: int, zero_stage: int = 2) -> None:
+    """DeepSpeed state (module, optimizer, scheduler) on every rank; the adapter (peft format) from rank 0."""
     engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
-    if rank == 0:
-        model.save_pretrained(os.path.join(directory, "adapter"))
+    with gathered(model, zero_stage):
+        if rank == 0:
+            dora.save_adapter(model, os.path.join(directory, "adapter"))
 
 
 def load_checkpoint(engine, directory: str) -> None:
@@ -258,13 +253,7 @@ def save_final(model, tokenizer, directory: str, rank: int = 0, zero_stage: int 
 
 
 def _save_final(model, tokenizer, directory: str) -> None:
-    import copy
-
-    model.save_pretrained(os.path.join(directory, "adapter"))
-    adapted = [n for n, m in model.get_base_model().named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
-    plain = copy.deepcopy(model).merge_and_unload()
-    with torch.no_grad():
-        for name, w in merged_weights(model, adapted).items():
-            plain.get_parameter(name).copy_(w)
-    plain.save_pretrained(os.path.join(directory, "merged"), safe_serialization=True)
+    dora.save_adapter(model, os.path.join(directory, "adapter"))
+    model.save_pretrained(os.path.join(directory, "merged"), state_dict=dora.merged_state_dict(model),
+                          safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(directory, "merged"))
