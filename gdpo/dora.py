@@ -6,9 +6,10 @@ norms of W0, B at zero, A as peft initialises it (Kaiming-uniform, a=√5), s = 
 rsLoRA).
 
 How this differs from peft's DoRA (same math, same files):
-- The forward never forms an out x in matrix. The row norm comes from cross terms,
-  ``‖W0_i + s(BA)_i‖² = ‖W0_i‖² + 2s·(W0Aᵀ)_i·B_i + s²·B_i(AAᵀ)B_iᵀ`` (:func:`dora_row_norm`), computed
-  in float32; it loses precision only where the adapter nearly cancels a row of W0.
+- The forward never forms an out x in matrix. The row norm (float32) comes from
+  ``kernels.dora_norm``: on a GPU a Triton kernel that streams W0 in tiles and adds ``s·BA`` in
+  registers; elsewhere cross terms ``‖W0_i‖² + 2s·(W0Aᵀ)_i·B_i + s²·B_i(AAᵀ)B_iᵀ``, which lose
+  precision only where the adapter nearly cancels a row of W0.
 - With dropout 0 (or in eval) one fused autograd function computes the base product once and writes the
   DoRA output into its buffer; for bias-free layers it keeps the output itself for the magnitude
   gradient instead of a second ``[tokens, out]`` tensor. So time and memory stay near plain LoRA's.
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.dora_norm import dora_row_norm
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -49,17 +52,6 @@ def dora_merged_weight(w0: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Te
     w = w0.to(dtype) + scale * (lora_b.to(dtype) @ lora_a.to(dtype))  # [out, in]
     norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)  # [out, 1]
     return (magnitude.to(dtype).unsqueeze(1) * w / norm).to(w0.dtype)
-
-
-@torch.no_grad()
-def dora_row_norm(w0: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
-    """``‖W0 + s·BA‖`` per output row without forming an out x in matrix: ``[out]`` in float32."""
-    sq = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32).square()  # [out]
-    a, b = lora_a.float(), lora_b.float()  # [r, in], [out, r]
-    w0_at = F.linear(lora_a.to(w0.dtype), w0).float().T  # [out, r] = W0 Aᵀ
-    cross = (w0_at * b).sum(1)  # [out]
-    quad = ((b @ (a @ a.T)) * b).sum(1)  # [out]
-    return (sq + 2 * scale * cross + scale * scale * quad).clamp_min(0).sqrt()
 
 
 class _FusedDora(torch.autograd.Function):

@@ -191,3 +191,20 @@ def test_bad_adapters_and_targets_are_named(tmp_path):
         dora.load_adapter(_tiny_lm(), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         dora.load_adapter(_tiny_lm(), tmp_path / "nothing")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_gpu_matches_peft_with_the_triton_norm():
+    ours, peft_model, layer = _pair(512, 384, True, rank=16, alpha=32)
+    ours, peft_model = ours.cuda().bfloat16(), peft_model.cuda().bfloat16()
+    x, dy = torch.randn(4, 64, 512, device="cuda"), torch.randn(4, 64, 384, device="cuda")
+    y0, dx0, g0 = _grads(ours, x.bfloat16(), dy.bfloat16())
+    y1, dx1, _ = _grads(peft_model, x.bfloat16(), dy.bfloat16())
+    torch.testing.assert_close(y0.float(), y1.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx0.float(), dx1.float(), rtol=2e-2, atol=2e-2)
+    w = ours[0]
+    from kernels.dora_norm import dora_row_norm_reference, dora_row_norm_triton
+    torch.testing.assert_close(dora_row_norm_triton(w.base_layer.weight, w.lora_A, w.lora_B, w.scale),
+                               dora_row_norm_reference(w.base_layer.weight, w.lora_A, w.lora_B, w.scale),
+                               rtol=1e-3, atol=1e-3)
