@@ -130,6 +130,7 @@ class LearnerConfig:
     min_lr_ratio: float = doc(0.1, "cosine schedule: final lr as a fraction of learner.lr")
     dora_rank: int = doc(8, "DoRA rank r")
     dora_alpha: float = doc(16.0, "DoRA alpha (scale s = alpha / r)")
+    dora_dropout: float = doc(0.0, "dropout on the adapter input in training; 0 keeps the fused one-product forward")
     target_modules: tuple[str, ...] = doc(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                                           "names of the linear layers that get adapters")
 
@@ -314,6 +315,7 @@ def validate(cfg: Config) -> None:
     need(cfg.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
     need(cfg.learner.lr > 0, "learner.lr", "must be > 0")
     need(cfg.learner.dora_alpha > 0, "learner.dora_alpha", "must be > 0")
+    need(0 <= cfg.learner.dora_dropout < 1, "learner.dora_dropout", "must be in [0, 1)")
     need(cfg.learner.lr_warmup_steps >= 0, "learner.lr_warmup_steps", "must be >= 0")
     need(0 <= cfg.learner.min_lr_ratio <= 1, "learner.min_lr_ratio", "must be in [0, 1]")
     need((cfg.trainer.prompts_per_step * cfg.rollout.samples_per_prompt)

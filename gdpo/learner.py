@@ -29,7 +29,8 @@ def build_policy(model_path: str, cfg: Config):
 
     model, tokenizer = load_policy(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
     try:
-        dora.apply_dora(model, list(cfg.learner.target_modules), cfg.learner.dora_rank, cfg.learner.dora_alpha)
+        dora.apply_dora(model, list(cfg.learner.target_modules), cfg.learner.dora_rank, cfg.learner.dora_alpha,
+                        cfg.learner.dora_dropout)
     except ValueError as e:
         raise ValueError(f"config key 'learner.target_modules' on {model_path}: {e}") from None
     if tokenizer.pad_token_id is None:

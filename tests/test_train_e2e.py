@@ -52,10 +52,18 @@ def test_train_writes_outputs_and_resume_reproduces_the_next_step(tmp_path):
     for key in ("tokens/mean", "reward/accuracy/mean", "reward/length_budget/mean", "loss"):
         assert again[1][key] == pytest.approx(rows[1][key], rel=1e-4, abs=1e-6), key
 
-    from peft import PeftConfig
+    # the run's files: the adapter loads in peft onto the base and agrees with the merged model
+    import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    assert PeftConfig.from_pretrained(straight / "final" / "adapter").use_dora
-    AutoModelForCausalLM.from_pretrained(straight / "final" / "merged")
+
+    from gdpo.config import load_config
+    from gdpo.policy import resolve_model_path
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(load_config(), log=lambda m: None))
+    with_adapter = PeftModel.from_pretrained(base, straight / "final" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(straight / "final" / "merged").eval()
+    ids = torch.tensor([[5, 9, 13, 21, 8, 30, 7]])
+    torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_dead_reward_and_rollout_workers_are_replaced(tmp_path):

@@ -56,6 +56,7 @@ def test_config_is_frozen():
     ("rewards.functions.1.condition_on=format", r"'rewards.functions.1.condition_on': must name a reward listed before"),
     ("learner.zero_stage=1", r"'learner.zero_stage' = 1 is not allowed \(allowed: 2, 3\)"),
     ("sft.num_heads=4", r"'sft.num_heads': head_dim = 32 < 64"),
+    ("learner.dora_dropout=1.5", r"'learner.dora_dropout': must be in \[0, 1\)"),
     ("trainer.steps=0", r"'trainer.steps': must be >= 1"),
     ("rollout.top_p=1.5", r"'rollout.top_p': must be in \(0, 1\]"),
     ("learner.lr=.nan", r"'learner.lr' must be finite"),
