@@ -105,13 +105,7 @@ class Cluster:
         return actor
 
     def _new_reward(self, i: int):
-        specs = [(r.name, dict(r.kwargs, **self._verifier_kwargs(r.name))) for r in self.cfg.rewards.functions]
-        return RewardWorker.options(num_cpus=0).remote(specs)
-
-    def _verifier_kwargs(self, name: str) -> dict:
-        if name != "accuracy":
-            return {}
-        return {"processes": self.cfg.rewards.verifier_processes, "timeout_s": self.cfg.rewards.verifier_timeout_s}
+        return RewardWorker.options(num_cpus=0).remote(self.cfg.rewards.specs())
 
     # ------------------------------------------------------------------ work
     def generate(self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int) -> RolloutBatch:

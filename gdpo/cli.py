@@ -58,6 +58,72 @@ def cmd_demo(args) -> int:
     return cmd_train(args)
 
 
+def cmd_eval(args) -> int:
+    from gdpo.evaluation import EvalError, EvalSettings, evaluate_model
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        ks = tuple(int(k) for k in args.pass_k.split(",") if k.strip()) if args.pass_k else (1,)
+    except ValueError:
+        print(f"gdpo eval: --pass-k must be comma-separated integers, got {args.pass_k!r}", file=sys.stderr)
+        return 2
+    settings = EvalSettings(model=args.model, data=args.data, samples_per_prompt=args.samples_per_prompt,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            limit=args.limit, seed=args.seed, base=args.base, pass_ks=ks)
+    try:
+        results = evaluate_model(settings, cfg, args.out)
+    except EvalError as err:
+        print(f"gdpo eval: {err}", file=sys.stderr)
+        return 2
+    print_eval(results, args.out)
+    return 0
+
+
+def print_eval(results: dict, out: str) -> None:
+    m, vs = results["metrics"], results["against_base"]
+    rows = [("pass@1 (accuracy)", f"{m['accuracy']:.1%}")]
+    rows += [(k, f"{v:.1%}") for k, v in m.items() if k.startswith("pass@") and k != "pass@1"]
+    rows += [("mean / median / p90 tokens", f"{m['mean_tokens']:.1f} / {m['median_tokens']:.1f} / {m['p90_tokens']:.1f}"),
+             ("tokens correct / incorrect", f"{m['mean_tokens_correct']:.1f} / {m['mean_tokens_incorrect']:.1f}"),
+             ("truncation rate", f"{m['truncation_rate']:.1%}"),
+             ("accuracy per 1k tokens", f"{m['accuracy_per_1k_tokens']:.2f}")]
+    if vs:
+        c = vs["aes_coefficients"]
+        rows += [("token reduction vs base", f"{vs['token_reduction_pct']:+.1f}%"),
+                 ("accuracy change vs base", f"{vs['accuracy_change_pt']:+.1f}pt"),
+                 (f"AES (a={c['alpha']:g}, b={c['beta']:g}, g={c['gamma']:g})", f"{vs['aes']:+.3f}")]
+    width = max(len(r[0]) for r in rows) + 2
+    print(f"\n{m['prompts']} prompts x {m['samples_per_prompt']} samples of {results['data']}")
+    for name, value in rows:
+        print(f"{name:<{width}}{value:>16}")
+    print(f"outputs: {out} (results.json, samples.jsonl)")
+
+
+def cmd_report(args) -> int:
+    from gdpo.report import ReportError, write_report
+
+    try:
+        page = write_report(args.dirs, args.out, title=args.title)
+    except ReportError as err:
+        print(f"gdpo report: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {page} (and report.md, PNGs in {args.out})")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from gdpo.compare import compare
+
+    estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+    summary = compare(args.config, args.overrides, estimators, args.seeds, args.out, args.samples_per_prompt)
+    head, body = summary["table"]["head"], summary["table"]["body"]
+    widths = [max(len(r[i]) for r in [head, *body]) + 2 for i in range(len(head))]
+    for row in [head, *body]:
+        print("".join(c.rjust(w) for c, w in zip(row, widths)))
+    print(f"{summary['seconds'] / 60:.1f} min; report: {args.out}/report.html")
+    return 0
+
+
 def cmd_check_config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -85,6 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(sub.add_parser("sft", help="build (or reuse) the tiny SFT policy")).set_defaults(fn=cmd_sft)
     _with_config(sub.add_parser("demo", help="the main job on the embedded default config")).set_defaults(fn=cmd_demo)
     _with_config(sub.add_parser("check-config", help="validate a config and print it resolved")).set_defaults(fn=cmd_check_config)
+    ev = _with_config(sub.add_parser("eval", help="token-efficiency evaluation of a model on vLLM"))
+    ev.add_argument("--model", required=True, help="HF model dir, a run dir or its final/, or builtin:tiny-chain-arith")
+    ev.add_argument("--data", required=True, help="task:chain_arith, a JSONL file (e.g. GSM8K's), or hf:NAME[:CONFIG]:SPLIT")
+    ev.add_argument("--samples-per-prompt", type=int, default=1, help="n samples per prompt (pass@1 is their mean)")
+    ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--out", required=True, help="output directory (results.json, samples.jsonl)")
+    ev.add_argument("--base", default=None, help="eval directory of the base model, to report changes against")
+    ev.add_argument("--temperature", type=float, default=None,
+                    help="default: rollout.eval_temperature for 1 sample, rollout.temperature for more")
+    ev.add_argument("--top-p", type=float, default=1.0)
+    ev.add_argument("--limit", type=int, default=0, help="prompts to use (0 = all; a task gives data.eval_size)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--pass-k", default="1", help="comma-separated k for pass@k besides pass@n")
+    ev.set_defaults(fn=cmd_eval)
+    rep = sub.add_parser("report", help="report.md / report.html / PNGs over eval dirs and training runs")
+    rep.add_argument("dirs", nargs="+", help="eval directories (gdpo eval) and/or training run directories")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--title", default="gdpo token-efficiency report")
+    rep.set_defaults(fn=cmd_report)
+    cmp_ = _with_config(sub.add_parser("compare", help="train and evaluate each estimator over seeds, then report"))
+    cmp_.add_argument("--estimators", default="grpo,gdpo")
+    cmp_.add_argument("--seeds", type=int, default=3)
+    cmp_.add_argument("--samples-per-prompt", type=int, default=4, help="samples per held-out prompt in the evals")
+    cmp_.add_argument("--out", required=True)
+    cmp_.set_defaults(fn=cmd_compare)
     doc = sub.add_parser("config-doc", help="print (or --write into README.md) the config reference")
     doc.add_argument("--write", action="store_true")
     doc.set_defaults(fn=cmd_config_doc)

@@ -101,6 +101,11 @@ class RewardsConfig:
     verifier_processes: int = doc(2, "math-verify worker processes per reward worker")
     verifier_timeout_s: float = doc(10.0, "per-item timeout of the math verifier; a hung item scores None")
 
+    def specs(self) -> list[tuple[str, dict]]:
+        """``(name, kwargs)`` per reward, the verifier settings added to ``accuracy``'s."""
+        verifier = {"processes": self.verifier_processes, "timeout_s": self.verifier_timeout_s}
+        return [(r.name, dict(r.kwargs, **(verifier if r.name == "accuracy" else {}))) for r in self.functions]
+
 
 @dataclass(frozen=True)
 class AlgorithmConfig:

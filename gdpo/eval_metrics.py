@@ -1,0 +1,96 @@
+"""Token-efficiency metrics of an evaluation: pass@k, length statistics, and the change against a base.
+
+Pure functions over per-sample records (no model, no vLLM), so they are tested in milliseconds.
+
+- pass@k: the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on
+  Code", Eq. 1): ``1 - C(n-c, k) / C(n, k)`` per prompt with n samples of which c are correct, averaged
+  over prompts. pass@1 is the mean accuracy over all samples.
+- AES, the accuracy-efficiency score of O1-Pruner (Luo et al., 2025):
+  with ``ΔL = (L_base - L) / L_base`` and ``ΔA = (A - A_base) / A_base``,
+  ``AES = α·ΔL + β·ΔA`` when ``ΔA >= 0`` and ``α·ΔL + γ·ΔA`` (a loss weighs more) otherwise;
+  α = 1, β = 3, γ = 5 as in the paper. Higher is better; 0 is the base itself.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+AES_COEFFICIENTS = {"alpha": 1.0, "beta": 3.0, "gamma": 5.0}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # 1 - prod_{i=n-c+1}^{n} (1 - k/i): the stable form of 1 - C(n-c, k)/C(n, k)
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]), numpy's default method."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summarize(correct: Sequence[bool], tokens: Sequence[int], truncated: Sequence[bool], group_ids: Sequence[int],
+              ks: Sequence[int] = ()) -> dict[str, float]:
+    """Metrics over N samples (``group_ids`` says which prompt each belongs to; groups are the same size)."""
+    n = len(correct)
+    if not (n == len(tokens) == len(truncated) == len(group_ids)) or n == 0:
+        raise ValueError(f"summarize needs equal, non-empty lists; got {n}, {len(tokens)}, {len(truncated)}, "
+                         f"{len(group_ids)}")
+    groups: dict[int, list[bool]] = {}
+    for g, c in zip(group_ids, correct):
+        groups.setdefault(g, []).append(bool(c))
+    sizes = {len(v) for v in groups.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every prompt needs the same number of samples, got sizes {sorted(sizes)}")
+    per_prompt = sizes.pop()
+    acc = _mean([float(c) for c in correct])
+    mean_tokens = _mean(tokens)
+    out = {
+        "accuracy": acc, "pass@1": acc,
+        "mean_tokens": mean_tokens, "median_tokens": statistics.median(tokens), "p90_tokens": percentile(tokens, 90),
+        "mean_tokens_correct": _mean([t for t, c in zip(tokens, correct) if c]),
+        "mean_tokens_incorrect": _mean([t for t, c in zip(tokens, correct) if not c]),
+        "truncation_rate": _mean([float(t) for t in truncated]),
+        "accuracy_per_1k_tokens": 1000 * acc / mean_tokens if mean_tokens else float("nan"),
+        "prompts": len(groups), "samples_per_prompt": per_prompt, "samples": n,
+    }
+    for k in sorted(set(ks) | {per_prompt}):
+        if 1 <= k <= per_prompt:
+            out[f"pass@{k}"] = _mean([pass_at_k(per_prompt, sum(v), k) for v in groups.values()])
+    return out
+
+
+def aes(accuracy: float, mean_tokens: float, base_accuracy: float, base_mean_tokens: float,
+        alpha: float = 1.0, beta: float = 3.0, gamma: float = 5.0) -> float:
+    """Accuracy-efficiency score against a base (module docstring); nan when the base has 0 accuracy or tokens."""
+    if base_accuracy <= 0 or base_mean_tokens <= 0:
+        return float("nan")
+    d_len = (base_mean_tokens - mean_tokens) / base_mean_tokens
+    d_acc = (accuracy - base_accuracy) / base_accuracy
+    return alpha * d_len + (beta if d_acc >= 0 else gamma) * d_acc
+
+
+def against_base(metrics: dict, base: dict) -> dict[str, float]:
+    """Token reduction %, accuracy change (points) and AES of ``metrics`` against ``base`` (both from summarize)."""
+    return {
+        "token_reduction_pct": 100 * (1 - metrics["mean_tokens"] / base["mean_tokens"]) if base["mean_tokens"]
+        else float("nan"),
+        "accuracy_change_pt": 100 * (metrics["accuracy"] - base["accuracy"]),
+        "aes": aes(metrics["accuracy"], metrics["mean_tokens"], base["accuracy"], base["mean_tokens"],
+                   **AES_COEFFICIENTS),
+        "aes_coefficients": dict(AES_COEFFICIENTS),
+    }

