@@ -93,28 +93,33 @@ def _plt():
 
 def plot_pareto(evals: list[EvalDir], runs: list[RunDir], path: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     bases = {e.results.get("base") for e in evals if e.results.get("base")}
     for run in runs:
         pts = run.eval_points()
         if not pts:
             continue
-        line, = ax.plot([p[2] for p in pts], [100 * p[1] for p in pts], "o-", alpha=0.8, label=f"{run.name} (run)")
-        for step, acc, tok in pts:
-            ax.annotate(str(step), (tok, 100 * acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        line, = ax.plot([p[2] for p in pts], [100 * p[1] for p in pts], "o-", alpha=0.7, markersize=4,
+                        label=f"{run.name} (run's held-out evals)")
+        for step, acc, tok in (pts[0], pts[-1]):
+            ax.annotate(f"step {step}", (tok, 100 * acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if pts[0][0] == 0:
             ax.plot([pts[0][2]], [100 * pts[0][1]], "*", color=line.get_color(), markersize=16)
     for e in evals:
         m = e.results["metrics"]
         is_base = str(e.path.resolve()) in bases
+        smp = e.results.get("sampling", {})
+        how = f"{m['samples_per_prompt']}x, T={smp['temperature']:g}" if "temperature" in smp else "eval"
         ax.plot([m["mean_tokens"]], [100 * m["accuracy"]], "*" if is_base else "s", markersize=16 if is_base else 9,
-                label=f"{e.name}{' (base)' if is_base else ''}")
+                label=f"{e.name}{' (base)' if is_base else ''} ({how})")
     ax.set_xlabel("mean completion tokens")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy vs tokens (upper left is better; star = base; run points labelled by step)")
+    ax.set_title("accuracy vs mean tokens (upper left is better; star = base)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.text(0.01, 0.01, "runs: the trainer's periodic held-out evaluations (rollout.eval_temperature); "
+             "eval dirs: their own sampling, in the legend", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -159,10 +164,14 @@ def plot_lengths(evals: list[EvalDir], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     top = max(max(e.tokens) for e in shown)
     bins = min(60, max(10, top // 4 + 1))
+    bases = {b.results.get("base") for b in with_tokens}
     for e in shown:
-        base = str(e.path.resolve()) in {b.results.get("base") for b in with_tokens}
-        ax.hist(e.tokens, bins=bins, range=(0, top + 1), alpha=0.5,
-                label=f"{e.name}{' (base)' if base else ''}: mean {sum(e.tokens) / len(e.tokens):.1f}")
+        base = str(e.path.resolve()) in bases
+        label = f"{e.name}{' (base)' if base else ''}: mean {sum(e.tokens) / len(e.tokens):.1f}"
+        if base:  # filled; the others as outlines so several finals stay readable over it
+            ax.hist(e.tokens, bins=bins, range=(0, top + 1), alpha=0.35, color="gray", label=label)
+        else:
+            ax.hist(e.tokens, bins=bins, range=(0, top + 1), histtype="step", linewidth=1.4, label=label)
     ax.set_xlabel("completion tokens")
     ax.set_ylabel("samples")
     ax.set_title("completion lengths" + (": base vs final" if pairs else ""))
