@@ -42,13 +42,24 @@ def estimator_table(results: dict[str, list[dict]]) -> tuple[list[str], list[lis
 
 def compare(config: str | None, overrides: list[str], estimators: list[str], seeds: int, out: str,
             samples_per_prompt: int = 4, log: Callable[[str], None] = print) -> dict:
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    import ray
+
+    own_ray = not ray.is_initialized()  # an embedded Ray started by the first run is stopped at the end
+    try:
+        return _compare(config, overrides, estimators, seeds, out, samples_per_prompt, log)
+    finally:
+        if own_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _compare(config, overrides, estimators, seeds, out, samples_per_prompt, log) -> dict:
     from gdpo.evaluation import EvalSettings, evaluate_model
     from gdpo.policy import resolve_model_path
     from gdpo.report import write_report
     from gdpo.trainer import train
 
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
     root = Path(out)
     plans = []
     for est in estimators:  # every config is validated before any work starts

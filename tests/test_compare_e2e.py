@@ -15,6 +15,8 @@ def test_compare_trains_each_estimator_evaluates_and_reports(tmp_path, capsys):
             "trainer.steps=2", "trainer.prompts_per_step=4", "trainer.eval_every=0", "data.eval_size=8",
             "learner.micro_batch_per_worker=16"]
     assert main(args) == 0
+    import ray
+    assert not ray.is_initialized()  # the embedded Ray it started is stopped again
     printed = capsys.readouterr().out
     assert "estimator" in printed and "grpo" in printed and "gdpo" in printed
     for name in ("grpo-seed0", "gdpo-seed0"):
