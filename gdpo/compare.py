@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from gdpo.config import load_config
+from gdpo.fileio import atomic_write_text
 
 METRICS = [("accuracy", "accuracy", "{:.1%}", "metrics"), ("mean_tokens", "mean tokens", "{:.1f}", "metrics"),
            ("truncation_rate", "truncation", "{:.1%}", "metrics"), ("aes", "AES", "{:+.3f}", "against_base")]
@@ -102,7 +103,7 @@ def _compare(config, overrides, estimators, seeds, out, samples_per_prompt, log)
                  tables=[("Estimators", head, body, note)])
     summary = {"table": {"head": head, "body": body}, "estimators": estimators, "seeds": seeds,
                "seconds": time.time() - started,
-               "per_run": {n: json.loads((root / "evals" / n / "results.json").read_text())["metrics"]
-                           for _, n, _ in plans}}
-    (root / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+               "per_run": {name: res["metrics"] for (_, name, _), res in
+                           zip(plans, [r for est in estimators for r in results[est]])}}
+    atomic_write_text(root / "compare.json", json.dumps(summary, indent=2) + "\n")
     return summary

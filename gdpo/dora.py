@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gdpo.fileio import atomic_write, atomic_write_text
 from kernels.dora_norm import dora_row_norm
 
 CONFIG_NAME = "adapter_config.json"
@@ -267,12 +268,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     """adapter_config.json + adapter_model.safetensors that ``peft.PeftModel.from_pretrained`` loads."""
     from safetensors.torch import save_file
@@ -289,8 +284,8 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     }
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter_config(path: Union[str, os.PathLike]) -> dict:

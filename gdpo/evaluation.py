@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -22,6 +21,7 @@ from typing import Callable, Optional
 from gdpo.config import BUILTIN_TINY_POLICY, Config, to_dict
 from gdpo.data import DataError, build_prompts, load_rows
 from gdpo.eval_metrics import against_base, summarize
+from gdpo.fileio import atomic_write_text
 
 
 class EvalError(ValueError):
@@ -157,8 +157,8 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
-    _atomic_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -199,9 +199,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -14,10 +14,11 @@ import base64
 import html
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from gdpo.fileio import atomic_write_text
 
 
 class ReportError(ValueError):
@@ -272,12 +273,6 @@ def write_report(dirs: list[str], out: str, title: str = "gdpo token-efficiency 
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body_html)}</body></html>\n")
-    _atomic(o / "report.md", "\n".join(md) + "\n")
-    _atomic(o / "report.html", page)
+    atomic_write_text(o / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(o / "report.html", page)
     return o / "report.html"
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -19,6 +19,7 @@ import torch
 from gdpo.advantages import apply_conditions, gdpo_advantages, grpo_advantages, zero_variance_groups
 from gdpo.config import Config, to_dict
 from gdpo.data import PromptSet, load_prompts
+from gdpo.fileio import atomic_write_text
 from gdpo.metrics import MetricsLogger, token_stats
 from gdpo.records import TrainBatch
 
@@ -184,7 +185,5 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
