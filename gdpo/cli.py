@@ -124,6 +124,31 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from gdpo.compress import CompressError, CompressSettings, results_table, run_compress
+
+    cfg = load_config(args.config, args.overrides)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    settings = CompressSettings(model=args.model, out=args.out, pipeline=args.pipeline, bits=args.bits,
+                                calib=args.calib, calib_samples=args.calib_samples, eval_data=args.eval_data,
+                                eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens, methods=methods,
+                                lm_head=args.lm_head, embedding=args.embedding, seed=args.seed,
+                                grid_points=args.grid_points, grid_act_points=args.grid_act_points,
+                                grid_rounds=args.grid_rounds)
+    try:
+        results = run_compress(settings, cfg)
+    except CompressError as err:
+        print(f"gdpo compress: {err}", file=sys.stderr)
+        return 2
+    table = results_table(results)
+    widths = [max(len(r[i]) for r in table) + 2 for i in range(len(table[0]))]
+    print(f"\n{results['setting']} on {results['held_out']['prompts']} held-out prompts of {results['held_out']['data']}")
+    for row in table:
+        print("".join(c.rjust(w) for c, w in zip(row, widths)))
+    print(f"{results['seconds'] / 60:.1f} min; outputs: {args.out} (results.json, samples.jsonl, model/)")
+    return 0
+
+
 def cmd_check_config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -176,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--samples-per-prompt", type=int, default=4, help="samples per held-out prompt in the evals")
     cmp_.add_argument("--out", required=True)
     cmp_.set_defaults(fn=cmd_compare)
+    cp = _with_config(sub.add_parser("compress", help="post-training compression (LLM-FP4) against full precision"))
+    cp.add_argument("--model", "--policy", dest="model", required=True,
+                    help="HF model dir, a run dir or its final/, or builtin:tiny-chain-arith")
+    cp.add_argument("--pipeline", default="fp4", help="compression stages, comma-separated (fp4)")
+    cp.add_argument("--bits", default="w4a4", help="w4a4, w4a8, w8a8, or weight-only w4 / w8")
+    cp.add_argument("--calib", default="task:chain_arith", help="calibration data spec (its train split)")
+    cp.add_argument("--calib-samples", type=int, default=128)
+    cp.add_argument("--eval-data", default=None, help="held-out data spec (its eval split); default: --calib's")
+    cp.add_argument("--eval-limit", type=int, default=0, help="held-out prompts (0 = data.eval_size for a task, else all)")
+    cp.add_argument("--max-new-tokens", type=int, default=128)
+    cp.add_argument("--methods", default="minmax_int,minmax_fp,search",
+                    help="quantizers to compare: minmax_int, minmax_fp, search, search_pertensor")
+    cp.add_argument("--lm-head", action="store_true", help="quantize the output head too")
+    cp.add_argument("--embedding", action="store_true", help="quantize the input embedding (weight-only)")
+    cp.add_argument("--grid-points", type=int, default=100, help="search: weight max-value candidates per format")
+    cp.add_argument("--grid-act-points", type=int, default=50, help="search: activation candidates per format")
+    cp.add_argument("--grid-rounds", type=int, default=3, help="search: activation/weight alternations")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--out", required=True)
+    cp.set_defaults(fn=cmd_compress)
     doc = sub.add_parser("config-doc", help="print (or --write into README.md) the config reference")
     doc.add_argument("--write", action="store_true")
     doc.set_defaults(fn=cmd_config_doc)

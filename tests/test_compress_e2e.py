@@ -1,0 +1,61 @@
+"""``gdpo compress --pipeline fp4`` end to end on the tiny policy (transformers + math-verify), shrunk."""
+import json
+
+import pytest
+import torch
+
+from gdpo.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def test_compress_fp4_compares_methods_and_saves_a_checkpoint_that_is_what_was_evaluated(tmp_path, capsys):
+    out = tmp_path / "fp4"
+    args = ["compress", "--model", "builtin:tiny-chain-arith", "--pipeline", "fp4", "--bits", "w4a4",
+            "--calib", "task:chain_arith", "--calib-samples", "32", "--eval-limit", "16", "--out", str(out),
+            "--grid-points", "16", "--grid-act-points", "8", "--grid-rounds", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "gap recovered" in printed and "minmax_fp" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["full", "minmax_int", "minmax_fp", "search"]
+    assert res["held_out"]["prompts"] == 16 and res["calibration"]["tokens"] >= 256
+    full, mm, srch = (res["methods"][k] for k in ("full", "minmax_fp", "search"))
+    for m in (full, mm, srch):
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["perplexity"] > 1.0 and m["mean_tokens"] > 0
+    assert srch["calib_output_mse_mean"] < mm["calib_output_mse_mean"]
+    assert set(srch["gap_recovered"]) == {"accuracy", "perplexity"}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 16 and {s["method"] for s in samples} == set(res["methods"])
+
+    from compression.fp4.model import load_quantized
+    from gdpo.compress import _batches, perplexity, reference_texts
+    from gdpo.config import load_config
+    from transformers import AutoTokenizer
+
+    model = load_quantized(str(out / "model"))
+    tok = AutoTokenizer.from_pretrained(str(out / "model"))
+    prompts, sols = reference_texts("task:chain_arith", "eval", 16, 0, load_config(None, []), tok)
+    assert perplexity(model, _batches(tok, prompts, sols)) == pytest.approx(srch["perplexity"], rel=1e-6)
+    assert json.loads((out / "model" / "quantization.json").read_text())["setting"] == "w4a4"
+    assert any(t.dtype == torch.uint8 for t in _tensors(out / "model" / "model.safetensors"))
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path)).values()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bits", "w3a4"], "--bits: bits 'w3a4': weight bits must be 4 or 8"),
+    (["--pipeline", "gptq"], "unknown stage gptq"),
+    (["--methods", "search,awq"], "unknown method awq"),
+    (["--calib-samples", "1"], "calibration data too small"),
+    (["--model", "/nonexistent"], "no such directory"),
+])
+def test_bad_input_is_refused_before_work(tmp_path, capsys, flags, message):
+    args = ["compress", "--model", "builtin:tiny-chain-arith", "--out", str(tmp_path / "o"), *flags]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
