@@ -69,7 +69,7 @@ def cmd_eval(args) -> int:
         return 2
     settings = EvalSettings(model=args.model, data=args.data, samples_per_prompt=args.samples_per_prompt,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            limit=args.limit, seed=args.seed, base=args.base, pass_ks=ks)
+                            limit=args.limit, seed=args.seed, base=args.base, pass_ks=ks, lora=args.lora)
     try:
         results = evaluate_model(settings, cfg, args.out)
     except EvalError as err:
@@ -134,7 +134,7 @@ def cmd_compress(args) -> int:
                                 eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens, methods=methods,
                                 lm_head=args.lm_head, embedding=args.embedding, seed=args.seed,
                                 grid_points=args.grid_points, grid_act_points=args.grid_act_points,
-                                grid_rounds=args.grid_rounds)
+                                grid_rounds=args.grid_rounds, rank=args.rank, factor_bits=args.factor_bits)
     try:
         results = run_compress(settings, cfg)
     except CompressError as err:
@@ -142,10 +142,13 @@ def cmd_compress(args) -> int:
         return 2
     table = results_table(results)
     widths = [max(len(r[i]) for r in table) + 2 for i in range(len(table[0]))]
-    print(f"\n{results['setting']} on {results['held_out']['prompts']} held-out prompts of {results['held_out']['data']}")
+    what = results.get("setting") or results["pipeline"]
+    print(f"\n{what} on {results['held_out']['prompts']} held-out prompts of {results['held_out']['data']}")
     for row in table:
         print("".join(c.rjust(w) for c, w in zip(row, widths)))
-    print(f"{results['seconds'] / 60:.1f} min; outputs: {args.out} (results.json, samples.jsonl, model/)")
+    outputs = "results.json, report/, evals/, compressed/, adapters/" if "variants" in results else \
+        "results.json, samples.jsonl, model/"
+    print(f"{results['seconds'] / 60:.1f} min; outputs: {args.out} ({outputs})")
     return 0
 
 
@@ -189,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="prompts to use (0 = all; a task gives data.eval_size)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--pass-k", default="1", help="comma-separated k for pass@k besides pass@n")
+    ev.add_argument("--lora", default=None, help="a LoRA adapter directory (peft layout) to serve on top of --model")
     ev.set_defaults(fn=cmd_eval)
     rep = sub.add_parser("report", help="report.md / report.html / PNGs over eval dirs and training runs")
     rep.add_argument("dirs", nargs="+", help="eval directories (gdpo eval) and/or training run directories")
@@ -201,10 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--samples-per-prompt", type=int, default=4, help="samples per held-out prompt in the evals")
     cmp_.add_argument("--out", required=True)
     cmp_.set_defaults(fn=cmd_compare)
-    cp = _with_config(sub.add_parser("compress", help="post-training compression (LLM-FP4) against full precision"))
+    cp = _with_config(sub.add_parser("compress", help="post-training compression (LLM-FP4, pruning, EoRA) against full precision"))
     cp.add_argument("--model", "--policy", dest="model", required=True,
                     help="HF model dir, a run dir or its final/, or builtin:tiny-chain-arith")
-    cp.add_argument("--pipeline", default="fp4", help="compression stages, comma-separated (fp4)")
+    cp.add_argument("--pipeline", default="fp4",
+                    help="fp4 (compare quantizers), or a compressor (fp4, prune24, prune50) followed by eora")
+    cp.add_argument("--rank", type=int, default=32, help="EoRA / SVD compensation rank")
+    cp.add_argument("--factor-bits", type=int, default=None, help="quantize compensation factors to 4 or 8 bits")
     cp.add_argument("--bits", default="w4a4", help="w4a4, w4a8, w8a8, or weight-only w4 / w8")
     cp.add_argument("--calib", default="task:chain_arith", help="calibration data spec (its train split)")
     cp.add_argument("--calib-samples", type=int, default=128)

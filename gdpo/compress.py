@@ -1,5 +1,8 @@
 """``gdpo compress``: post-training compression of a policy, evaluated against full precision.
 
+``--pipeline fp4`` compares quantizers; ``--pipeline fp4,eora`` / ``prune24,eora`` runs the compression
+pipeline (see :func:`run_pipeline`).
+
 ``--pipeline fp4`` quantizes with LLM-FP4 (compression.fp4) at ``--bits`` (w4a4, w4a8, w8a8, w4, w8),
 calibrated on ``--calib``, and compares on held-out data, in one run: full precision, MinMax INT,
 MinMax FP and searched FP (``--methods``). Reported per method: perplexity of the held-out reference
@@ -30,7 +33,8 @@ from gdpo.config import Config
 from gdpo.data import DataError, build_prompts, load_rows
 from gdpo.fileio import atomic_write_text
 
-PIPELINES = {"fp4"}
+COMPRESSORS = ("fp4", "prune24", "prune50")  # first stage
+COMPENSATORS = ("eora",)  # optional second stage
 DEFAULT_METHODS = ("minmax_int", "minmax_fp", "search")
 
 
@@ -56,6 +60,8 @@ class CompressSettings:
     grid_points: int = 100
     grid_act_points: int = 50
     grid_rounds: int = 3
+    rank: int = 32  # EoRA / SVD compensation rank
+    factor_bits: Optional[int] = None  # quantize the compensation factors to 4 or 8 bits (None: keep float)
 
 
 def reference_texts(spec: str, role: str, n: int, seed: int, cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
@@ -160,14 +166,24 @@ def gap_recovered(full: float, baseline: float, method: float) -> Optional[float
     return None if abs(gap) < 1e-12 else (method - baseline) / gap
 
 
+def stages_of(pipeline: str) -> list[str]:
+    stages = [p.strip() for p in pipeline.split(",") if p.strip()]
+    if not stages:
+        raise CompressError("--pipeline is empty")
+    if stages[0] not in COMPRESSORS:
+        raise CompressError(f"--pipeline {pipeline!r}: unknown stage {stages[0]!r} first; it must be a compressor: "
+                            f"{', '.join(COMPRESSORS)} (then optionally {', '.join(COMPENSATORS)})")
+    rest = stages[1:]
+    if len(rest) > 1 or (rest and rest[0] not in COMPENSATORS):
+        raise CompressError(f"--pipeline {pipeline!r}: unknown stage {rest[-1]!r} after {stages[0]}; only "
+                            f"{', '.join(COMPENSATORS)} may follow the compressor")
+    return stages
+
+
 def check_settings(s: CompressSettings) -> None:
     from compression.fp4.search import METHODS, QuantSetting
 
-    stages = [p.strip() for p in s.pipeline.split(",") if p.strip()]
-    unknown = [p for p in stages if p not in PIPELINES]
-    if not stages or unknown:
-        raise CompressError(f"--pipeline {s.pipeline!r}: unknown stage {unknown[0] if unknown else '(empty)'}; "
-                            f"supported: {', '.join(sorted(PIPELINES))}")
+    stages_of(s.pipeline)
     try:
         QuantSetting.parse(s.bits)
     except ValueError as err:
@@ -175,28 +191,39 @@ def check_settings(s: CompressSettings) -> None:
     bad = [m for m in s.methods if m not in METHODS]
     if bad or not s.methods:
         raise CompressError(f"--methods: unknown method {bad[0] if bad else '(empty)'}; choose from {', '.join(METHODS)}")
-    if s.calib_samples < 1:
-        raise CompressError(f"--calib-samples must be >= 1, got {s.calib_samples}")
-    if s.max_new_tokens < 1:
-        raise CompressError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
-    for flag, v in (("--grid-points", s.grid_points), ("--grid-act-points", s.grid_act_points),
-                    ("--grid-rounds", s.grid_rounds)):
+    for flag, v in (("--calib-samples", s.calib_samples), ("--max-new-tokens", s.max_new_tokens),
+                    ("--grid-points", s.grid_points), ("--grid-act-points", s.grid_act_points),
+                    ("--grid-rounds", s.grid_rounds), ("--rank", s.rank)):
         if v < 1:
             raise CompressError(f"{flag} must be >= 1, got {v}")
+    if s.factor_bits not in (None, 4, 8):
+        raise CompressError(f"--factor-bits must be 4 or 8, got {s.factor_bits}")
 
 
-def run_compress(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print) -> dict:
-    """Check every input, then compress and evaluate; returns what results.json holds."""
+@dataclass
+class _Job:
+    """Everything checked and loaded before any compression starts."""
+    s: CompressSettings
+    cfg: Config
+    model_dir: str
+    tokenizer: object
+    full: object  # the full-precision model
+    calib: list  # calibration batches
+    held_out: dict  # prompts, answers, perplexity batches
+    eval_spec: str
+    n_eval: int
+    out: Path
+    log: Callable[[str], None]
+
+
+def prepare(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print) -> _Job:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compression.calib import CalibrationError, target_linears
-    from compression.fp4.model import check_calibration, load_quantized, quantize_model, save_quantized
-    from compression.fp4.search import QuantSetting, SearchGrid
+    from compression.fp4.model import check_calibration
     from gdpo.evaluation import EvalError, resolve_model_dir
 
     check_settings(s)
-    setting = QuantSetting.parse(s.bits)
-    grid = SearchGrid(points=s.grid_points, act_points=s.grid_act_points, rounds=s.grid_rounds)
     try:
         model_dir = resolve_model_dir(s.model, cfg, log)
     except EvalError as err:
@@ -215,27 +242,58 @@ def run_compress(s: CompressSettings, cfg: Config, log: Callable[[str], None] = 
     held_out = {"prompts": e_prompts, "answers": e_answers, "ppl_batches": _batches(tokenizer, e_prompts, e_solutions)}
     full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     try:
-        target_linears(full, None, s.lm_head)
+        names = target_linears(full, None, s.lm_head)
+    except CalibrationError as err:
+        raise CompressError(f"--model {s.model}: {err}") from None
+    try:
         check_calibration(calib)
     except CalibrationError as err:
-        raise CompressError(f"--calib {s.calib}: {err}" if "calibration" in str(err) else f"--model {s.model}: {err}") from None
+        raise CompressError(f"--calib {s.calib}: {err}") from None
+    if stages_of(s.pipeline)[0] == "prune24":
+        odd = [n for n in names if full.get_submodule(n).in_features % 4]
+        if odd:
+            raise CompressError(f"--pipeline prune24: {odd[0]} has {full.get_submodule(odd[0]).in_features} inputs, "
+                                f"not a multiple of 4 (2:4 sparsity needs groups of 4)")
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    return _Job(s, cfg, model_dir, tokenizer, full, calib, held_out, eval_spec, n_eval, out, log)
 
+
+def run_compress(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Check every input, then compress and evaluate; returns what results.json holds."""
+    job = prepare(s, cfg, log)
+    if stages_of(s.pipeline) == ["fp4"]:
+        return compare_quantizers(job)
+    return run_pipeline(job)
+
+
+def _grid(s: CompressSettings):
+    from compression.fp4.search import SearchGrid
+
+    return SearchGrid(points=s.grid_points, act_points=s.grid_act_points, rounds=s.grid_rounds)
+
+
+def compare_quantizers(job: _Job) -> dict:
+    """``--pipeline fp4``: full precision vs each quantizer in ``--methods``, evaluated in transformers."""
+    from compression.fp4.model import load_quantized, quantize_model, save_quantized
+    from compression.fp4.search import QuantSetting
+
+    s, out, log = job.s, job.out, job.log
+    setting = QuantSetting.parse(s.bits)
     t_start = time.time()
     rows, samples = {}, []
-    rows["full"], smp = evaluate(full, tokenizer, held_out, cfg, s, "full", log)
+    rows["full"], smp = evaluate(job.full, job.tokenizer, job.held_out, job.cfg, s, "full", log)
     samples += smp
     for method in s.methods:
-        model = copy.deepcopy(full)
+        model = copy.deepcopy(job.full)
         log(f"quantizing: {method} {setting.name}")
-        quant = quantize_model(model, calib, setting, method, grid, lm_head=s.lm_head, embedding=s.embedding,
+        quant = quantize_model(model, job.calib, setting, method, _grid(s), lm_head=s.lm_head, embedding=s.embedding,
                                log=lambda m: None)
         if method == "search":
-            save_quantized(model, {**quant, "source_model": str(Path(model_dir).resolve())}, str(out / "model"),
-                           tokenizer)
+            save_quantized(model, {**quant, "source_model": str(Path(job.model_dir).resolve())}, str(out / "model"),
+                           job.tokenizer)
             model = load_quantized(str(out / "model"))
-        metrics, smp = evaluate(model, tokenizer, held_out, cfg, s, method, log)
+        metrics, smp = evaluate(model, job.tokenizer, job.held_out, job.cfg, s, method, log)
         layer_mse = [v["mse"]["final"] for v in quant["layers"].values()]
         metrics.update(quantize_seconds=quant["seconds"], calib_output_mse_mean=sum(layer_mse) / len(layer_mse))
         rows[method] = metrics
@@ -248,11 +306,8 @@ def run_compress(s: CompressSettings, cfg: Config, log: Callable[[str], None] = 
             m["gap_recovered"] = {k: gap_recovered(rows["full"][k], rows["minmax_fp"][k], m[k])
                                   for k in ("accuracy", "perplexity")}
     results = {
-        "pipeline": s.pipeline, "setting": setting.name, "model": str(Path(model_dir).resolve()),
-        "calibration": {"data": s.calib, "samples": s.calib_samples,
-                        "tokens": int(sum(int(b["attention_mask"].sum()) for b in calib))},
-        "held_out": {"data": eval_spec, "prompts": len(e_prompts), "max_new_tokens": s.max_new_tokens,
-                     "decoding": "greedy"},
+        "pipeline": s.pipeline, "setting": setting.name, "model": str(Path(job.model_dir).resolve()),
+        "calibration": _calib_info(job), "held_out": _held_out_info(job),
         "methods": rows, "checkpoint": str((out / "model").resolve()) if "search" in s.methods else None,
         "settings": asdict(s), "seconds": time.time() - t_start,
     }
@@ -261,13 +316,139 @@ def run_compress(s: CompressSettings, cfg: Config, log: Callable[[str], None] = 
     return results
 
 
+def _calib_info(job: _Job) -> dict:
+    return {"data": job.s.calib, "samples": job.s.calib_samples,
+            "tokens": int(sum(int(b["attention_mask"].sum()) for b in job.calib))}
+
+
+def _held_out_info(job: _Job) -> dict:
+    return {"data": job.eval_spec, "prompts": len(job.held_out["prompts"]), "max_new_tokens": job.s.max_new_tokens,
+            "decoding": "greedy"}
+
+
+def run_pipeline(job: _Job) -> dict:
+    """``--pipeline C[,eora]``: compress the policy with C (fp4 = LLM-FP4 search at ``--bits``; prune24 =
+    2:4 magnitude pruning; prune50 = 50% unstructured magnitude pruning), compensate with EoRA and, for
+    comparison, plain SVD at the same rank, then evaluate every variant with the token-efficiency
+    evaluation on vLLM (compressed base + LoRA adapter). Where activations are quantized, which vLLM
+    cannot run, the variants are also evaluated in transformers with the quantized activations.
+
+    Outputs in ``--out``: ``compressed/`` (transformers checkpoint of the compressed weights),
+    ``model/`` (fp4: the packed checkpoint), ``adapters/{eora,svd}/`` (peft LoRA), ``evals/<variant>/``
+    (gdpo eval results), ``report/`` (report.md/html over the evals), ``results.json``.
+    """
+    from compression.calib import target_linears
+    from compression.fp4.model import quantize_model, save_quantized
+    from compression.fp4.search import QuantSetting
+    from compression.pipeline import compensate_model, save_dense, save_lora, storage_bytes
+    from compression.prune import prune_linears
+    from gdpo.evaluation import EvalSettings, evaluate_model
+    from gdpo.report import write_report
+
+    s, out, log = job.s, job.out, job.log
+    stages = stages_of(s.pipeline)
+    compressor = stages[0]
+    t_start = time.time()
+    names = target_linears(job.full, None, s.lm_head)
+    reference = {n: job.full.get_submodule(n).weight.detach().float().clone() for n in names}
+    compressed = copy.deepcopy(job.full)
+    pruned: list[str] = []
+    detail: dict = {}
+    setting = QuantSetting.parse(s.bits)
+    if compressor == "fp4":
+        log(f"compressing: LLM-FP4 search, {setting.name}")
+        quant = quantize_model(compressed, job.calib, setting, "search", _grid(s), lm_head=s.lm_head,
+                               embedding=s.embedding, log=lambda m: None)
+        save_quantized(compressed, {**quant, "source_model": str(Path(job.model_dir).resolve())},
+                       str(out / "model"), job.tokenizer)
+        detail = {"setting": setting.name, "quantize_seconds": quant["seconds"]}
+    else:
+        pattern = "2:4" if compressor == "prune24" else "unstructured"
+        log(f"compressing: {pattern} magnitude pruning")
+        sparsity = prune_linears(compressed, names, pattern, 0.5)
+        pruned = names
+        detail = {"pattern": pattern, "sparsity": sum(sparsity.values()) / len(sparsity)}
+    save_dense(compressed, str(out / "compressed"), job.tokenizer)
+    models = {"full": job.full, compressor: compressed}
+    served = {"full": (job.model_dir, None), compressor: (str(out / "compressed"), None)}
+    compensation = {}
+    if len(stages) > 1:
+        for method in ("svd", "eora"):
+            model = copy.deepcopy(compressed)
+            log(f"compensating: {method}, rank {s.rank}")
+            t0 = time.time()
+            factors = compensate_model(model, reference, job.calib, s.rank, method, s.factor_bits, log=log)
+            label = f"{compressor}+{method}"
+            save_lora(factors, str(out / "adapters" / method), str((out / "compressed").resolve()))
+            models[label] = model
+            served[label] = (str(out / "compressed"), str(out / "adapters" / method))
+            compensation[label] = {
+                "output_error_before": sum(f.error_before for f in factors.values()),
+                "output_error_after": sum(f.error_after for f in factors.values()),
+                "seconds": time.time() - t0}
+
+    rows: dict = {}
+    for label, (model_path, lora) in served.items():
+        log(f"evaluating on vLLM: {label}")
+        settings = EvalSettings(model=model_path, data=job.eval_spec, max_new_tokens=s.max_new_tokens,
+                                limit=job.n_eval, seed=s.seed, lora=lora,
+                                base=None if label == "full" else str(out / "evals" / "full"))
+        res = evaluate_model(settings, job.cfg, str(out / "evals" / label), log)
+        m = res["metrics"]
+        rows[label] = {"accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"],
+                       "truncation_rate": m["truncation_rate"],
+                       "bytes": storage_bytes(models[label], pruned, factor_bits=s.factor_bits or 16),
+                       **compensation.get(label, {})}
+    if compressor == "fp4" and setting.a_bits:
+        for label, model in models.items():
+            if label == "full":
+                continue
+            m, _ = evaluate(model, job.tokenizer, job.held_out, job.cfg, s, label + " (acts)", log)
+            rows[label]["with_quantized_activations"] = {k: m[k] for k in ("accuracy", "mean_tokens", "perplexity")}
+    full_acc = rows["full"]["accuracy"]
+    for label, row in rows.items():
+        if "+" in label:
+            row["recovered"] = gap_recovered(full_acc, rows[compressor]["accuracy"], row["accuracy"])
+            if "with_quantized_activations" in row:
+                acts = {k: v["with_quantized_activations"]["accuracy"] for k, v in rows.items() if k != "full"}
+                row["with_quantized_activations"]["recovered"] = gap_recovered(full_acc, acts[compressor], acts[label])
+    write_report([str(out / "evals" / k) for k in served], str(out / "report"),
+                 title=f"gdpo compress: {s.pipeline} ({setting.name if compressor == 'fp4' else detail['pattern']}), "
+                       f"rank {s.rank}")
+    results = {
+        "pipeline": s.pipeline, "compressor": {"stage": compressor, **detail}, "rank": s.rank,
+        "factor_bits": s.factor_bits, "model": str(Path(job.model_dir).resolve()),
+        "calibration": _calib_info(job), "held_out": _held_out_info(job), "variants": rows,
+        "outputs": {"compressed": str((out / "compressed").resolve()),
+                    "adapters": {m: str((out / "adapters" / m).resolve()) for m in ("svd", "eora") if len(stages) > 1},
+                    "report": str((out / "report" / "report.html").resolve())},
+        "settings": asdict(s), "seconds": time.time() - t_start,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
 def results_table(results: dict) -> list[list[str]]:
+    """The printed table of either kind of results.json."""
+    pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
+    if "variants" in results:
+        acts = any("with_quantized_activations" in r for r in results["variants"].values())
+        head = ["variant", "accuracy", "mean tokens", "MB", "recovered"]
+        head += ["accuracy (acts)", "recovered (acts)"] if acts else []
+        body = []
+        for name, r in results["variants"].items():
+            row = [name, f"{r['accuracy']:.1%}", f"{r['mean_tokens']:.1f}", f"{r['bytes']['total'] / 1e6:.3f}",
+                   pct(r["recovered"]) if "recovered" in r else "-"]
+            if acts:
+                q = r.get("with_quantized_activations")
+                row += [f"{q['accuracy']:.1%}" if q else "-", pct(q["recovered"]) if q and "recovered" in q else "-"]
+            body.append(row)
+        return [head, *body]
     head = ["method", "perplexity", "accuracy", "mean tokens", "calib MSE", "gap recovered (acc / ppl)"]
     body = []
     for name, m in results["methods"].items():
         rec = m.get("gap_recovered")
-        fmt = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
         body.append([name, f"{m['perplexity']:.3f}", f"{m['accuracy']:.1%}", f"{m['mean_tokens']:.1f}",
                      f"{m['calib_output_mse_mean']:.3g}" if "calib_output_mse_mean" in m else "-",
-                     f"{fmt(rec['accuracy'])} / {fmt(rec['perplexity'])}" if rec else "-"])
+                     f"{pct(rec['accuracy'])} / {pct(rec['perplexity'])}" if rec else "-"])
     return [head, *body]

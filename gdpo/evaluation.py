@@ -40,6 +40,7 @@ class EvalSettings:
     seed: int = 0
     base: Optional[str] = None  # an earlier eval directory to compare against
     pass_ks: tuple[int, ...] = (1,)  # pass@k reported besides pass@n
+    lora: Optional[str] = None  # a LoRA adapter directory (peft layout) served on top of the model
 
 
 def resolve_model_dir(path: str, cfg: Config, log: Callable[[str], None] = print) -> str:
@@ -81,9 +82,25 @@ def check_settings(s: EvalSettings, cfg: Config) -> None:
         raise EvalError(f"--limit must be >= 0, got {s.limit}")
     if "accuracy" not in [r.name for r in cfg.rewards.functions]:
         raise EvalError("rewards.functions must include 'accuracy': it decides which samples are correct")
+    if s.lora is not None:
+        lora_rank(s.lora)
     bad = [k for k in s.pass_ks if not 1 <= k <= s.samples_per_prompt]
     if bad:
         raise EvalError(f"--pass-k {bad} must lie in 1..--samples-per-prompt ({s.samples_per_prompt})")
+
+
+def lora_rank(path: str) -> int:
+    """The rank of the LoRA adapter at ``path`` (checked: a peft LORA adapter directory)."""
+    file = Path(path) / "adapter_config.json"
+    if not file.is_file():
+        raise EvalError(f"--lora {path}: no adapter_config.json")
+    conf = json.loads(file.read_text())
+    if conf.get("peft_type") != "LORA" or conf.get("use_dora"):
+        raise EvalError(f"--lora {file}: a plain LoRA adapter is needed (peft_type LORA, no DoRA), got "
+                        f"peft_type {conf.get('peft_type')!r}{', use_dora' if conf.get('use_dora') else ''}")
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        raise EvalError(f"--lora {path}: no adapter_model.safetensors")
+    return int(conf["r"])
 
 
 def check_context(prompts: list[str], tokenizer, model_dir: str, cfg: Config, s: EvalSettings) -> None:
@@ -127,7 +144,7 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
 
     rewards = [BoundReward.from_name(name, kwargs) for name, kwargs in cfg.rewards.specs()]
     t0 = time.time()
-    llm = rollout.make_engine(model_dir, cfg, seed=s.seed)
+    llm = rollout.make_engine(model_dir, cfg, seed=s.seed, lora_rank=lora_rank(s.lora) if s.lora else 0)
     samples, values, names = _generate_and_score(llm, data, s, temperature, rewards, score_rewards)
     elapsed = time.time() - t0
     acc = names.index("accuracy")
@@ -146,6 +163,7 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
         "against_base": against_base(metrics, base["metrics"]) if base else None,
         "base": str(Path(s.base).resolve()) if base else None,
         "model": str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir,
+        "lora": str(Path(s.lora).resolve()) if s.lora else None,
         "data": s.data,
         "sampling": {"samples_per_prompt": s.samples_per_prompt, "max_new_tokens": s.max_new_tokens,
                      "temperature": temperature, "top_p": s.top_p, "seed": s.seed},
@@ -172,7 +190,8 @@ def _generate_and_score(llm, data, s: EvalSettings, temperature: float, rewards,
         for lo in range(0, len(data), chunk):
             part = data.take(list(range(lo, min(len(data), lo + chunk))))
             batch = rollout.generate(llm, part.prompts, s.samples_per_prompt, max_new_tokens=s.max_new_tokens,
-                                     temperature=temperature, top_p=s.top_p, seed=s.seed * 10**6 + lo)
+                                     temperature=temperature, top_p=s.top_p, seed=s.seed * 10**6 + lo,
+                                     lora_path=s.lora)
             k = s.samples_per_prompt
             prompts = [p for p in part.prompts for _ in range(k)]
             columns = {c: [v for v in vals for _ in range(k)] for c, vals in part.columns.items()}

@@ -13,15 +13,25 @@ from gdpo.records import RolloutBatch, WeightUpdate
 EXTENSION = "gdpo.vllm_ext.WeightSyncExtension"
 
 
-def make_engine(model_path: str, cfg: Config, seed: int = 0):
-    """A vLLM engine for the policy, with the weight-sync worker extension mixed in."""
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+
+
+def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0):
+    """A vLLM engine for the policy, with the weight-sync worker extension mixed in; ``lora_rank`` > 0
+    enables serving one LoRA adapter of at most that rank."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
     import vllm
 
+    lora = {}
+    if lora_rank:
+        fits = [r for r in LORA_RANKS if r >= lora_rank]
+        if not fits:
+            raise ValueError(f"LoRA rank {lora_rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
+        lora = {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 1}
     return vllm.LLM(
         model=model_path, dtype=cfg.model.dtype, seed=seed, trust_remote_code=cfg.model.trust_remote_code,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_model_len=_max_model_len(model_path, cfg), enforce_eager=True, worker_extension_cls=EXTENSION,
+        max_model_len=_max_model_len(model_path, cfg), enforce_eager=True, worker_extension_cls=EXTENSION, **lora,
     )
 
 
@@ -34,14 +44,20 @@ def _max_model_len(model_path: str, cfg: Config) -> Optional[int]:
 
 
 def generate(llm, prompts: list[str], samples_per_prompt: int, *, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, seed: int = 0, policy_version: int = 0) -> RolloutBatch:
-    """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``."""
+             top_p: float = 1.0, seed: int = 0, policy_version: int = 0, lora_path: Optional[str] = None) -> RolloutBatch:
+    """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``.
+    ``lora_path``: a LoRA adapter directory (peft layout) applied on top of the engine's weights."""
     import vllm
 
     params = [vllm.SamplingParams(n=samples_per_prompt, temperature=temperature, top_p=top_p,
                                   max_tokens=max_new_tokens, logprobs=0, seed=seed + i)
               for i in range(len(prompts))]
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    lora = None
+    if lora_path:
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest("adapter", 1, lora_path)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
     batch = RolloutBatch([], [], [], [], [], [], policy_version)
     for g, out in enumerate(outs):
         for comp in out.outputs:

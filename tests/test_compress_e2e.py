@@ -49,7 +49,8 @@ def _tensors(path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--bits", "w3a4"], "--bits: bits 'w3a4': weight bits must be 4 or 8"),
-    (["--pipeline", "gptq"], "unknown stage gptq"),
+    (["--pipeline", "gptq"], "unknown stage 'gptq'"),
+    (["--pipeline", "fp4,svd"], "only eora may follow"),
     (["--methods", "search,awq"], "unknown method awq"),
     (["--calib-samples", "1"], "calibration data too small"),
     (["--model", "/nonexistent"], "no such directory"),
@@ -59,3 +60,27 @@ def test_bad_input_is_refused_before_work(tmp_path, capsys, flags, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_pipeline_fp4_eora_serves_compressed_base_plus_lora_on_vllm(tmp_path, capsys):
+    out = tmp_path / "pipe"
+    args = ["compress", "--policy", "builtin:tiny-chain-arith", "--pipeline", "fp4,eora", "--bits", "w4a4",
+            "--rank", "16", "--calib-samples", "32", "--eval-limit", "8", "--max-new-tokens", "96", "--out", str(out),
+            "--grid-points", "12", "--grid-act-points", "6", "--grid-rounds", "1"]
+    assert main(args) == 0
+    assert "recovered" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["variants"]) == ["full", "fp4", "fp4+svd", "fp4+eora"]
+    for name, row in res["variants"].items():
+        ev = json.loads((out / "evals" / name / "results.json").read_text())
+        assert ev["metrics"]["prompts"] == 8 and row["accuracy"] == ev["metrics"]["accuracy"]
+        assert (ev["lora"] is not None) == ("+" in name)
+        assert ("with_quantized_activations" in row) == (name != "full")
+    v = res["variants"]
+    assert v["fp4"]["bytes"]["total"] < v["full"]["bytes"]["total"]
+    assert v["fp4+eora"]["bytes"]["compensation"] > 0
+    assert v["fp4+eora"]["output_error_after"] < v["fp4+eora"]["output_error_before"]
+    assert v["fp4+eora"]["output_error_after"] <= v["fp4+svd"]["output_error_after"] * 1.05
+    conf = json.loads((out / "adapters" / "eora" / "adapter_config.json").read_text())
+    assert conf["r"] == 16 and conf["peft_type"] == "LORA"
+    assert (out / "report" / "report.html").is_file() and (out / "model" / "quantization.json").is_file()
