@@ -9,6 +9,13 @@ input covariance ``C = XᵀX/n = QΛQᵀ`` [in, in], the rank-r ``B A`` minimizi
 Eckart-Young in the projected space, hence optimal. Plain SVD (:func:`svd_compensation`) minimizes
 ``‖ΔW - BA‖`` instead and never does better on the output error.
 
+Quantized activations (an extension, not in the paper): when the compressed layer reads ``Q(x)``
+(W4A4), its error ``T = X Wᵀ - Q(X) W_cᵀ`` is not ``X ΔWᵀ``. The best rank-r ``BA`` on the full-precision
+input then solves ``min ‖T - X (BA)ᵀ‖``, a reduced-rank regression: with the unconstrained solution
+``ΔW_eff = W - W_c (Q(X)ᵀX/n) C⁻¹`` (:func:`activation_aware_delta`), ``‖T - X Mᵀ‖² = ‖T - X ΔW_effᵀ‖² +
+n·tr((ΔW_eff - M) C (ΔW_eff - M)ᵀ)``, so EoRA applied to ``ΔW_eff`` is again optimal. With exact
+activations ``ΔW_eff = ΔW``.
+
 Deviations: eigenvalues are floored at ``eig_floor · λ_max`` (and the same floor appears in the
 projection back), so directions the calibration data never excites neither blow up A nor get a share
 of the rank; on a full-rank covariance with the floor below every eigenvalue the result is the exact
@@ -23,7 +30,8 @@ from torch import Tensor
 
 from compression.intq import int_fake_quant_symmetric, minmax_symmetric_scale
 
-__all__ = ["eora_compensation", "svd_compensation", "output_error", "quantize_factors", "input_covariance"]
+__all__ = ["eora_compensation", "svd_compensation", "output_error", "quantize_factors", "input_covariance",
+           "activation_aware_delta", "regression_error"]
 
 
 def _check(delta_w: Tensor, rank: int, cov: Optional[Tensor] = None) -> None:
@@ -72,3 +80,29 @@ def quantize_factors(b: Tensor, a: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Symmetric round-to-nearest INT quantization of the factors (per output row of B and of A)."""
     return (int_fake_quant_symmetric(b, bits, minmax_symmetric_scale(b, bits, 1)),
             int_fake_quant_symmetric(a, bits, minmax_symmetric_scale(a, bits, 1)))
+
+
+def _floored_inverse(cov: Tensor, eig_floor: float) -> Tensor:
+    lam, q = torch.linalg.eigh((cov + cov.T) / 2)
+    lam = lam.clamp_min(eig_floor * float(lam.max().clamp_min(1e-300)))
+    return (q / lam[None, :]) @ q.T
+
+
+def activation_aware_delta(w: Tensor, w_c: Tensor, x: Tensor, x_q: Tensor, eig_floor: float = 1e-6) -> Tensor:
+    """``ΔW_eff = W - W_c (Q(X)ᵀX/n) C⁻¹`` [out, in]: the full-rank least-squares correction, read from
+    the full-precision input ``x`` [n, in], of a layer that computes ``x_q W_cᵀ`` instead of ``x Wᵀ``."""
+    x64, q64 = x.double(), x_q.double()
+    n = x64.shape[0]
+    cov = x64.T @ x64 / n
+    cross = q64.T @ x64 / n  # [in, in] = Q(X)ᵀX/n
+    return (w.double() - w_c.double() @ cross @ _floored_inverse(cov, eig_floor)).float()
+
+
+def regression_error(w: Tensor, w_c: Tensor, x: Tensor, x_q: Tensor, b: Optional[Tensor] = None,
+                     a: Optional[Tensor] = None) -> float:
+    """``‖X Wᵀ - Q(X) W_cᵀ - X (BA)ᵀ‖² / n``: the compensated layer's output error on ``x`` [n, in]."""
+    x64 = x.double()
+    t = x64 @ w.double().T - x_q.double() @ w_c.double().T  # [n, out]
+    if b is not None:
+        t = t - (x64 @ a.double().T) @ b.double().T
+    return float((t ** 2).sum() / x64.shape[0])

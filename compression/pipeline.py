@@ -26,8 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compression.calib import block_groups, capture_inputs, set_module
-from compression.eora import eora_compensation, input_covariance, output_error, quantize_factors, svd_compensation
+from compression.eora import (activation_aware_delta, eora_compensation, input_covariance, quantize_factors,
+                              regression_error, svd_compensation)
 from compression.fp4.qlinear import QuantEmbedding, QuantLinear
+from compression.fp4.search import quantize_input
 
 __all__ = ["Compensated", "effective_weight", "compensate_model", "save_dense", "save_lora", "storage_bytes",
            "LayerCompensation"]
@@ -62,16 +64,19 @@ def effective_weight(module: nn.Module) -> Tensor:
 class LayerCompensation:
     b: Tensor  # [out, r]
     a: Tensor  # [r, in]
-    error_before: float  # tr(ΔW C ΔWᵀ) on this layer's calibration inputs
-    error_after: float  # the same with ΔW - BA
+    error_before: float  # the layer's mean squared output error per token on its calibration inputs
+    error_after: float  # the same with the compensation
 
 
 @torch.no_grad()
 def compensate_model(model: nn.Module, reference: dict[str, Tensor], batches: Sequence[dict], rank: int,
                      method: str = "eora", factor_bits: Optional[int] = None, max_tokens: int = 4096,
-                     eig_floor: float = 1e-6, log: Callable[[str], None] = print) -> dict[str, LayerCompensation]:
+                     eig_floor: float = 1e-6, activation_aware: bool = True,
+                     log: Callable[[str], None] = print) -> dict[str, LayerCompensation]:
     """Compensate each named compressed layer of ``model`` in place; ``reference`` maps its names to the
-    original weights [out, in]. ``method``: "eora" or "svd"."""
+    original weights [out, in]. ``method``: "eora" or "svd" (plain SVD of ΔW). With
+    ``activation_aware``, EoRA on a layer with quantized activations targets the whole output error
+    (``compression.eora.activation_aware_delta``); the factors still read the full-precision input."""
     if method not in ("eora", "svd"):
         raise ValueError(f"compensation method {method!r}: expected 'eora' or 'svd'")
     out = {}
@@ -79,13 +84,20 @@ def compensate_model(model: nn.Module, reference: dict[str, Tensor], batches: Se
         xs = capture_inputs(model, group, batches, max_tokens)
         for name in group:
             mod = model.get_submodule(name)
-            delta = reference[name].float() - effective_weight(mod)  # [out, in]
-            cov = input_covariance(xs[name])  # [in, in]
+            x, w, w_c = xs[name], reference[name].float(), effective_weight(mod)
+            x_q = quantize_input(x, mod.lq, folded=False) if isinstance(mod, QuantLinear) else x  # what W_c reads
+            delta = w - w_c  # [out, in]
+            if method == "eora" and activation_aware and x_q is not x:
+                delta = activation_aware_delta(w, w_c, x, x_q, eig_floor)
             r = min(rank, *delta.shape)
-            b, a = eora_compensation(delta, cov, r, eig_floor) if method == "eora" else svd_compensation(delta, r)
+            if method == "eora":
+                b, a = eora_compensation(delta, input_covariance(x), r, eig_floor)
+            else:
+                b, a = svd_compensation(delta, r)
             if factor_bits:
                 b, a = quantize_factors(b, a, factor_bits)
-            out[name] = LayerCompensation(b, a, output_error(delta, cov), output_error(delta, cov, b, a))
+            out[name] = LayerCompensation(b, a, regression_error(w, w_c, x, x_q),
+                                          regression_error(w, w_c, x, x_q, b, a))
             set_module(model, name, Compensated(mod, b, a))
         log(f"  {method} block {group[0].rsplit('.', 2)[0]}: output error "
             f"{sum(out[n].error_before for n in group):.4g} -> {sum(out[n].error_after for n in group):.4g}")
@@ -166,9 +178,10 @@ def storage_bytes(model: nn.Module, pruned: Sequence[str] = (), dense_bytes: int
     parts = {"dense": 0, "quantized": 0, "pruned": 0, "compensation": 0}
     seen = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, Compensated):
+        if isinstance(mod, Compensated):  # its base is visited on its own
             parts["compensation"] += (mod.lora_a.numel() + mod.lora_b.numel()) * factor_bits // 8
-        elif isinstance(mod, QuantLinear):
+            continue
+        if isinstance(mod, QuantLinear):
             parts["quantized"] += (mod.weight.numel() * mod.lq.w_bits + 7) // 8 + 4 * mod.out_features \
                 + (mod.in_features if mod.lq.a_shift is not None else 0)
             parts["dense"] += (mod.bias.numel() * dense_bytes) if mod.bias is not None else 0

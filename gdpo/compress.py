@@ -397,7 +397,8 @@ def run_pipeline(job: _Job) -> dict:
         m = res["metrics"]
         rows[label] = {"accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"],
                        "truncation_rate": m["truncation_rate"],
-                       "bytes": storage_bytes(models[label], pruned, factor_bits=s.factor_bits or 16),
+                       "bytes": storage_bytes(models[label], pruned if label != "full" else (),
+                                              factor_bits=s.factor_bits or 16),
                        **compensation.get(label, {})}
     if compressor == "fp4" and setting.a_bits:
         for label, model in models.items():

@@ -116,3 +116,23 @@ def test_magnitude_mask_per_row_and_prune_linears():
     assert got == {"0": 0.5} and float((lin[0].weight == 0).float().mean()) == 0.5
     with pytest.raises(ValueError, match="sparsity must be in"):
         magnitude_mask(w, 1.0)
+
+
+def test_activation_aware_delta_is_the_least_squares_correction():
+    from compression.eora import activation_aware_delta, regression_error
+    from compression.fp4.formats import fake_quant
+
+    delta, x = _case(seed=30)
+    w = torch.randn(12, 20) * 0.2
+    w_c = w - delta
+    assert torch.allclose(activation_aware_delta(w, w_c, x, x, eig_floor=1e-12), delta, atol=1e-4)  # exact inputs: ΔW
+    x_q = fake_quant(x, 2, 1, 0.5)  # 4-bit activations
+    d_eff = activation_aware_delta(w, w_c, x, x_q, eig_floor=1e-12)
+    target = x.double() @ w.double().T - x_q.double() @ w_c.double().T  # [n, out]
+    sol = torch.linalg.lstsq(x.double(), target).solution.T  # [out, in]
+    torch.testing.assert_close(d_eff.double(), sol, rtol=1e-4, atol=1e-5)
+    cov = input_covariance(x)
+    for rank in (2, 6):
+        aware = regression_error(w, w_c, x, x_q, *eora_compensation(d_eff, cov, rank))
+        plain = regression_error(w, w_c, x, x_q, *eora_compensation(delta, cov, rank))
+        assert aware <= plain * (1 + 1e-9)

@@ -28,7 +28,7 @@ def _compressed(kind):
     return full, comp, ref
 
 
-@pytest.mark.parametrize("kind", ["prune24", "w4"])
+@pytest.mark.parametrize("kind", ["prune24", "w4", "w4a4"])
 def test_eora_beats_svd_on_every_layer_and_brings_the_model_closer(kind):
     full, comp, ref = _compressed(kind)
     ids = _batches(1, seed=7)[0]
@@ -96,3 +96,7 @@ def test_storage_bytes_accounting():
     _, pr, ref = _compressed("prune24")
     p = storage_bytes(pr, pruned=list(ref))
     assert p["pruned"] == sum(w.numel() // 2 * 2 + (w.numel() // 2 * 2 + 7) // 8 for w in ref.values())
+    compensate_model(pr, ref, _batches(), rank=4, log=lambda s: None)
+    c = storage_bytes(pr, pruned=list(ref))
+    assert c["pruned"] == p["pruned"] and c["dense"] == p["dense"]  # the base is still counted once
+    assert c["compensation"] == sum((w.shape[0] + w.shape[1]) * 4 * 2 for w in ref.values())
