@@ -152,6 +152,19 @@ def cmd_compress(args) -> int:
     return 0
 
 
+def cmd_ofq(args) -> int:
+    from gdpo.ofq import load_ofq_config, run_ofq
+
+    cfg = load_ofq_config(args.config, args.overrides)
+    results = run_ofq(cfg, args.out)
+    print(f"\nfull precision: {results['full_precision']['test_accuracy']:.1%} test accuracy")
+    print(f"{'run':>12}{'accuracy':>10}{'oscillation rate':>18}{'near boundary':>15}")
+    for name, r in results["runs"].items():
+        print(f"{name:>12}{r['test_accuracy']:>10.1%}{r['final_oscillation_rate']:>18.2e}{r['final_near_boundary']:>15.1%}")
+    print(f"{results['seconds'] / 60:.1f} min; outputs: {args.out} (results.json, ofq.png, fp/)")
+    return 0
+
+
 def cmd_check_config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
@@ -228,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--out", required=True)
     cp.set_defaults(fn=cmd_compress)
+    oq = sub.add_parser("ofq", help="OFQ vs LSQ quantization-aware training of a vision transformer")
+    oq.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs" / "ofq_digits_cpu.yaml"))
+    oq.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    oq.add_argument("--out", required=True)
+    oq.set_defaults(fn=cmd_ofq)
     doc = sub.add_parser("config-doc", help="print (or --write into README.md) the config reference")
     doc.add_argument("--write", action="store_true")
     doc.set_defaults(fn=cmd_config_doc)

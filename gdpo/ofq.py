@@ -1,0 +1,369 @@
+"""``gdpo ofq``: quantization-aware training of a vision transformer with OFQ against the LSQ baseline.
+
+One run: train (or load) the full-precision ViT, then for each bit width and method QAT from it
+(optionally distilling from it), tracking weight oscillation every step; OFQ anneals with CGA over its
+last epochs. Writes ``DIR/results.json`` (accuracy and final oscillation rate per method and bit
+width, the curves), ``DIR/ofq.png`` and ``DIR/fp/`` (the full-precision model, a transformers dir).
+
+Data sources (``data.source``): ``digits`` (scikit-learn's 8x8 digits, 1,797 real images shipped with
+scikit-learn), ``imagefolder:PATH`` (PATH/{train,val}/<class>/<image>), ``hf:NAME[:CONFIG]`` (a
+datasets image-classification dataset with train and validation splits).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from gdpo.config import ConfigError, apply_override, doc, doc_factory, from_dict, to_dict
+from gdpo.fileio import atomic_write_text
+
+
+@dataclass(frozen=True)
+class OFQData:
+    source: str = doc("digits", "digits | imagefolder:PATH | hf:NAME[:CONFIG]")
+    image_size: int = doc(8, "images are resized to image_size x image_size")
+    num_channels: int = doc(1, "1 (grey) or 3 (RGB)")
+    test_fraction: float = doc(0.2, "digits: held-out share (stratified, seeded)")
+    augment_shift: int = doc(1, "random translation in pixels while training (0 = off)")
+    limit: int = doc(0, "use at most this many training images (0 = all)")
+
+
+@dataclass(frozen=True)
+class OFQModel:
+    arch: Literal["vit", "deit"] = doc("vit", "transformers class: ViTForImageClassification or DeiTForImageClassification")
+    pretrained: Optional[str] = doc(None, "a local transformers dir to start from (skips full-precision training)")
+    patch_size: int = doc(2, "patch size")
+    hidden_size: int = doc(64, "width")
+    num_layers: int = doc(4, "depth")
+    num_heads: int = doc(4, "attention heads")
+    mlp_size: int = doc(128, "MLP hidden width")
+    num_labels: int = doc(10, "classes")
+
+
+@dataclass(frozen=True)
+class OFQTrain:
+    epochs: int = doc(150, "epochs")
+    lr: float = doc(2e-3, "peak AdamW learning rate (cosine to 1%)")
+    batch_size: int = doc(64, "images per step")
+    weight_decay: float = doc(0.05, "AdamW decoupled weight decay (not on biases, norms and LSQ steps)")
+    warmup_epochs: int = doc(5, "linear warm-up epochs")
+
+
+@dataclass(frozen=True)
+class OFQQat:
+    bits: tuple[int, ...] = doc((4, 3, 2), "weight and activation bit widths to train")
+    methods: tuple[str, ...] = doc(("lsq", "ofq"), "lsq (baseline) and/or ofq")
+    epochs: int = doc(60, "QAT epochs per method and bit width")
+    lr: float = doc(5e-4, "peak learning rate")
+    batch_size: int = doc(64, "images per step")
+    weight_decay: float = doc(0.05, "as in full-precision training")
+    warmup_epochs: int = doc(2, "linear warm-up epochs")
+    distill: bool = doc(True, "add KL(teacher || student) at T=1 from the full-precision model")
+    cga_epochs: int = doc(15, "OFQ: confidence-guided annealing over the last cga_epochs epochs (0 = off)")
+    cga_br: float = doc(0.05, "OFQ: freeze latent weights within this many steps of a rounding boundary")
+    near_br: float = doc(0.05, "the near-boundary metric's threshold, in steps")
+
+
+@dataclass(frozen=True)
+class OFQConfig:
+    seed: int = doc(0, "seed for the split, initialization and batching")
+    threads: int = doc(2, "torch intra-op threads")
+    data: OFQData = doc_factory(OFQData, "images")
+    model: OFQModel = doc_factory(OFQModel, "the vision transformer")
+    fp: OFQTrain = doc_factory(OFQTrain, "full-precision training")
+    qat: OFQQat = doc_factory(OFQQat, "quantization-aware training")
+
+
+def validate(cfg: OFQConfig) -> None:
+    def need(ok, key, msg):
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}")
+    d, m, q = cfg.data, cfg.model, cfg.qat
+    need(d.source == "digits" or d.source.startswith(("imagefolder:", "hf:")), "data.source",
+         f"must be digits, imagefolder:PATH or hf:NAME[:CONFIG], got {d.source!r}")
+    need(d.image_size % m.patch_size == 0, "model.patch_size", f"must divide data.image_size {d.image_size}")
+    need(m.hidden_size % m.num_heads == 0, "model.num_heads", f"must divide model.hidden_size {m.hidden_size}")
+    need(d.num_channels in (1, 3), "data.num_channels", "must be 1 or 3")
+    need(0 < d.test_fraction < 1, "data.test_fraction", "must lie in (0, 1)")
+    need(all(b in (2, 3, 4, 8) for b in q.bits) and q.bits, "qat.bits", f"must be among 2, 3, 4, 8, got {list(q.bits)}")
+    need(set(q.methods) <= {"lsq", "ofq"} and q.methods, "qat.methods", f"must be lsq and/or ofq, got {list(q.methods)}")
+    need(0 <= q.cga_epochs <= q.epochs, "qat.cga_epochs", f"must lie in 0..qat.epochs ({q.epochs})")
+    need(0 < q.cga_br < 0.5, "qat.cga_br", "must lie in (0, 0.5) quantization steps")
+    for sec, t in (("fp", cfg.fp), ("qat", cfg.qat)):
+        need(t.epochs >= 1 or (sec == "fp" and m.pretrained), f"{sec}.epochs", "must be >= 1")
+        need(t.lr > 0, f"{sec}.lr", "must be > 0")
+        need(t.batch_size >= 1, f"{sec}.batch_size", "must be >= 1")
+
+
+def load_ofq_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> OFQConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(OFQConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_images(d: OFQData, seed: int) -> dict[str, torch.Tensor]:
+    """{"train_x": [N, C, H, W], "train_y": [N], "test_x", "test_y"}, normalized per channel."""
+    if d.source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # [1797, 1, 8, 8]
+        y = torch.tensor(digits.target)
+        g = torch.Generator().manual_seed(seed)
+        test = torch.zeros(len(y), dtype=torch.bool)
+        for c in y.unique():  # stratified split
+            idx = (y == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            test[idx[: round(len(idx) * d.test_fraction)]] = True
+        if d.image_size != 8:
+            x = F.interpolate(x, size=(d.image_size, d.image_size), mode="bilinear", align_corners=False)
+        out = {"train_x": x[~test], "train_y": y[~test], "test_x": x[test], "test_y": y[test]}
+    else:
+        out = _load_folder_or_hf(d)
+    mean = out["train_x"].mean(dim=(0, 2, 3), keepdim=True)
+    std = out["train_x"].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    for k in ("train_x", "test_x"):
+        out[k] = (out[k] - mean) / std
+    if d.limit:
+        out["train_x"], out["train_y"] = out["train_x"][: d.limit], out["train_y"][: d.limit]
+    return out
+
+
+def _load_folder_or_hf(d: OFQData) -> dict[str, torch.Tensor]:
+    import numpy as np
+    from PIL import Image
+
+    def prep(img) -> torch.Tensor:
+        img = img.convert("L" if d.num_channels == 1 else "RGB").resize((d.image_size, d.image_size), Image.BILINEAR)
+        a = torch.tensor(np.asarray(img, dtype=np.float32) / 255.0)
+        return a[None] if a.dim() == 2 else a.permute(2, 0, 1)
+
+    out = {}
+    if d.source.startswith("imagefolder:"):
+        root = Path(d.source[len("imagefolder:"):])
+        for split, key in (("train", "train"), ("val", "test")):
+            folder = root / split
+            if not folder.is_dir():
+                raise ConfigError(f"data.source {d.source}: no {folder} directory (expected PATH/{{train,val}}/<class>/)")
+            classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            xs, ys = [], []
+            for ci, c in enumerate(classes):
+                for f in sorted((folder / c).iterdir()):
+                    with Image.open(f) as img:
+                        xs.append(prep(img))
+                    ys.append(ci)
+            out[f"{key}_x"], out[f"{key}_y"] = torch.stack(xs), torch.tensor(ys)
+    else:
+        import datasets
+
+        name, _, config = d.source[len("hf:"):].partition(":")
+        for split, key in (("train", "train"), ("validation", "test")):
+            ds = datasets.load_dataset(name, config or None, split=split)
+            img_col = next(c for c in ds.column_names if c in ("image", "img"))
+            lab_col = next(c for c in ds.column_names if c in ("label", "labels"))
+            out[f"{key}_x"] = torch.stack([prep(r[img_col]) for r in ds])
+            out[f"{key}_y"] = torch.tensor(ds[lab_col])
+    return out
+
+
+# ----------------------------------------------------------------------------- model and training
+
+def build_model(cfg: OFQConfig):
+    from transformers import (AutoModelForImageClassification, DeiTConfig, DeiTForImageClassification, ViTConfig,
+                              ViTForImageClassification)
+
+    m = cfg.model
+    if m.pretrained:
+        return AutoModelForImageClassification.from_pretrained(m.pretrained)
+    kw = dict(image_size=cfg.data.image_size, patch_size=m.patch_size, num_channels=cfg.data.num_channels,
+              hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+              intermediate_size=m.mlp_size, num_labels=m.num_labels, hidden_dropout_prob=0.0,
+              attention_probs_dropout_prob=0.0)
+    torch.manual_seed(cfg.seed)
+    return ViTForImageClassification(ViTConfig(**kw)) if m.arch == "vit" else DeiTForImageClassification(DeiTConfig(**kw))
+
+
+def _shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:
+    """Random translation by up to ``pixels`` (zero padding)."""
+    if not pixels:
+        return x
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (pixels,) * 4)
+    dy, dx = torch.randint(0, 2 * pixels + 1, (2,), generator=g).tolist()
+    return padded[..., dy:dy + h, dx:dx + w]
+
+
+@torch.no_grad()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
+    model.eval()
+    correct = sum(int((model(pixel_values=x[i:i + batch]).logits.argmax(-1) == y[i:i + batch]).sum())
+                  for i in range(0, len(y), batch))
+    return correct / len(y)
+
+
+def _param_groups(model, wd: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() <= 1 or name.endswith(".step") else decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=None, cga=None, cga_from: int = 0,
+          log: Callable[[str], None] = print, label: str = "") -> list[dict]:
+    """AdamW with warm-up and cosine decay; returns one row per epoch (loss, test accuracy, oscillation)."""
+    from compression.ofq.cga import CGA  # noqa: F401  (type of ``cga``)
+
+    g = torch.Generator().manual_seed(seed)
+    n = len(data["train_y"])
+    steps_per_epoch = math.ceil(n / t.batch_size)
+    total = steps_per_epoch * t.epochs
+    warm = steps_per_epoch * t.warmup_epochs
+    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                              0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+    history = []
+    for epoch in range(t.epochs):
+        model.train()
+        annealing = cga is not None and epoch >= cga_from
+        frozen = cga.update_masks() if annealing else 0.0
+        order = torch.randperm(n, generator=g)
+        losses, osc, near = [], [], []
+        for i in range(0, n, t.batch_size):
+            idx = order[i:i + t.batch_size]
+            x = _shift(data["train_x"][idx], shift, g)
+            logits = model(pixel_values=x).logits
+            loss = F.cross_entropy(logits, data["train_y"][idx])
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(pixel_values=x).logits.softmax(-1)
+                loss = loss + F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if annealing:
+                cga.before_step()
+            opt.step()
+            if annealing:
+                cga.after_step()
+            sched.step()
+            losses.append(float(loss))
+            if tracker is not None:
+                m = tracker.step()
+                osc.append(m["oscillation_rate"])
+                near.append(m["near_boundary"])
+        row = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "test_accuracy": accuracy(model, data["test_x"], data["test_y"])}
+        if tracker is not None:
+            row.update(oscillation_rate=sum(osc) / len(osc), near_boundary=sum(near) / len(near), frozen=frozen)
+        history.append(row)
+        if (epoch + 1) % 10 == 0 or epoch + 1 == t.epochs:
+            extra = f", oscillation {row['oscillation_rate']:.2e}, frozen {frozen:.0%}" if tracker is not None else ""
+            log(f"{label} epoch {epoch + 1}/{t.epochs}: loss {row['loss']:.3f}, test {row['test_accuracy']:.1%}{extra}")
+    return history
+
+
+def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) -> dict:
+    """Full precision, then QAT for every (bits, method); results.json and ofq.png in ``out_dir``."""
+    from compression.ofq.cga import CGA
+    from compression.ofq.modules import quantize_vit
+    from compression.ofq.oscillation import OscillationTracker
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = load_images(cfg.data, cfg.seed)
+    log(f"data: {len(data['train_y'])} train / {len(data['test_y'])} test images from {cfg.data.source}")
+    fp_model = build_model(cfg)
+    fp_history = []
+    if not cfg.model.pretrained:
+        fp_history = train(fp_model, data, cfg.fp, cfg.seed, cfg.data.augment_shift, log=log, label="fp")
+        fp_model.save_pretrained(out / "fp")
+    fp_acc = accuracy(fp_model, data["test_x"], data["test_y"])
+    log(f"full precision: test accuracy {fp_acc:.1%}")
+    fp_model.eval()
+    runs = {}
+    for bits in cfg.qat.bits:
+        for method in cfg.qat.methods:
+            label = f"{method}-w{bits}a{bits}"
+            model = quantize_vit(copy.deepcopy(fp_model), bits, method)
+            with torch.no_grad():  # LSQ steps initialize on this batch
+                model(pixel_values=data["train_x"][: cfg.qat.batch_size])
+            tracker = OscillationTracker(model, cfg.qat.near_br)
+            cga_from = cfg.qat.epochs - cfg.qat.cga_epochs
+            cga = None
+            if method == "ofq" and cfg.qat.cga_epochs:
+                cga = _LazyCGA(model, cfg.qat.cga_br)
+            hist = train(model, data, cfg.qat, cfg.seed, cfg.data.augment_shift, teacher=fp_model if cfg.qat.distill else None,
+                         tracker=tracker, cga=cga, cga_from=cga_from, log=log, label=label)
+            last = hist[-max(1, min(5, len(hist))):]
+            runs[label] = {"method": method, "bits": bits, "test_accuracy": hist[-1]["test_accuracy"],
+                           "final_oscillation_rate": sum(r["oscillation_rate"] for r in last) / len(last),
+                           "final_near_boundary": sum(r["near_boundary"] for r in last) / len(last),
+                           "history": hist}
+    results = {"full_precision": {"test_accuracy": fp_acc, "history": fp_history}, "runs": runs,
+               "config": to_dict(cfg), "seconds": time.time() - t0,
+               "oscillation_rate_definition": "share of quantized weights whose integer level flips back per step, "
+                                              "mean over the last 5 epochs"}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _plot(results, out / "ofq.png")
+    return results
+
+
+class _LazyCGA:
+    """CGA built when annealing starts (it merges QKR's product and freezes StatsQ scales then)."""
+
+    def __init__(self, model, br):
+        self.model, self.br, self.cga = model, br, None
+
+    def update_masks(self):
+        if self.cga is None:
+            from compression.ofq.cga import CGA
+
+            self.cga = CGA(self.model, self.br)
+        return self.cga.update_masks()
+
+    def before_step(self):
+        self.cga.before_step()
+
+    def after_step(self):
+        self.cga.after_step()
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, r in results["runs"].items():
+        epochs = [h["epoch"] for h in r["history"]]
+        ax1.plot(epochs, [h["test_accuracy"] for h in r["history"]], label=label)
+        ax2.plot(epochs, [max(h["oscillation_rate"], 1e-7) for h in r["history"]], label=label)
+    ax1.axhline(results["full_precision"]["test_accuracy"], color="k", ls="--", lw=1, label="full precision")
+    ax1.set(xlabel="QAT epoch", ylabel="test accuracy", title="accuracy")
+    ax2.set(xlabel="QAT epoch", ylabel="oscillating weights per step", yscale="log", title="oscillation rate")
+    ax1.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
