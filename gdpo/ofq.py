@@ -230,7 +230,6 @@ def _param_groups(model, wd: float):
 def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=None, cga=None, cga_from: int = 0,
           log: Callable[[str], None] = print, label: str = "") -> list[dict]:
     """AdamW with warm-up and cosine decay; returns one row per epoch (loss, test accuracy, oscillation)."""
-    from compression.ofq.cga import CGA  # noqa: F401  (type of ``cga``)
 
     g = torch.Generator().manual_seed(seed)
     n = len(data["train_y"])
@@ -281,7 +280,6 @@ def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=Non
 
 def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) -> dict:
     """Full precision, then QAT for every (bits, method); results.json and ofq.png in ``out_dir``."""
-    from compression.ofq.cga import CGA
     from compression.ofq.modules import quantize_vit
     from compression.ofq.oscillation import OscillationTracker
 

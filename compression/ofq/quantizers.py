@@ -20,7 +20,6 @@ which CGA does so that a frozen latent weight also keeps its quantized value.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
