@@ -61,8 +61,10 @@ class StatsQ(nn.Module):
         self.frozen_scale = self.scale(w).clone()
 
     def latent(self, w: Tensor) -> Tensor:
-        """``clamp(W/s)·n - 0.5``: rounding it gives the level index (-n .. n-1)."""
-        return torch.clamp(w / self.scale(w), -1.0, 1.0 - 1e-6) * self.n - 0.5
+        """``clamp(W/s)·n - 0.5``, held inside ``[-n, n-1]``: rounding it gives the level index. The hold
+        leaves every rounding unchanged but puts a clipped weight at its level's centre rather than on
+        the clip edge (which is not a rounding boundary), so it never counts as oscillation-prone."""
+        return torch.clamp(torch.clamp(w / self.scale(w), -1.0, 1.0 - 1e-6) * self.n - 0.5, -self.n, self.n - 1)
 
     def codes(self, w: Tensor) -> Tensor:
         return torch.round(self.latent(w.detach())).to(torch.int16)

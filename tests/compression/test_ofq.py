@@ -59,6 +59,15 @@ def test_lsq_ranges_init_and_step_gradient_scale():
         LSQ(1)
 
 
+def test_statsq_clipped_weights_sit_at_their_level_not_on_a_boundary():
+    q = StatsQ(2)
+    w = torch.tensor([[10.0, -10.0, 0.1, -0.1, 1.0, -1.0]])  # the large ones are clipped
+    lat = q.latent(w)
+    assert lat[0, 0] == 1 and lat[0, 1] == -2  # the top and bottom level indices (n = 2)
+    assert boundary_distance(lat)[0, :2].tolist() == [0.5, 0.5]
+    assert torch.equal(torch.round(lat), q.codes(w).float())
+
+
 def test_boundary_distance():
     assert boundary_distance(torch.tensor([0.5, 1.0, 1.25, -0.45])).tolist() == pytest.approx([0.0, 0.5, 0.25, 0.05])
 
