@@ -190,3 +190,21 @@ def test_ofq_run_end_to_end_shrunk(tmp_path):
     assert saved["runs"]["ofq-w2a2"]["history"][-1]["frozen"] > 0  # CGA ran in the last epoch
     assert (tmp_path / "ofq" / "ofq.png").stat().st_size > 1000
     assert (tmp_path / "ofq" / "fp" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["ofq", "lsq"])
+def test_deit_swaps_and_trains(method):
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = DeiTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=4, intermediate_size=64, num_labels=10)
+    model = DeiTForImageClassification(cfg).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits
+    q = quantize_vit(copy.deepcopy(model), 8, method)
+    out = q(pixel_values=x).logits
+    assert (out - ref).abs().max() < 0.5 * ref.abs().max()
+    out.sum().backward()
+    assert all(p.grad is not None for n, p in q.named_parameters() if "layers.0.mlp.fc1" in n)
