@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CalibrationError", "target_linears", "block_groups", "tokenize_texts", "capture_inputs",
+__all__ = ["CalibrationError", "target_linears", "block_groups", "count_tokens", "capture_inputs",
            "set_module", "MIN_CALIB_TOKENS"]
 
 MIN_CALIB_TOKENS = 256  # below this a per-tensor max (and so an exponent bias) is a guess
@@ -63,29 +63,8 @@ def block_groups(names: Sequence[str]) -> list[list[str]]:
     return list(groups.values()) + loose
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], batch_size: int = 16, max_length: int = 512) -> list[dict]:
-    """Right-padded batches ``{"input_ids": [B, T], "attention_mask": [B, T]}``; empty texts are an error."""
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise CalibrationError(f"calibration sample {i} is empty")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batches = []
-    for lo in range(0, len(texts), batch_size):
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts[lo:lo + batch_size]]
-        width = max(len(x) for x in ids)
-        batches.append({
-            "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        })
-    return batches
-
-
 def count_tokens(batches: Sequence[dict]) -> int:
     return int(sum(int(b["attention_mask"].sum()) for b in batches))
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

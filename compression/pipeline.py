@@ -15,8 +15,6 @@ Exports:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -30,6 +28,7 @@ from compression.eora import (activation_aware_delta, eora_compensation, input_c
                               regression_error, svd_compensation)
 from compression.fp4.qlinear import QuantEmbedding, QuantLinear
 from compression.fp4.search import quantize_input
+from gdpo.fileio import atomic_dir
 
 __all__ = ["Compensated", "effective_weight", "compensate_model", "save_dense", "save_lora", "storage_bytes",
            "LayerCompensation"]
@@ -53,8 +52,7 @@ def effective_weight(module: nn.Module) -> Tensor:
     if isinstance(module, Compensated):
         return effective_weight(module.base) + module.lora_b @ module.lora_a
     if isinstance(module, QuantLinear):
-        w = module.weight
-        return w * torch.exp2(module.lq.a_shift.float())[None, :] if module.lq.a_shift is not None else w
+        return module.unfolded_weight()
     if isinstance(module, nn.Linear):
         return module.weight.detach().float()
     raise TypeError(f"no linear weight in {type(module).__name__}")
@@ -107,21 +105,6 @@ def compensate_model(model: nn.Module, reference: dict[str, Tensor], batches: Se
     return out
 
 
-def _atomic_dir(out_dir: str) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return out, tmp
-
-
-def _commit(tmp: Path, out: Path) -> Path:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
 @torch.no_grad()
 def save_dense(model: nn.Module, out_dir: str, tokenizer=None) -> Path:
     """An ordinary transformers checkpoint of what the compressed model computes with its weights
@@ -140,14 +123,14 @@ def save_dense(model: nn.Module, out_dir: str, tokenizer=None) -> Path:
             state[f"{name}.weight"] = mod.weight.clone()
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    out, tmp = _atomic_dir(out_dir)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    return _commit(tmp, out)
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
 
 
 def save_lora(factors: dict[str, LayerCompensation], out_dir: str, base_model: str) -> Path:
@@ -167,10 +150,10 @@ def save_lora(factors: dict[str, LayerCompensation], out_dir: str, base_model: s
               "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
               "base_model_name_or_path": base_model, "rank_pattern": rank_pattern,
               "alpha_pattern": dict(rank_pattern)}
-    out, tmp = _atomic_dir(out_dir)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return _commit(tmp, out)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
 
 
 def storage_bytes(model: nn.Module, pruned: Sequence[str] = (), dense_bytes: int = 2, factor_bits: int = 16) -> dict:

@@ -64,9 +64,10 @@ class CompressSettings:
     factor_bits: Optional[int] = None  # quantize the compensation factors to 4 or 8 bits (None: keep float)
 
 
-def reference_texts(spec: str, role: str, n: int, seed: int, cfg: Config, tokenizer) -> tuple[list[str], list[str]]:
-    """(prompts, reference solutions) from a data spec: a task's verbose solutions, or a row's
-    ``answer`` column (GSM8K's carries the worked solution)."""
+def reference_texts(spec: str, role: str, n: int, seed: int, cfg: Config,
+                    tokenizer) -> tuple[list[str], list[str], list[str]]:
+    """(prompts, reference solutions, gold answers) from a data spec: a task's verbose solutions, or a
+    row's ``answer`` column (GSM8K's carries the worked solution)."""
     if spec == "task:chain_arith":
         from gdpo.tasks import chain_arith
 
@@ -77,11 +78,11 @@ def reference_texts(spec: str, role: str, n: int, seed: int, cfg: Config, tokeni
     else:
         rows = load_rows(spec, role, n, seed)
         solutions = [str(r.get(cfg.data.answer_column, "")) for r in rows]
-    prompts = build_prompts(rows, cfg.data, spec, tokenizer).prompts
+    built = build_prompts(rows, cfg.data, spec, tokenizer)
     for i, s in enumerate(solutions):
         if not s.strip():
             raise DataError(f"data source '{spec}': sample {i} has an empty '{cfg.data.answer_column}'")
-    return prompts, solutions
+    return built.prompts, solutions, built.columns["answer"]
 
 
 def _batches(tokenizer, prompts, solutions, batch_size=16):
@@ -232,10 +233,8 @@ def prepare(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print
     eval_spec = s.eval_data or s.calib
     n_eval = s.eval_limit or (cfg.data.eval_size if eval_spec.startswith("task:") else 0)
     try:
-        c_prompts, c_solutions = reference_texts(s.calib, "train", s.calib_samples, s.seed, cfg, tokenizer)
-        e_prompts, e_solutions = reference_texts(eval_spec, "eval", n_eval, s.seed, cfg, tokenizer)
-        e_answers = build_prompts(load_rows(eval_spec, "eval", n_eval, s.seed), cfg.data, eval_spec,
-                                  tokenizer).columns["answer"]
+        c_prompts, c_solutions, _ = reference_texts(s.calib, "train", s.calib_samples, s.seed, cfg, tokenizer)
+        e_prompts, e_solutions, e_answers = reference_texts(eval_spec, "eval", n_eval, s.seed, cfg, tokenizer)
     except DataError as err:
         raise CompressError(f"{err}") from None
     calib = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in _batches(tokenizer, c_prompts, c_solutions)]

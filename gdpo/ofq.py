@@ -227,9 +227,12 @@ def _param_groups(model, wd: float):
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=None, cga=None, cga_from: int = 0,
-          log: Callable[[str], None] = print, label: str = "") -> list[dict]:
-    """AdamW with warm-up and cosine decay; returns one row per epoch (loss, test accuracy, oscillation)."""
+def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=None, cga_br: Optional[float] = None,
+          cga_from: int = 0, log: Callable[[str], None] = print, label: str = "") -> list[dict]:
+    """AdamW with warm-up and cosine decay; returns one row per epoch (loss, test accuracy, oscillation).
+    With ``cga_br``, CGA is set up at epoch ``cga_from`` (it merges QKR's product and freezes StatsQ
+    scales then) and anneals to the end."""
+    from compression.ofq.cga import CGA
 
     g = torch.Generator().manual_seed(seed)
     n = len(data["train_y"])
@@ -242,7 +245,9 @@ def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=Non
     history = []
     for epoch in range(t.epochs):
         model.train()
-        annealing = cga is not None and epoch >= cga_from
+        annealing = cga_br is not None and epoch >= cga_from
+        if annealing and epoch == cga_from:
+            cga = CGA(model, cga_br)
         frozen = cga.update_masks() if annealing else 0.0
         order = torch.randperm(n, generator=g)
         losses, osc, near = [], [], []
@@ -305,12 +310,9 @@ def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) ->
             with torch.no_grad():  # LSQ steps initialize on this batch
                 model(pixel_values=data["train_x"][: cfg.qat.batch_size])
             tracker = OscillationTracker(model, cfg.qat.near_br)
-            cga_from = cfg.qat.epochs - cfg.qat.cga_epochs
-            cga = None
-            if method == "ofq" and cfg.qat.cga_epochs:
-                cga = _LazyCGA(model, cfg.qat.cga_br)
+            cga_br = cfg.qat.cga_br if method == "ofq" and cfg.qat.cga_epochs else None
             hist = train(model, data, cfg.qat, cfg.seed, cfg.data.augment_shift, teacher=fp_model if cfg.qat.distill else None,
-                         tracker=tracker, cga=cga, cga_from=cga_from, log=log, label=label)
+                         tracker=tracker, cga_br=cga_br, cga_from=cfg.qat.epochs - cfg.qat.cga_epochs, log=log, label=label)
             last = hist[-max(1, min(5, len(hist))):]
             runs[label] = {"method": method, "bits": bits, "test_accuracy": hist[-1]["test_accuracy"],
                            "final_oscillation_rate": sum(r["oscillation_rate"] for r in last) / len(last),
@@ -323,26 +325,6 @@ def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) ->
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     _plot(results, out / "ofq.png")
     return results
-
-
-class _LazyCGA:
-    """CGA built when annealing starts (it merges QKR's product and freezes StatsQ scales then)."""
-
-    def __init__(self, model, br):
-        self.model, self.br, self.cga = model, br, None
-
-    def update_masks(self):
-        if self.cga is None:
-            from compression.ofq.cga import CGA
-
-            self.cga = CGA(self.model, self.br)
-        return self.cga.update_masks()
-
-    def before_step(self):
-        self.cga.before_step()
-
-    def after_step(self):
-        self.cga.after_step()
 
 
 def _plot(results: dict, path: Path) -> None:

@@ -35,7 +35,7 @@ def test_compress_fp4_compares_methods_and_saves_a_checkpoint_that_is_what_was_e
 
     model = load_quantized(str(out / "model"))
     tok = AutoTokenizer.from_pretrained(str(out / "model"))
-    prompts, sols = reference_texts("task:chain_arith", "eval", 16, 0, load_config(None, []), tok)
+    prompts, sols, _ = reference_texts("task:chain_arith", "eval", 16, 0, load_config(None, []), tok)
     assert perplexity(model, _batches(tok, prompts, sols)) == pytest.approx(srch["perplexity"], rel=1e-6)
     assert json.loads((out / "model" / "quantization.json").read_text())["setting"] == "w4a4"
     assert any(t.dtype == torch.uint8 for t in _tensors(out / "model" / "model.safetensors"))

@@ -13,8 +13,6 @@ On-disk layout (``save_quantized``; written to a temporary directory and renamed
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -25,6 +23,7 @@ from torch import nn
 from compression.calib import (MIN_CALIB_TOKENS, CalibrationError, block_groups, capture_inputs, count_tokens,
                                set_module, target_linears)
 from compression.fp4.qlinear import QuantEmbedding, QuantLinear, layer_meta
+from gdpo.fileio import atomic_dir
 from compression.fp4.search import QuantSetting, SearchGrid, quantize_layer, search_embedding, split_rows
 
 __all__ = ["quantize_model", "save_quantized", "load_quantized", "FORMAT_VERSION"]
@@ -114,10 +113,6 @@ def save_quantized(model: nn.Module, quant: dict, out_dir: str, tokenizer=None) 
     """Write the packed checkpoint (see the module docstring) atomically; returns its directory."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     qmods = _quant_modules(model)
     tensors = {}
     for name, t in model.state_dict().items():  # QuantLinear / QuantEmbedding buffers are not persistent
@@ -127,14 +122,13 @@ def save_quantized(model: nn.Module, quant: dict, out_dir: str, tokenizer=None) 
     for name, mod in qmods.items():
         for k, t in mod.packed_state().items():
             tensors[f"{name}.{k}"] = t.detach().contiguous().clone()
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "gdpo_quantization": "fp4"})
-    model.config.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / "quantization.json").write_text(json.dumps(quant, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "gdpo_quantization": "fp4"})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "quantization.json").write_text(json.dumps(quant, indent=2) + "\n")
+    out = Path(out_dir)
     return out
 
 

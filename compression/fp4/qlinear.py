@@ -54,13 +54,16 @@ class QuantLinear(nn.Module):
         a = quantize_input(x.float(), self.lq, folded=True)
         return F.linear(a, self.weight, self.bias).to(x.dtype)
 
+    def unfolded_weight(self) -> Tensor:
+        """``2^s ⊙ Q(W·2^-s)`` [out, in]: the weight as applied to the unshifted input."""
+        if self.lq.a_shift is None:
+            return self.weight
+        return self.weight * torch.exp2(self.lq.a_shift.float())[None, :]
+
     def simulate(self, x: Tensor) -> Tensor:
         """The unfolded per-channel computation the search scored (for checks)."""
         a = quantize_input(x.float(), self.lq, folded=False)
-        w = self.weight
-        if self.lq.a_shift is not None:
-            w = w * torch.exp2(self.lq.a_shift.float())[None, :]
-        return F.linear(a, w, self.bias).to(x.dtype)
+        return F.linear(a, self.unfolded_weight(), self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         lq = self.lq
