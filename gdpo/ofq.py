@@ -240,14 +240,22 @@ def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=Non
     total = steps_per_epoch * t.epochs
     warm = steps_per_epoch * t.warmup_epochs
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (s - warm) / max(total - warm, 1))))
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine to 1%; set by hand so groups added later follow it
+        if step < warm:
+            return t.lr * (step + 1) / warm
+        return t.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1))))
+    step = 0
     history = []
     for epoch in range(t.epochs):
         model.train()
         annealing = cga_br is not None and epoch >= cga_from
         if annealing and epoch == cga_from:
-            cga = CGA(model, cga_br)
+            known = {id(p) for group in opt.param_groups for p in group["params"]}
+            cga = CGA(model, cga_br)  # QKR's Wq·Wk becomes a parameter here: the optimizer must see it
+            fresh = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
+            if fresh:
+                opt.add_param_group({"params": fresh, "weight_decay": t.weight_decay})
         frozen = cga.update_masks() if annealing else 0.0
         order = torch.randperm(n, generator=g)
         losses, osc, near = [], [], []
@@ -262,12 +270,14 @@ def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=Non
                 loss = loss + F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            step += 1
             if annealing:
                 cga.before_step()
             opt.step()
             if annealing:
                 cga.after_step()
-            sched.step()
             losses.append(float(loss))
             if tracker is not None:
                 m = tracker.step()

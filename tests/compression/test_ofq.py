@@ -192,6 +192,20 @@ def test_ofq_run_end_to_end_shrunk(tmp_path):
     assert (tmp_path / "ofq" / "fp" / "config.json").is_file()
 
 
+def test_cga_started_mid_training_trains_the_merged_qk(tmp_path):
+    from gdpo.config import from_dict
+    from gdpo.ofq import OFQConfig, load_images, train
+
+    cfg = from_dict(OFQConfig, {"data": {"limit": 128}, "qat": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}})
+    data = load_images(cfg.data, 0)
+    model = quantize_vit(_vit(layers=1), 2, "ofq")
+    train(model, data, cfg.qat, 0, 0, cga_br=0.05, cga_from=1, log=lambda s: None)
+    attn = model.vit.layers[0].attention
+    assert attn.qk is not None
+    merged_at_start = attn.wq.detach().transpose(1, 2) @ attn.wk.detach()  # wq/wk stop training once merged
+    assert not torch.allclose(attn.qk.detach(), merged_at_start)  # the merged matrix itself was trained
+
+
 @pytest.mark.parametrize("method", ["ofq", "lsq"])
 def test_deit_swaps_and_trains(method):
     from transformers import DeiTConfig, DeiTForImageClassification
