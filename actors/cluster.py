@@ -12,6 +12,7 @@ import shutil
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import ray
@@ -23,11 +24,21 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerWorker
 from actors.rewards import RewardWorker
 from actors.rollout import RolloutWorker
+from gdpo import learner as learner_fns
 from gdpo.config import Config
 from gdpo.records import RolloutBatch, TrainBatch, WeightUpdate
 from rewards import RewardMatrix
 
 WORKER_DIED = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+@dataclass
+class PendingRollout:
+    """A rollout started by ``Cluster.submit_generate``: the per-worker call (for retries) and its refs."""
+
+    call: Callable
+    indices: list[int]
+    refs: dict
 
 
 class LearnerFailed(RuntimeError):
@@ -110,13 +121,30 @@ class Cluster:
     # ------------------------------------------------------------------ work
     def generate(self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int) -> RolloutBatch:
         """Split prompts over the rollout workers; a worker that dies is replaced and its share retried."""
+        return self.collect(self.submit_generate(prompts, samples_per_prompt, sampling, seed))
+
+    def submit_generate(self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int) -> "PendingRollout":
+        """Start a rollout on the engines' current policy version and return at once (``collect`` gets it)."""
         shares = _split(len(prompts), len(self.rollouts))
 
         def call(i: int):
             lo, hi = shares[i]
             return self.rollouts[i].generate.remote(self.version, prompts[lo:hi], samples_per_prompt,
                                                     {**sampling, "seed": seed + lo})
-        parts = self._gather_with_restarts(call, [i for i, (lo, hi) in enumerate(shares) if hi > lo], "rollout")
+        indices = [i for i, (lo, hi) in enumerate(shares) if hi > lo]
+        return PendingRollout(call, indices, {i: call(i) for i in indices})
+
+    def wait(self, pending: "PendingRollout") -> None:
+        """Block until every share of a started rollout has finished (or failed), without fetching it."""
+        ray.wait(list(pending.refs.values()), num_returns=len(pending.refs), fetch_local=False)
+
+    def collect(self, pending: "PendingRollout") -> RolloutBatch:
+        """The started rollout's batch; a worker that died is replaced and its share retried on the
+        engines' current version (the oldest version in the batch is the one it reports)."""
+        parts = self._gather_with_restarts(pending.call, pending.indices, "rollout", first=pending.refs)
+        oldest = min(p.policy_version for p in parts)
+        for p in parts:
+            p.policy_version = oldest  # each token's sampler log-prob is kept, so the ratio stays correct
         return RolloutBatch.concat(parts)
 
     def score(self, batch: RolloutBatch, prompts: list[str], columns: dict[str, list]) -> RewardMatrix:
@@ -134,11 +162,12 @@ class Cluster:
         parts = self._gather_with_restarts(call, [i for i, (lo, hi) in enumerate(shares) if hi > lo], "reward")
         return RewardMatrix(names=parts[0].names, values=torch.cat([p.values for p in parts]))
 
-    def _gather_with_restarts(self, call, indices: list[int], kind: str, attempts: int = 3) -> list:
+    def _gather_with_restarts(self, call, indices: list[int], kind: str, attempts: int = 3,
+                              first: Optional[dict] = None) -> list:
         results: dict[int, object] = {}
         pending = list(indices)
         for attempt in range(attempts):
-            refs = {i: call(i) for i in pending}
+            refs = first if (attempt == 0 and first is not None) else {i: call(i) for i in pending}
             pending = []
             for i, ref in refs.items():
                 try:
@@ -164,16 +193,20 @@ class Cluster:
             raise LearnerFailed("a learner worker died; its optimizer state is lost. Restart with "
                                 "trainer.resume=auto to continue from the last checkpoint") from err
 
-    def update(self, batch: TrainBatch) -> dict[str, float]:
-        """Old (and reference) log-probs, then ``learner.updates_per_step`` optimizer steps, data parallel."""
-        m = len(self.learners)
-        shares = _split(len(batch), m)
-        batch = TrainBatch.concat(self._learner_call(
+    def logprobs(self, batch: TrainBatch) -> TrainBatch:
+        """Old log-probs where the update needs a pass for them, and the reference's when KL is on;
+        the batch unchanged (no round trip) when neither is needed (see ``learner.needs_old_logprobs``)."""
+        if not learner_fns.needs_logprob_pass(self.cfg):
+            return batch
+        shares = _split(len(batch), len(self.learners))
+        return TrainBatch.concat(self._learner_call(
             [w.logprobs.remote(batch.slice(lo, hi)) for w, (lo, hi) in zip(self.learners, shares)]))
-        mask = batch.loss_mask[:, 1:]
-        drift = ((batch.old_logprobs - batch.sampling_logprobs).abs() * mask).sum() / mask.sum().clamp(min=1)
+
+    def update(self, batch: TrainBatch) -> dict[str, float]:
+        """``learner.updates_per_step`` optimizer steps over the batch, data parallel."""
+        m = len(self.learners)
         sums: dict[str, float] = {}
-        grad_norms = []
+        grad_norms, first_drift = [], None
         for ulo, uhi in _split(len(batch), self.cfg.learner.updates_per_step):
             mini = batch.slice(ulo, uhi)
             tokens = float(mini.loss_mask[:, 1:].sum())
@@ -184,10 +217,13 @@ class Cluster:
                 p.pop("grad_norm", None)
                 for key, v in p.items():
                     sums[key] = sums.get(key, 0.0) + v
+            if first_drift is None:  # before any optimizer step: the learner's policy against the sampler's
+                first_drift = sums["drift_tokens"] / max(sums["tokens"], 1.0)
         tok = max(sums["tokens"], 1.0)
         return {"loss": sums["loss"] / len(grad_norms), "kl": sums["kl_tokens"] / tok,
                 "clip_ratio": sums["clipped_tokens"] / tok, "entropy": sums["entropy_tokens"] / tok,
-                "grad_norm": sum(grad_norms) / len(grad_norms), "logprob_drift": float(drift)}
+                "grad_norm": sum(grad_norms) / len(grad_norms), "logprob_drift": float(first_drift or 0.0),
+                "forward_tokens": sums["forward_tokens"]}
 
     def sync(self) -> WeightUpdate:
         """Publish the merged DoRA weights as the next policy version and load them into every engine."""

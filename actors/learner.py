@@ -12,6 +12,7 @@ from gdpo.records import TrainBatch, WeightUpdate
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str, cfg: Config):
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.threads = learner.set_cpu_threads(cfg)
         learner.init_distributed(rank, world_size, master_addr, master_port)
         self.model, self.tokenizer = learner.build_policy(model_path, cfg)
         self.engine = learner.make_engine(self.model, cfg)
@@ -26,7 +27,7 @@ class LearnerWorker:
 
     def publish(self, version: int, directory: str) -> WeightUpdate | None:
         return learner.publish_weights(self.model, self.sync_names, version, directory, self.rank,
-                                       self.cfg.learner.zero_stage)
+                                       self.cfg.learner.zero_stage, self.cfg.learner.sync_bucket_mb)
 
     def save_final(self, directory: str) -> None:
         learner.save_final(self.model, self.tokenizer, directory, self.rank, self.cfg.learner.zero_stage)

@@ -77,6 +77,7 @@ class RolloutConfig:
     num_workers: int = doc(1, "vLLM rollout workers (Ray actors); prompts are split across them")
     samples_per_prompt: int = doc(8, "completions per prompt: the group size of group-normalized estimators")
     max_new_tokens: int = doc(128, "generation limit per completion, in tokens")
+    min_new_tokens: int = doc(0, "EOS is suppressed until a completion has this many tokens (benchmarks: fixed lengths)")
     temperature: float = doc(1.0, "sampling temperature for training rollouts")
     top_p: float = doc(1.0, "nucleus sampling for training rollouts")
     eval_temperature: float = doc(0.0, "sampling temperature for held-out evaluation (0 = greedy)")
@@ -135,6 +136,9 @@ class LearnerConfig:
     min_lr_ratio: float = doc(0.1, "cosine schedule: final lr as a fraction of learner.lr")
     dora_rank: int = doc(8, "DoRA rank r")
     dora_alpha: float = doc(16.0, "DoRA alpha (scale s = alpha / r)")
+    cpu_threads: int = doc(0, "torch threads per learner when training on CPU; 0 = the machine's cores / "
+                               "learner.num_workers (Ray alone would give a fractional-CPU actor one thread)")
+    sync_bucket_mb: int = doc(32, "weight sync: merged weights are written in buckets of this many MiB (bounds the learner's extra memory)")
     dora_dropout: float = doc(0.0, "dropout on the adapter input in training; 0 keeps the fused one-product forward")
     target_modules: tuple[str, ...] = doc(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                                           "names of the linear layers that get adapters")
@@ -149,6 +153,8 @@ class TrainerConfig:
     resume: Literal["auto", "never"] = doc("auto", "auto: continue from the last checkpoint in output_dir if one exists")
     eval_every: int = doc(10, "held-out evaluation every N steps (0 = only before and after)")
     save_every: int = doc(5, "checkpoint every N steps")
+    rollout_ahead: Literal[0, 1] = doc(0, "1: the rollout of step t+1 runs while the learners update on step t "
+                                       "(one policy version stale; the importance ratio uses the sampler's log-probs)")
 
 
 @dataclass(frozen=True)
@@ -318,7 +324,10 @@ def validate(cfg: Config) -> None:
     need(cfg.algorithm.clip_eps_low >= 0 and cfg.algorithm.clip_eps_low < 1, "algorithm.clip_eps_low", "must be in [0, 1)")
     need(cfg.algorithm.clip_eps_high >= 0, "algorithm.clip_eps_high", "must be >= 0")
     need(cfg.algorithm.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
+    need(0 <= cfg.rollout.min_new_tokens <= cfg.rollout.max_new_tokens, "rollout.min_new_tokens",
+         f"must be in [0, rollout.max_new_tokens = {cfg.rollout.max_new_tokens}], got {cfg.rollout.min_new_tokens}")
     need(cfg.learner.lr > 0, "learner.lr", "must be > 0")
+    need(cfg.learner.cpu_threads >= 0, "learner.cpu_threads", f"must be >= 0 (0 = automatic), got {cfg.learner.cpu_threads}")
     need(cfg.learner.dora_alpha > 0, "learner.dora_alpha", "must be > 0")
     need(0 <= cfg.learner.dora_dropout < 1, "learner.dora_dropout", "must be in [0, 1)")
     need(cfg.learner.lr_warmup_steps >= 0, "learner.lr_warmup_steps", "must be >= 0")
@@ -343,6 +352,7 @@ def _positive_ints(cfg: Config):
         ("rewards.num_workers", cfg.rewards.num_workers), ("rewards.verifier_processes", cfg.rewards.verifier_processes),
         ("learner.num_workers", cfg.learner.num_workers), ("learner.micro_batch_per_worker", cfg.learner.micro_batch_per_worker),
         ("learner.updates_per_step", cfg.learner.updates_per_step), ("learner.dora_rank", cfg.learner.dora_rank),
+        ("learner.sync_bucket_mb", cfg.learner.sync_bucket_mb),
         ("trainer.steps", cfg.trainer.steps), ("trainer.prompts_per_step", cfg.trainer.prompts_per_step),
         ("trainer.save_every", cfg.trainer.save_every), ("sft.steps", cfg.sft.steps),
         ("sft.sequences_per_step", cfg.sft.sequences_per_step), ("sft.threads", cfg.sft.threads),

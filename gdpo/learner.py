@@ -7,6 +7,7 @@ scales its share by the world size: the update equals one large-batch step on on
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -29,8 +30,12 @@ def build_policy(model_path: str, cfg: Config):
 
     model, tokenizer = load_policy(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
     try:
-        dora.apply_dora(model, list(cfg.learner.target_modules), cfg.learner.dora_rank, cfg.learner.dora_alpha,
-                        cfg.learner.dora_dropout)
+        # A's initialization is seeded from trainer.seed: without it two runs of one config (or a run and its
+        # resumed twin's first run) start from different adapters, and every step after differs
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.trainer.seed)
+            dora.apply_dora(model, list(cfg.learner.target_modules), cfg.learner.dora_rank, cfg.learner.dora_alpha,
+                            cfg.learner.dora_dropout)
     except ValueError as e:
         raise ValueError(f"config key 'learner.target_modules' on {model_path}: {e}") from None
     if tokenizer.pad_token_id is None:
@@ -109,7 +114,7 @@ def train_step(engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, 
     alg = cfg.algorithm
     slices = _micro_slices(len(batch), cfg.learner.micro_batch_per_worker)
     sums = {"loss": 0.0, "pg_loss": 0.0, "kl_tokens": 0.0, "clipped_tokens": 0.0, "entropy_tokens": 0.0,
-            "tokens": 0.0}
+            "tokens": 0.0, "forward_tokens": 0.0, "drift_tokens": 0.0}
     engine.train()
     for i, (lo, hi) in enumerate(slices):
         mb = batch.slice(lo, hi)
@@ -117,7 +122,7 @@ def train_step(engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, 
         logits = engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]  # [n, L-1, V]
         logp = token_logprobs(logits, mb.input_ids[:, 1:])  # [n, L-1]
         mask = mb.loss_mask[:, 1:]  # [n, L-1]
-        out = policy_loss(logp, mb.old_logprobs, mb.advantages, mask, eps_low=alg.clip_eps_low,
+        out = policy_loss(logp, behaviour_logprobs(mb, logp, cfg), mb.advantages, mask, eps_low=alg.clip_eps_low,
                           eps_high=alg.clip_eps_high, agg=alg.loss_agg, global_tokens=global_tokens,
                           global_seqs=global_seqs, max_len=cfg.rollout.max_new_tokens, ref_logp=mb.ref_logprobs,
                           kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator)
@@ -131,6 +136,9 @@ def train_step(engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, 
         sums["clipped_tokens"] += out.clip_fraction.item() * n_tok
         sums["entropy_tokens"] += ent
         sums["tokens"] += n_tok
+        sums["forward_tokens"] += mb.attention_mask.sum().item()
+        if mb.sampling_logprobs is not None:  # how far the learner's policy is from the one that sampled
+            sums["drift_tokens"] += ((logp.detach() - mb.sampling_logprobs).abs() * mask).sum().item()
     engine.step()
     sums["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
     return sums
@@ -150,40 +158,88 @@ def sync_module_names(model, target_modules: tuple[str, ...]) -> list[str]:
 @torch.no_grad()
 def merged_weights(model, module_names: list[str]) -> dict[str, torch.Tensor]:
     """Checkpoint-format ``{name.weight: W'}`` of the given modules, DoRA merged as merge_dora does."""
-    out = {}
+    return {key: make().clone() for key, _, _, make in _sync_tensors(model, module_names)}
+
+
+def _sync_tensors(model, module_names: list[str]):
+    """``(key, shape, dtype, make)`` per tensor a sync sends; ``make()`` computes that one tensor when called."""
+    out = []
     for name in module_names:
         mod = model.get_submodule(name)
-        w = mod.merged_weight() if isinstance(mod, dora.DoraLinear) else mod.weight
-        out[f"{name}.weight"] = w.detach().contiguous().clone()
-        bias = getattr(getattr(mod, "base_layer", mod), "bias", None)
-        if bias is not None:  # unchanged, but vLLM reloads a stacked module whole
-            out[f"{name}.bias"] = bias.detach().contiguous().clone()
+        base = getattr(mod, "base_layer", mod)
+        make = (lambda m=mod: m.merged_weight()) if isinstance(mod, dora.DoraLinear) else (lambda b=base: b.weight)
+        out.append((f"{name}.weight", tuple(base.weight.shape), base.weight.dtype, make))
+        if base.bias is not None:  # unchanged, but vLLM reloads a stacked module whole
+            out.append((f"{name}.bias", tuple(base.bias.shape), base.bias.dtype, lambda b=base: b.bias))
     return out
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+@torch.no_grad()
+def write_merged_weights(model, module_names: list[str], path: str, metadata: dict[str, str],
+                         bucket_bytes: int) -> tuple[str, int]:
+    """Stream the merged weights into a safetensors file; returns (sha256 of the file, bytes written).
+
+    The header is known from the shapes, so each layer's merged weight is computed, copied into one
+    reused bucket of ``bucket_bytes`` and written when the bucket fills: the learner never holds more
+    than one bucket and one layer's merged weight besides the model (no state-dict copy). The hash is
+    taken on the bytes as they are written, so the file is not read back.
+    """
+    specs = _sync_tensors(model, module_names)
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key, shape, dtype, _ in specs:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    sha = hashlib.sha256()
+    bucket = torch.empty(max(1, bucket_bytes), dtype=torch.uint8)
+    fill = 0
+    with open(path, "wb") as f:
+        def emit(buf) -> None:
+            sha.update(buf)
+            f.write(buf)
+
+        emit(len(head).to_bytes(8, "little") + head)
+        for key, shape, dtype, make in specs:
+            raw = make().detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
+            if fill + raw.numel() > bucket.numel() and fill:
+                emit(bucket[:fill].numpy())
+                fill = 0
+            if raw.numel() > bucket.numel():  # a tensor larger than a bucket goes out on its own
+                emit(raw.numpy())
+                continue
+            bucket[fill:fill + raw.numel()] = raw
+            fill += raw.numel()
+        if fill:
+            emit(bucket[:fill].numpy())
+    return sha.hexdigest(), len(head) + 8 + offset
+
+
 def publish_weights(model, module_names: list[str], version: int, directory: str, rank: int = 0,
-                    zero_stage: int = 2) -> WeightUpdate | None:
-    """Rank 0 writes the merged weights to ``directory/policy-v{version}.safetensors`` atomically.
+                    zero_stage: int = 2, bucket_mb: int = 32) -> WeightUpdate | None:
+    """Rank 0 streams the merged weights to ``directory/policy-v{version}.safetensors`` atomically.
 
     Every rank must call it (under ZeRO-3 gathering the parameters is collective); others return None.
     """
-    from safetensors.torch import save_file
-
-    with gathered(model, zero_stage):
-        if rank != 0:
-            return None
-        tensors = merged_weights(model, module_names)
     os.makedirs(directory, exist_ok=True)
     final = Path(directory) / f"policy-v{version}.safetensors"
     tmp = final.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"policy_version": str(version)})
+    with gathered(model, zero_stage):
+        if rank != 0:
+            return None
+        digest, size = write_merged_weights(model, module_names, str(tmp), {"policy_version": str(version)},
+                                            bucket_mb << 20)
     os.replace(tmp, final)
-    digest = hashlib.sha256(final.read_bytes()).hexdigest()
     for old in Path(directory).glob("policy-v*.safetensors"):
         if old != final:
             old.unlink(missing_ok=True)
-    return WeightUpdate(path=str(final), version=version, checksum=digest, num_bytes=final.stat().st_size,
-                        names=sorted(tensors))
+    return WeightUpdate(path=str(final), version=version, checksum=digest, num_bytes=size,
+                        names=[key for key, *_ in _sync_tensors(model, module_names)])
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -199,6 +255,14 @@ def checksum_params(model) -> str:
     return h.hexdigest()
 
 
+def set_cpu_threads(cfg: Config) -> int:
+    """Torch threads for this learner on CPU (``learner.cpu_threads``; 0 = cores / learners); returns them."""
+    if not torch.cuda.is_available():
+        n = cfg.learner.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.learner.num_workers)
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: Optional[str] = None) -> None:
     """Set the torch.distributed environment and initialize it (gloo on CPU, nccl on GPU)."""
     import deepspeed
@@ -210,10 +274,39 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
 
 
 
+def needs_old_logprobs(cfg: Config) -> bool:
+    """Whether the update needs a separate pass for the pre-update log-probs of the importance ratio.
+
+    Only when a batch is split into several optimizer steps on-policy: later mini-batches meet moved
+    weights. With one step, the training forward's own log-probs (detached) are exactly the pre-update
+    ones; with ``rollout_ahead`` the batch comes from the previous version and the sampler's log-probs
+    are the behaviour policy's.
+    """
+    return cfg.learner.updates_per_step > 1 and cfg.trainer.rollout_ahead == 0
+
+
+def needs_logprob_pass(cfg: Config) -> bool:
+    return needs_old_logprobs(cfg) or cfg.algorithm.kl_coef > 0
+
+
+def behaviour_logprobs(mb: TrainBatch, logp: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """The denominator of the importance ratio for this micro-batch (see ``needs_old_logprobs``)."""
+    if mb.old_logprobs is not None:
+        return mb.old_logprobs
+    if cfg.trainer.rollout_ahead:
+        if mb.sampling_logprobs is None:
+            raise ValueError("trainer.rollout_ahead=1 needs the sampler's log-probs in the batch")
+        return mb.sampling_logprobs
+    if needs_old_logprobs(cfg):
+        raise ValueError("learner.updates_per_step > 1 needs old log-probs: call attach_logprobs first")
+    return logp.detach()
+
+
 def attach_logprobs(model, batch: TrainBatch, cfg: Config) -> TrainBatch:
-    """Old log-probs (current adapters, before the update) and, when KL is on, the reference's."""
+    """Old log-probs where the update needs a pass for them, and the reference's when KL is on."""
     micro = cfg.learner.micro_batch_per_worker
-    batch.old_logprobs = sequence_logprobs(model, batch, micro, adapters=True)
+    if needs_old_logprobs(cfg):
+        batch.old_logprobs = sequence_logprobs(model, batch, micro, adapters=True)
     if cfg.algorithm.kl_coef > 0:
         batch.ref_logprobs = sequence_logprobs(model, batch, micro, adapters=False)
     return batch

@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 
 BAR_KEYS = (("reward/accuracy/mean", "acc"), ("tokens/mean", "tok"), ("tokens/p90", "p90"),
-            ("clip_ratio", "clip"), ("time/rollout", "roll"), ("time/reward", "rew"), ("time/learn", "learn"),
-            ("time/sync", "sync"))
+            ("clip_ratio", "clip"), ("time/rollout", "roll"), ("time/reward", "rew"), ("time/logprobs", "lp"),
+            ("time/update", "upd"), ("time/sync", "sync"), ("time/idle", "idle"), ("time/overhead_frac", "ovh"),
+            ("perf/rollout_tokens_per_s", "gen/s"), ("perf/learner_tokens_per_s", "learn/s"))
 
 
 def token_stats(counts: list[int]) -> dict[str, float]:

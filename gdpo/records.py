@@ -18,6 +18,7 @@ class RolloutBatch:
     sampling_logprobs: list[list[float]]  # [N][T_i] log-prob of each sampled token under the sampler
     group_ids: list[int]  # [N] index of the prompt within the step
     policy_version: int  # weights version the samples were drawn from
+    seconds: float = 0.0  # wall time of the generation inside the engine (parts: the slowest)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -43,6 +44,7 @@ class RolloutBatch:
             sampling_logprobs=[x for p in parts for x in p.sampling_logprobs],
             group_ids=group_ids,
             policy_version=versions.pop(),
+            seconds=max((p.seconds for p in parts), default=0.0),
         )
 
 

@@ -5,6 +5,7 @@ Plain functions over a ``vllm.LLM``; the Ray actor in ``actors/rollout.py`` only
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 from gdpo.config import Config
@@ -44,21 +45,23 @@ def _max_model_len(model_path: str, cfg: Config) -> Optional[int]:
 
 
 def generate(llm, prompts: list[str], samples_per_prompt: int, *, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, seed: int = 0, policy_version: int = 0, lora_path: Optional[str] = None) -> RolloutBatch:
+             top_p: float = 1.0, seed: int = 0, policy_version: int = 0, lora_path: Optional[str] = None,
+             min_new_tokens: int = 0) -> RolloutBatch:
     """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``.
     ``lora_path``: a LoRA adapter directory (peft layout) applied on top of the engine's weights."""
     import vllm
 
     params = [vllm.SamplingParams(n=samples_per_prompt, temperature=temperature, top_p=top_p,
-                                  max_tokens=max_new_tokens, logprobs=0, seed=seed + i)
+                                  max_tokens=max_new_tokens, min_tokens=min_new_tokens, logprobs=0, seed=seed + i)
               for i in range(len(prompts))]
     lora = None
     if lora_path:
         from vllm.lora.request import LoRARequest
 
         lora = LoRARequest("adapter", 1, lora_path)
+    t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
-    batch = RolloutBatch([], [], [], [], [], [], policy_version)
+    batch = RolloutBatch([], [], [], [], [], [], policy_version, seconds=time.perf_counter() - t0)
     for g, out in enumerate(outs):
         for comp in out.outputs:
             ids = list(comp.token_ids)
@@ -89,6 +92,10 @@ def load_weights(llm, update: WeightUpdate) -> int:
     versions = llm.collective_rpc("gdpo_load_weights", args=(update.path, update.version, update.checksum))
     if any(v != update.version for v in versions):
         raise RuntimeError(f"rollout engine workers report versions {versions}, expected {update.version}")
+    # cached prefix blocks hold keys and values the old weights computed; a prompt that fills a block
+    # would otherwise be continued from the old policy's KV
+    if not llm.reset_prefix_cache():
+        raise RuntimeError(f"rollout engine could not drop its prefix cache after loading policy version {update.version}")
     return update.version
 
 

@@ -5,6 +5,7 @@ One call per stage; the actors do the work (``actors/cluster.py``), the math liv
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -45,6 +46,36 @@ class PromptStream:
             random.Random(f"{self.seed}/{epoch}").shuffle(order)
             idx.append(order[offset])
         return self.data.take(idx)
+
+
+class StageClock:
+    """Wall time of the driver's stages within one step; ``report`` adds the derived figures.
+
+    ``time/rollout`` is the generation's own time inside the engine; ``time/rollout_wait`` the time the
+    driver was blocked on rollouts. Rollout time on the critical path (all of it, unless the rollout
+    ran ahead during the previous step's update) plus the learner's compute is the useful time;
+    ``time/overhead_frac`` is the rest of the step (rewards, sync, orchestration, waiting).
+    """
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[stage] = self.times.get(stage, 0.0) + time.perf_counter() - t0
+
+    def report(self, rollout_seconds: float, overlapped: bool) -> dict[str, float]:
+        step = time.perf_counter() - self.start
+        t = {s: self.times.get(s, 0.0) for s in ("rollout_wait", "reward", "logprobs", "update", "sync")}
+        critical = 0.0 if overlapped else min(rollout_seconds, t["rollout_wait"])
+        return {**{f"time/{s}": v for s, v in t.items()}, "time/rollout": rollout_seconds,
+                "time/idle": t["rollout_wait"] - critical, "time/other": step - sum(t.values()), "time/step": step,
+                "time/overhead_frac": 1.0 - (critical + t["logprobs"] + t["update"]) / max(step, 1e-9)}
 
 
 def compute_advantages(values: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,38 +169,59 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
     metrics = MetricsLogger(out, cfg.trainer.steps, initial=state.step)
     n_prompts, k = cfg.trainer.prompts_per_step, cfg.rollout.samples_per_prompt
     sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
-                "top_p": cfg.rollout.top_p}
+                "top_p": cfg.rollout.top_p, "min_new_tokens": cfg.rollout.min_new_tokens}
+
+    def start_rollout(step: int):  # ``step`` completed steps before it: the same prompts and seed either way
+        prompts = stream.take(state.cursor + (step - state.step) * n_prompts, n_prompts)
+        return prompts, cluster.submit_generate(prompts.prompts, k, sampling,
+                                                seed=cfg.trainer.seed * 10**7 + step * 10**4)
+
+    ahead = None  # (prompts, pending rollout) started during the previous step (trainer.rollout_ahead)
     while state.step < cfg.trainer.steps:
-        t0 = time.time()
-        prompts = stream.take(state.cursor, n_prompts)
-        rollouts = cluster.generate(prompts.prompts, k, sampling, seed=cfg.trainer.seed * 10**7 + state.step * 10**4)
-        t1 = time.time()
-        sample_prompts = [p for p in prompts.prompts for _ in range(k)]
-        columns = {c: [v for v in vals for _ in range(k)] for c, vals in prompts.columns.items()}
-        matrix = cluster.score(rollouts, sample_prompts, columns)
-        t2 = time.time()
-        advantages, raw = compute_advantages(matrix.values, cfg)
-        flat = zero_variance_groups(raw, k)  # [G, K]
-        keep = torch.ones(len(rollouts), dtype=torch.bool)
-        if cfg.algorithm.filter_zero_variance:
-            cols = [matrix.names.index(n) for n in cfg.algorithm.filter_zero_variance]
-            keep = (~flat[:, cols].all(1)).repeat_interleave(k)
-        batch = TrainBatch.from_rollouts(rollouts, advantages, cluster.pad_id)
-        kept = torch.nonzero(keep).squeeze(1)
+        clock = StageClock()
+        with clock("rollout_wait"):
+            prompts, pending = ahead or start_rollout(state.step)
+            rollouts = cluster.collect(pending)
+        ahead = None
+        if cfg.trainer.rollout_ahead and state.step + 1 < cfg.trainer.steps:
+            ahead = start_rollout(state.step + 1)  # samples the current version while this step learns
+        with clock("reward"):
+            sample_prompts = [p for p in prompts.prompts for _ in range(k)]
+            columns = {c: [v for v in vals for _ in range(k)] for c, vals in prompts.columns.items()}
+            matrix = cluster.score(rollouts, sample_prompts, columns)
+            advantages, raw = compute_advantages(matrix.values, cfg)
+            flat = zero_variance_groups(raw, k)  # [G, K]
+            keep = torch.ones(len(rollouts), dtype=torch.bool)
+            if cfg.algorithm.filter_zero_variance:
+                cols = [matrix.names.index(n) for n in cfg.algorithm.filter_zero_variance]
+                keep = (~flat[:, cols].all(1)).repeat_interleave(k)
+            batch = TrainBatch.from_rollouts(rollouts, advantages, cluster.pad_id)
+            kept = torch.nonzero(keep).squeeze(1)
         learn = {}
         if len(kept) >= len(cluster.learners):
-            learn = cluster.update(batch if len(kept) == len(batch) else batch.select(kept))
-        t3 = time.time()
-        cluster.sync()
-        t4 = time.time()
+            batch = batch if len(kept) == len(batch) else batch.select(kept)
+            with clock("logprobs"):
+                batch = cluster.logprobs(batch)
+            with clock("update"):
+                learn = cluster.update(batch)
+        if ahead is not None:
+            with clock("rollout_wait"):  # the engines load the next version only after that rollout
+                cluster.wait(ahead[1])
+        with clock("sync"):
+            update_msg = cluster.sync()
+        staleness = cluster.version - 1 - rollouts.policy_version  # versions between sampler and learner
         state = RunState(step=state.step + 1, cursor=state.cursor + n_prompts, version=cluster.version)
+        counts = rollouts.completion_token_counts
         row = {"step": state.step, "policy_version": state.version, **matrix.stats(), **learn,
-               **{f"tokens/{k_}": v for k_, v in token_stats(rollouts.completion_token_counts).items()},
+               **{f"tokens/{k_}": v for k_, v in token_stats(counts).items()},
                "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
                "zero_variance_groups": int(flat.all(1).sum()), "filtered_groups": int((~keep).sum()) // k,
-               "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/learn": t3 - t2, "time/sync": t4 - t3,
-               "time/step": t4 - t0, "restarts/rollout": cluster.restarts["rollout"],
-               "restarts/reward": cluster.restarts["reward"]}
+               "staleness": staleness, **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
+               "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
+               "perf/learner_tokens_per_s": learn.get("forward_tokens", 0.0) / max(clock.times.get("update", 0.0), 1e-9),
+               "sync/bytes": update_msg.num_bytes,
+               "sync/MB_per_s": update_msg.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
+               "restarts/rollout": cluster.restarts["rollout"], "restarts/reward": cluster.restarts["reward"]}
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.steps:
             row.update({f"eval/{k_}": v for k_, v in evaluate(cluster, cfg, eval_data).items()})
         metrics.log(row)

@@ -28,16 +28,16 @@ class WeightSyncExtension:
     gdpo_policy_version: int = 0
 
     def gdpo_load_weights(self, path: str, version: int, checksum: str) -> int:
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         got = file_sha256(path)
         if got != checksum:
             raise RuntimeError(f"weight file {path} for policy version {version} is corrupt: "
                                f"sha256 {got[:12]} != published {checksum[:12]}")
-        tensors = load_file(path)
         for name in _QUIET:
             logging.getLogger(name).setLevel(logging.ERROR)
-        self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        with safe_open(path, framework="pt") as f:  # memory-mapped: one tensor at a time, no full copy
+            self.reload_weights(weights_iterator=((k, f.get_tensor(k)) for k in f.keys()), is_checkpoint_format=True)
         self.gdpo_policy_version = version
         return version
 

@@ -38,8 +38,16 @@ def test_train_writes_outputs_and_resume_reproduces_the_next_step(tmp_path):
     rows = _rows(straight)
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward/accuracy/mean", "reward/length_budget/std", "tokens/mean", "tokens/p90", "clip_ratio",
-                "time/rollout", "time/reward", "time/learn", "time/sync", "zero_variance_groups"):
+                "time/rollout", "time/rollout_wait", "time/reward", "time/logprobs", "time/update", "time/sync",
+                "time/idle", "time/other", "time/overhead_frac", "perf/rollout_tokens_per_s",
+                "perf/learner_tokens_per_s", "sync/bytes", "staleness", "zero_variance_groups"):
         assert key in rows[0], key
+    for row in rows:  # the stages partition the step; the sync moved the adapted layers' merged weights
+        parts = sum(row[f"time/{s}"] for s in ("rollout_wait", "reward", "logprobs", "update", "sync", "other"))
+        assert parts == pytest.approx(row["time/step"], rel=1e-6)
+        assert 0 < row["time/rollout"] <= row["time/rollout_wait"] and row["time/update"] > 0
+        assert 0 <= row["time/overhead_frac"] < 1 and row["staleness"] == 0
+        assert row["sync/bytes"] >= 4 * (4 * 128 * 128 + 3 * 128 * 512) * 4  # 4 blocks' q,k,v,o,gate,up,down, fp32
     assert rows[0]["logprob_drift"] < 1e-3  # learner and sampler agree: the sync put the policy in vLLM
     assert (straight / "final" / "adapter" / "adapter_config.json").is_file()
     assert (straight / "final" / "merged" / "config.json").is_file()
@@ -49,8 +57,11 @@ def test_train_writes_outputs_and_resume_reproduces_the_next_step(tmp_path):
     _train(resumed, "trainer.steps=2")  # ... continued with resume=auto
     again = _rows(resumed)
     assert [r["step"] for r in again] == [1, 2]
-    for key in ("tokens/mean", "reward/accuracy/mean", "reward/length_budget/mean", "loss"):
-        assert again[1][key] == pytest.approx(rows[1][key], rel=1e-4, abs=1e-6), key
+    # step 1 of both runs starts fresh (the adapters' initialization is seeded), step 2 of the second
+    # resumes; the gradient norm sees the adapters' A matrices, which the loss at step 1 does not
+    for step in (0, 1):
+        for key in ("tokens/mean", "reward/accuracy/mean", "reward/length_budget/mean", "loss", "grad_norm", "entropy"):
+            assert again[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)
 
     # the run's files: the adapter loads in peft onto the base and agrees with the merged model
     import torch
@@ -126,3 +137,19 @@ def test_dead_learner_stops_the_run_and_resume_continues(tmp_path):
     _train(out, "trainer.steps=3", "trainer.save_every=1", "algorithm.estimator=grpo")
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_rollout_ahead_samples_one_version_behind_and_trains_on_the_sampler_logprobs(tmp_path):
+    """trainer.rollout_ahead=1: step t+1's rollout is sampled while step t updates, so from step 2 on
+    the batch is one version stale; the update uses the sampler's log-probs, which now differ from the
+    learner's (the drift), and the sync still lands every version."""
+    out = tmp_path / "ahead"
+    summary = _train(out, "trainer.steps=3", "trainer.rollout_ahead=1", "learner.lr=1e-2")
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["policy_version"] for r in rows] == [1, 2, 3]
+    assert [r["staleness"] for r in rows] == [0, 1, 1]
+    assert rows[0]["logprob_drift"] < 1e-3  # step 1: sampled by the version it trains
+    assert all(r["logprob_drift"] > 1e-3 for r in rows[1:])  # later: the learner moved on since sampling
+    for r in rows:
+        assert r["time/idle"] == pytest.approx(r["time/rollout_wait"])  # waiting on a rollout is all idle here
+    assert summary["steps"] == 3 and "accuracy" in summary["final"]

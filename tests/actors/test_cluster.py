@@ -27,7 +27,7 @@ def test_two_learners_stay_identical_and_sync_reaches_the_engine():
         assert matrix.values.shape == (16, 2)
         adv, _ = compute_advantages(matrix.values, cfg)
         before = cluster.adapter_checksums()
-        stats = cluster.update(TrainBatch.from_rollouts(rollouts, adv, cluster.pad_id))
+        stats = cluster.update(cluster.logprobs(TrainBatch.from_rollouts(rollouts, adv, cluster.pad_id)))
         after = cluster.adapter_checksums()
         assert len(set(before)) == 1 and len(set(after)) == 1  # ranks hold identical adapters
         assert before[0] != after[0]  # and the step changed them

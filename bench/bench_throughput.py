@@ -1,0 +1,352 @@
+"""Training throughput, side by side in one invocation: gdpo's trainer against TRL's GRPOTrainer.
+
+    .venv/bin/python bench/bench_throughput.py [--steps 6] [--warmup 2] [--out /tmp/bench_throughput]
+        [--runs vllm,gdpo,gdpo-ahead,trl]
+
+TRL is a benchmark-only extra: ``pip install -e '.[bench]'``.
+
+Every run trains the same policy on the same prompts with the same two rewards (``accuracy`` and
+``length_budget`` paid only to correct answers), prompts per step, samples per prompt, completion
+length, learning rate, DoRA adapters (rank 8, alpha 16, every projection) and number of steps:
+
+- ``vllm``: vLLM alone, built exactly as the trainer's rollout workers build it, generating one step's
+  batch (the rollout ceiling);
+- ``gdpo`` / ``gdpo-ahead``: ``gdpo.trainer.train`` with ``trainer.rollout_ahead`` 0 / 1 (Ray, vLLM,
+  DeepSpeed; checkpoints and periodic evaluations off inside the timed steps);
+- ``trl``: ``trl.GRPOTrainer`` with ``multi_objective_aggregation="normalize_then_sum"`` (GDPO's
+  per-reward normalization), loss ``dapo`` (token mean, as gdpo's ``token-mean``), the same clip range,
+  generation by transformers.
+
+The policy is a Qwen2-shaped model of about 24M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads),
+randomly initialized by this script with the project's chain-arithmetic tokenizer and saved as a
+plain checkpoint that every run loads. Completions are held at exactly ``--tokens`` tokens (EOS is
+suppressed before that: vLLM ``min_tokens``, transformers ``min_new_tokens``), so every run generates
+the same number of tokens. Each run is its own process; peak memory is the largest resident set of
+that process and all its descendants together (Ray's own processes included), sampled every 0.2 s.
+Held-out reward: after training, each final policy is sampled greedily on the same held-out prompts
+by one vLLM engine and scored with the same two rewards (sum of the conditioned rewards, per prompt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REWARDS = "[{name: accuracy}, {name: length_budget, kwargs: {max_tokens: 48}, condition_on: accuracy}]"
+
+
+def settings(args) -> list[str]:
+    """gdpo config overrides shared by every run (TRL's arguments are derived from the same values)."""
+    return [f"model.path={args.out / 'policy'}", f"rollout.max_new_tokens={args.tokens}",
+            f"rollout.min_new_tokens={args.tokens}", f"rollout.samples_per_prompt={args.samples}",
+            f"trainer.prompts_per_step={args.prompts}", f"trainer.steps={args.steps}", "trainer.eval_every=0",
+            f"trainer.save_every={args.steps}", "trainer.resume=never", f"learner.lr={args.lr}",
+            "learner.lr_schedule=constant", f"learner.micro_batch_per_worker={args.micro}",
+            f"data.eval_size={args.heldout}", f"rewards.functions={REWARDS}", "rewards.verifier_processes=1"]
+
+
+def load_cfg(args, *extra):
+    from gdpo.config import load_config
+
+    return load_config(None, [*settings(args), *extra])
+
+
+# ----------------------------------------------------------------------------- the policy
+
+def build_policy(out: Path) -> dict:
+    """A 24M-parameter Qwen2-shaped model, random init (seed 0), with the chain-arithmetic tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from gdpo.tasks.tiny_policy import build_tokenizer
+
+    if (out / "config.json").is_file():
+        return json.loads((out / "bench_policy.json").read_text())
+    tok = build_tokenizer(0)
+    tok.model_max_length = 512
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.eos_token_id, use_sliding_window=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    info = {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok)}
+    (tmp / "bench_policy.json").write_text(json.dumps(info))
+    os.replace(tmp, out)
+    return info
+
+
+# ----------------------------------------------------------------------------- runs (each in its own process)
+
+def run_vllm(args) -> dict:
+    """One step's batch (prompts x samples, exactly --tokens each) from the trainer's own engine setup."""
+    from gdpo import rollout
+    from gdpo.data import load_prompts
+
+    cfg = load_cfg(args)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
+    llm = rollout.make_engine(cfg.model.path, cfg)
+    prompts = load_prompts(cfg.data, "train", seed=0).prompts
+    sampling = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, temperature=1.0, top_p=1.0)
+    rollout.generate(llm, prompts[:args.prompts], args.samples, seed=1, **sampling)  # warm-up
+    rates = []
+    for rep in range(args.vllm_repeats):
+        batch = rollout.generate(llm, prompts[(rep + 1) * args.prompts:(rep + 2) * args.prompts], args.samples,
+                                 seed=rep + 2, **sampling)
+        rates.append(sum(batch.completion_token_counts) / batch.seconds)
+    return {"rollout_tokens_per_s": statistics.median(rates), "rollout_tokens_per_s_all": rates,
+            "tokens_per_step": sum(batch.completion_token_counts)}
+
+
+def run_gdpo(args, ahead: int) -> dict:
+    from gdpo.policy import resolve_model_path
+    from gdpo.trainer import train
+
+    out = args.out / f"gdpo-ahead{ahead}"
+    cfg = load_cfg(args, f"trainer.output_dir={out}", f"trainer.rollout_ahead={ahead}")
+    t0 = time.time()
+    train(cfg, resolve_model_path(cfg, log=print), log=print)
+    wall = time.time() - t0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = rows[args.warmup:]
+    med = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
+    return {"seconds_per_step": med("time/step"), "step_seconds_all": [r["time/step"] for r in rows],
+            "rollout_tokens_per_s": med("perf/rollout_tokens_per_s"),
+            "learner_tokens_per_s": med("perf/learner_tokens_per_s"), "overhead_frac": med("time/overhead_frac"),
+            "stages": {k: med(k) for k in timed[0] if k.startswith("time/")},
+            "sync_bytes": timed[0]["sync/bytes"], "sync_MB_per_s": med("sync/MB_per_s"),
+            "staleness": med("staleness"), "tokens_per_step": med("tokens/mean") * args.prompts * args.samples,
+            "final_model": str(out / "final" / "merged"), "wall_s": wall}
+
+
+def run_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    import trl.trainer.grpo_trainer as grpo_mod
+
+    from gdpo.advantages import apply_conditions
+    from gdpo.data import load_prompts
+    from rewards import BoundReward, score_rewards
+
+    cfg = load_cfg(args)
+    data = load_prompts(cfg.data, "train", seed=0)
+    ds = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(data.prompts, data.columns["answer"])])
+    bound = [BoundReward.from_name(name, kw) for name, kw in cfg.rewards.specs()]
+    conditions = [None, (0, 1.0)]  # length_budget paid only where accuracy >= 1 (the gdpo config above)
+    cache: dict = {}
+
+    def matrix(prompts, completions, completion_ids, answer):
+        key = (tuple(prompts), tuple(completions))
+        if key not in cache:
+            cache.clear()
+            m = score_rewards(bound, prompts, completions, [len(c) for c in completion_ids],
+                              [0] * len(completions), {"answer": list(answer)})
+            cache[key] = apply_conditions(m.values, conditions)
+        return cache[key]
+
+    def accuracy(prompts, completions, completion_ids, answer, **_):
+        return matrix(prompts, completions, completion_ids, answer)[:, 0].tolist()
+
+    def length_budget(prompts, completions, completion_ids, answer, **_):
+        return matrix(prompts, completions, completion_ids, answer)[:, 1].tolist()
+
+    gen_times: list[float] = []
+    original = grpo_mod.profiling_context
+
+    class timed_generate:  # TRL names the transformers generation "transformers.generate"
+        def __init__(self, trainer, name):
+            self.inner, self.name = original(trainer, name), name
+
+        def __enter__(self):
+            self.t0 = time.perf_counter()
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            if self.name == "transformers.generate":
+                gen_times.append(time.perf_counter() - self.t0)
+            return self.inner.__exit__(*exc)
+
+    grpo_mod.profiling_context = timed_generate
+    step_ends: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            step_ends.append(time.perf_counter())
+
+    total = args.prompts * args.samples
+    targs = GRPOConfig(
+        output_dir=str(args.out / "trl"), per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=total // args.micro, num_generations=args.samples,
+        max_completion_length=args.tokens, generation_kwargs={"min_new_tokens": args.tokens},
+        temperature=1.0, top_p=1.0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=cfg.learner.grad_clip, max_steps=args.steps, beta=0.0, loss_type="dapo",
+        epsilon=cfg.algorithm.clip_eps_low, epsilon_high=cfg.algorithm.clip_eps_high,
+        multi_objective_aggregation="normalize_then_sum", scale_rewards="group", use_cpu=True, bf16=False,
+        logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0)
+    peft_cfg = LoraConfig(r=cfg.learner.dora_rank, lora_alpha=cfg.learner.dora_alpha, use_dora=True,
+                          target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    trainer = GRPOTrainer(model=cfg.model.path, reward_funcs=[accuracy, length_budget], args=targs, train_dataset=ds,
+                          processing_class=tok, peft_config=peft_cfg, callbacks=[StepTimer()])
+    t0 = time.perf_counter()
+    trainer.train()
+    steps = [b - a for a, b in zip([t0] + step_ends[:-1], step_ends)]
+    merged = trainer.model.merge_and_unload()
+    final = args.out / "trl" / "merged"
+    merged.save_pretrained(final, safe_serialization=True)
+    tok.save_pretrained(final)
+    timed_steps, timed_gen = steps[args.warmup:], gen_times[args.warmup:]
+    return {"seconds_per_step": statistics.median(timed_steps), "step_seconds_all": steps,
+            "rollout_tokens_per_s": total * args.tokens / statistics.median(timed_gen),
+            "generate_seconds_all": gen_times, "threads": torch.get_num_threads(), "final_model": str(final)}
+
+
+def run_heldout(args, models: dict[str, str]) -> dict:
+    """Greedy samples of each final policy on the same held-out prompts, scored with the same rewards."""
+    from gdpo import rollout
+    from gdpo.data import load_prompts
+    from gdpo.advantages import apply_conditions
+    from rewards import BoundReward, score_rewards
+
+    cfg = load_cfg(args)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
+    data = load_prompts(cfg.data, "eval", seed=0)
+    bound = [BoundReward.from_name(name, kw) for name, kw in cfg.rewards.specs()]
+    out = {}
+    for name, path in models.items():
+        llm = rollout.make_engine(path, cfg)
+        batch = rollout.generate(llm, data.prompts, 1, max_new_tokens=args.tokens, temperature=0.0, seed=0)
+        m = score_rewards(bound, data.prompts, batch.completions, batch.completion_token_counts,
+                          list(range(len(batch))), data.columns)
+        raw = apply_conditions(m.values, [None, (0, 1.0)])
+        out[name] = {"reward": float(raw.nan_to_num(0.0).sum(1).mean()), "accuracy": float(raw[:, 0].nan_to_num(0.0).mean()),
+                     "mean_tokens": sum(batch.completion_token_counts) / len(batch)}
+        del llm
+    return out
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def spawn(args, run: str, extra: list[str] = ()) -> dict:
+    """Run one phase in a child process; returns its JSON result plus the peak RSS of its process tree."""
+    result = args.out / f"{run}.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, __file__, "--phase", run, *extra, *sys.argv[1:]]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            done.wait(0.2)
+    threading.Thread(target=sample, daemon=True).start()
+    rc = proc.wait()
+    done.set()
+    if rc != 0:
+        raise SystemExit(f"bench run '{run}' failed with exit code {rc}")
+    return {**json.loads(result.read_text()), "peak_rss_gib": peak[0] / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_throughput"))
+    ap.add_argument("--runs", default="vllm,gdpo,gdpo-ahead,trl")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2, help="steps left out of the medians")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--micro", type=int, default=32, help="sequences per forward/backward (both trainers)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--heldout", type=int, default=32, help="held-out prompts for the final reward")
+    ap.add_argument("--vllm-repeats", type=int, default=3)
+    ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.warmup >= args.steps:
+        ap.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+
+    if args.phase:  # a child process: one run, result as JSON
+        phases = {"vllm": lambda: run_vllm(args), "gdpo": lambda: run_gdpo(args, 0),
+                  "gdpo-ahead": lambda: run_gdpo(args, 1), "trl": lambda: run_trl(args),
+                  "heldout": lambda: run_heldout(args, json.loads((args.out / "models.json").read_text()))}
+        result = phases[args.phase]()
+        (args.out / f"{args.phase}.json").write_text(json.dumps(result, indent=2))
+        return
+
+    info = build_policy(args.out / "policy")
+    print(f"policy: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab']}")
+    results = {}
+    for run in args.runs.split(","):
+        print(f"=== {run}", flush=True)
+        results[run] = spawn(args, run)
+    models = {r: res["final_model"] for r, res in results.items() if "final_model" in res}
+    if models:
+        (args.out / "models.json").write_text(json.dumps(models))
+        held = spawn(args, "heldout")
+        for r in models:
+            results[r]["heldout"] = held[r]
+    (args.out / "results.json").write_text(json.dumps({"policy": info, "args": {k: str(v) for k, v in vars(args).items()},
+                                                       "results": results}, indent=2))
+    print_table(results, args)
+
+
+def print_table(results: dict, args) -> None:
+    print(f"\n{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens per step, {args.steps} steps "
+          f"(median over the last {args.steps - args.warmup})")
+    print("| run | s/step | rollout tok/s | overhead | peak RSS GiB | held-out reward | held-out tokens |")
+    print("|---|---|---|---|---|---|---|")
+    for run, r in results.items():
+        held = r.get("heldout", {})
+        cells = [f"{r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "-",
+                 f"{r['rollout_tokens_per_s']:.0f}",
+                 f"{100 * r['overhead_frac']:.1f}%" if "overhead_frac" in r else "-",
+                 f"{r['peak_rss_gib']:.2f}",
+                 f"{held['reward']:.3f}" if held else "-", f"{held['mean_tokens']:.0f}" if held else "-"]
+        print(f"| {run} | " + " | ".join(cells) + " |")
+    if "trl" in results:
+        for run in ("gdpo", "gdpo-ahead"):
+            if run in results:
+                print(f"{run} / trl median step time: {results[run]['seconds_per_step'] / results['trl']['seconds_per_step']:.2f}")
+    if "vllm" in results:
+        for run in ("gdpo", "gdpo-ahead"):
+            if run in results:
+                print(f"{run} rollout tok/s / standalone vLLM: "
+                      f"{results[run]['rollout_tokens_per_s'] / results['vllm']['rollout_tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
