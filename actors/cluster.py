@@ -227,15 +227,16 @@ class Cluster:
 
     def sync(self) -> WeightUpdate:
         """Publish the merged DoRA weights as the next policy version and load them into every engine."""
-        t0 = time.time()
+        t0 = time.perf_counter()
         msg = self._learner_call([w.publish.remote(self.version + 1, self.weights_dir) for w in self.learners])[0]
         self.update_msg = msg
         self.version = msg.version
+        t1 = time.perf_counter()
 
         def call(i: int):
             return self.rollouts[i].load_weights.remote(msg)
         self._gather_with_restarts(call, list(range(len(self.rollouts))), "rollout")
-        self.last_sync_s = time.time() - t0
+        self.last_sync = {"publish": t1 - t0, "load": time.perf_counter() - t1}
         return msg
 
     def save_final(self, directory: str) -> None:

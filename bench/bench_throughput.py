@@ -1,7 +1,7 @@
 """Training throughput, side by side in one invocation: gdpo's trainer against TRL's GRPOTrainer.
 
     .venv/bin/python bench/bench_throughput.py [--steps 6] [--warmup 2] [--out /tmp/bench_throughput]
-        [--runs vllm,gdpo,gdpo-ahead,trl]
+        [--runs vllm,gdpo,gdpo-ahead,trl,trl-lora] [--vllm-reserved-cores 0]
 
 TRL is a benchmark-only extra: ``pip install -e '.[bench]'``.
 
@@ -15,7 +15,8 @@ length, learning rate, DoRA adapters (rank 8, alpha 16, every projection) and nu
   DeepSpeed; checkpoints and periodic evaluations off inside the timed steps);
 - ``trl``: ``trl.GRPOTrainer`` with ``multi_objective_aggregation="normalize_then_sum"`` (GDPO's
   per-reward normalization), loss ``dapo`` (token mean, as gdpo's ``token-mean``), the same clip range,
-  generation by transformers.
+  generation by transformers, peft's DoRA; ``trl-lora``: the same with plain LoRA adapters (peft's
+  DoRA recomputes every weight norm at each decoding step, so this is TRL's faster setting).
 
 The policy is a Qwen2-shaped model of about 24M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads),
 randomly initialized by this script with the project's chain-arithmetic tokenizer and saved as a
@@ -52,7 +53,8 @@ def settings(args) -> list[str]:
             f"trainer.prompts_per_step={args.prompts}", f"trainer.steps={args.steps}", "trainer.eval_every=0",
             f"trainer.save_every={args.steps}", "trainer.resume=never", f"learner.lr={args.lr}",
             "learner.lr_schedule=constant", f"learner.micro_batch_per_worker={args.micro}",
-            f"data.eval_size={args.heldout}", f"rewards.functions={REWARDS}", "rewards.verifier_processes=1"]
+            f"data.eval_size={args.heldout}", f"rewards.functions={REWARDS}", "rewards.verifier_processes=1",
+            f"rollout.cpu_reserved_cores={args.vllm_reserved_cores}"]
 
 
 def load_cfg(args, *extra):
@@ -121,18 +123,19 @@ def run_gdpo(args, ahead: int) -> dict:
     train(cfg, resolve_model_path(cfg, log=print), log=print)
     wall = time.time() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[args.warmup:]
+    timed = rows[args.warmup:len(rows) - ahead]  # ahead: the last step has no next rollout to overlap
     med = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
     return {"seconds_per_step": med("time/step"), "step_seconds_all": [r["time/step"] for r in rows],
             "rollout_tokens_per_s": med("perf/rollout_tokens_per_s"),
             "learner_tokens_per_s": med("perf/learner_tokens_per_s"), "overhead_frac": med("time/overhead_frac"),
             "stages": {k: med(k) for k in timed[0] if k.startswith("time/")},
             "sync_bytes": timed[0]["sync/bytes"], "sync_MB_per_s": med("sync/MB_per_s"),
+            "sync_publish_s": med("sync/publish_s"), "sync_load_s": med("sync/load_s"),
             "staleness": med("staleness"), "tokens_per_step": med("tokens/mean") * args.prompts * args.samples,
             "final_model": str(out / "final" / "merged"), "wall_s": wall}
 
 
-def run_trl(args) -> dict:
+def run_trl(args, dora: bool = True) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -144,6 +147,7 @@ def run_trl(args) -> dict:
     from gdpo.data import load_prompts
     from rewards import BoundReward, score_rewards
 
+    name = "trl" if dora else "trl-lora"
     cfg = load_cfg(args)
     data = load_prompts(cfg.data, "train", seed=0)
     ds = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(data.prompts, data.columns["answer"])])
@@ -191,7 +195,7 @@ def run_trl(args) -> dict:
 
     total = args.prompts * args.samples
     targs = GRPOConfig(
-        output_dir=str(args.out / "trl"), per_device_train_batch_size=args.micro,
+        output_dir=str(args.out / name), per_device_train_batch_size=args.micro,
         gradient_accumulation_steps=total // args.micro, num_generations=args.samples,
         max_completion_length=args.tokens, generation_kwargs={"min_new_tokens": args.tokens},
         temperature=1.0, top_p=1.0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -199,7 +203,7 @@ def run_trl(args) -> dict:
         epsilon=cfg.algorithm.clip_eps_low, epsilon_high=cfg.algorithm.clip_eps_high,
         multi_objective_aggregation="normalize_then_sum", scale_rewards="group", use_cpu=True, bf16=False,
         logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0)
-    peft_cfg = LoraConfig(r=cfg.learner.dora_rank, lora_alpha=cfg.learner.dora_alpha, use_dora=True,
+    peft_cfg = LoraConfig(r=cfg.learner.dora_rank, lora_alpha=cfg.learner.dora_alpha, use_dora=dora,
                           target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     trainer = GRPOTrainer(model=cfg.model.path, reward_funcs=[accuracy, length_budget], args=targs, train_dataset=ds,
@@ -208,7 +212,7 @@ def run_trl(args) -> dict:
     trainer.train()
     steps = [b - a for a, b in zip([t0] + step_ends[:-1], step_ends)]
     merged = trainer.model.merge_and_unload()
-    final = args.out / "trl" / "merged"
+    final = args.out / name / "merged"
     merged.save_pretrained(final, safe_serialization=True)
     tok.save_pretrained(final)
     timed_steps, timed_gen = steps[args.warmup:], gen_times[args.warmup:]
@@ -242,6 +246,20 @@ def run_heldout(args, models: dict[str, str]) -> dict:
 
 
 # ----------------------------------------------------------------------------- the driver
+
+def memcpy_gb_per_s(mib: int = 512, repeats: int = 5) -> float:
+    """This machine's memory-copy bandwidth (one large tensor copy, median), the yardstick for the sync."""
+    import torch
+
+    src = torch.ones(mib << 18)  # float32: 4 bytes each
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return (mib << 20) / statistics.median(times) / 1e9
+
 
 def _tree_rss(pid: int) -> int:
     import psutil
@@ -293,6 +311,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--heldout", type=int, default=32, help="held-out prompts for the final reward")
     ap.add_argument("--vllm-repeats", type=int, default=3)
+    ap.add_argument("--vllm-reserved-cores", default="null",
+                    help="rollout.cpu_reserved_cores for every vLLM engine (null = vLLM's default)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -302,13 +322,16 @@ def main() -> None:
     if args.phase:  # a child process: one run, result as JSON
         phases = {"vllm": lambda: run_vllm(args), "gdpo": lambda: run_gdpo(args, 0),
                   "gdpo-ahead": lambda: run_gdpo(args, 1), "trl": lambda: run_trl(args),
+                  "trl-lora": lambda: run_trl(args, dora=False),
                   "heldout": lambda: run_heldout(args, json.loads((args.out / "models.json").read_text()))}
         result = phases[args.phase]()
         (args.out / f"{args.phase}.json").write_text(json.dumps(result, indent=2))
         return
 
     info = build_policy(args.out / "policy")
-    print(f"policy: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab']}")
+    info["memcpy_GB_per_s"] = memcpy_gb_per_s()
+    print(f"policy: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab']}; "
+          f"memory copy {info['memcpy_GB_per_s']:.1f} GB/s")
     results = {}
     for run in args.runs.split(","):
         print(f"=== {run}", flush=True)
@@ -324,6 +347,10 @@ def main() -> None:
     print_table(results, args)
 
 
+def info_memcpy(args) -> float:
+    return json.loads((args.out / "results.json").read_text())["policy"]["memcpy_GB_per_s"]
+
+
 def print_table(results: dict, args) -> None:
     print(f"\n{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens per step, {args.steps} steps "
           f"(median over the last {args.steps - args.warmup})")
@@ -337,10 +364,17 @@ def print_table(results: dict, args) -> None:
                  f"{r['peak_rss_gib']:.2f}",
                  f"{held['reward']:.3f}" if held else "-", f"{held['mean_tokens']:.0f}" if held else "-"]
         print(f"| {run} | " + " | ".join(cells) + " |")
-    if "trl" in results:
+    for base in ("trl", "trl-lora"):
         for run in ("gdpo", "gdpo-ahead"):
-            if run in results:
-                print(f"{run} / trl median step time: {results[run]['seconds_per_step'] / results['trl']['seconds_per_step']:.2f}")
+            if run in results and base in results:
+                print(f"{run} / {base} median step time: "
+                      f"{results[run]['seconds_per_step'] / results[base]['seconds_per_step']:.2f}")
+    for run in ("gdpo", "gdpo-ahead"):
+        if "sync_publish_s" in results.get(run, {}):
+            r = results[run]
+            print(f"{run} weight sync: {r['sync_bytes'] / 2**20:.1f} MiB, publish {r['sync_publish_s']:.2f} s + "
+                  f"load {r['sync_load_s']:.2f} s; memory copy alone would take "
+                  f"{r['sync_bytes'] / 1e9 / info_memcpy(args):.3f} s")
     if "vllm" in results:
         for run in ("gdpo", "gdpo-ahead"):
             if run in results:

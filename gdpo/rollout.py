@@ -21,6 +21,8 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
     """A vLLM engine for the policy, with the weight-sync worker extension mixed in; ``lora_rank`` > 0
     enables serving one LoRA adapter of at most that rank."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
+    if cfg.rollout.cpu_reserved_cores is not None:  # read by the engine-core process vLLM starts below
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.rollout.cpu_reserved_cores)
     import vllm
 
     lora = {}

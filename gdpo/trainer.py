@@ -219,7 +219,8 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
                "staleness": staleness, **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
                "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
                "perf/learner_tokens_per_s": learn.get("forward_tokens", 0.0) / max(clock.times.get("update", 0.0), 1e-9),
-               "sync/bytes": update_msg.num_bytes,
+               "sync/bytes": update_msg.num_bytes, "sync/publish_s": cluster.last_sync["publish"],
+               "sync/load_s": cluster.last_sync["load"],
                "sync/MB_per_s": update_msg.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
                "restarts/rollout": cluster.restarts["rollout"], "restarts/reward": cluster.restarts["reward"]}
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.steps:
