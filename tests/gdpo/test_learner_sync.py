@@ -72,10 +72,13 @@ def test_behaviour_logprobs_on_policy_off_policy_and_minibatched():
     model = _adapted_lm()
     batch = _batch(model, torch.Generator().manual_seed(0))
     logp = torch.randn(4, 11, requires_grad=True)
-    on = load_config()
+    on = load_config(None, ["algorithm.kl_coef=0"])
     got = learner.behaviour_logprobs(batch, logp, on)
     assert torch.equal(got, logp.detach()) and not got.requires_grad  # one step on-policy: the forward's own
     assert not learner.needs_logprob_pass(on)
+    with_kl = load_config(None, ["algorithm.kl_coef=0.05"])  # a reference pass, still no old-log-prob pass
+    assert learner.needs_logprob_pass(with_kl) and not learner.needs_old_logprobs(with_kl)
+    assert learner.attach_logprobs(model, batch.slice(0, 4), with_kl).old_logprobs is None
     ahead = load_config(None, ["trainer.rollout_ahead=1"])
     assert torch.equal(learner.behaviour_logprobs(batch, logp, ahead), batch.sampling_logprobs)
     mini = load_config(None, ["learner.updates_per_step=2"])
@@ -84,4 +87,3 @@ def test_behaviour_logprobs_on_policy_off_policy_and_minibatched():
         learner.behaviour_logprobs(batch, logp, mini)
     filled = learner.attach_logprobs(model, batch, mini)
     torch.testing.assert_close(filled.old_logprobs * batch.loss_mask[:, 1:], batch.sampling_logprobs)
-    assert learner.needs_logprob_pass(load_config(None, ["algorithm.kl_coef=0.1"]))
