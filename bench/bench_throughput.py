@@ -144,6 +144,7 @@ def run_trl(args, dora: bool = True) -> dict:
     import trl.trainer.grpo_trainer as grpo_mod
 
     from gdpo.advantages import apply_conditions
+    from gdpo.trainer import reward_conditions
     from gdpo.data import load_prompts
     from rewards import BoundReward, score_rewards
 
@@ -152,7 +153,7 @@ def run_trl(args, dora: bool = True) -> dict:
     data = load_prompts(cfg.data, "train", seed=0)
     ds = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(data.prompts, data.columns["answer"])])
     bound = [BoundReward.from_name(name, kw) for name, kw in cfg.rewards.specs()]
-    conditions = [None, (0, 1.0)]  # length_budget paid only where accuracy >= 1 (the gdpo config above)
+    conditions = reward_conditions(cfg)  # length_budget paid only where accuracy >= 1, as in gdpo's runs
     cache: dict = {}
 
     def matrix(prompts, completions, completion_ids, answer):
@@ -226,6 +227,7 @@ def run_heldout(args, models: dict[str, str]) -> dict:
     from gdpo import rollout
     from gdpo.data import load_prompts
     from gdpo.advantages import apply_conditions
+    from gdpo.trainer import reward_conditions
     from rewards import BoundReward, score_rewards
 
     cfg = load_cfg(args)
@@ -238,7 +240,7 @@ def run_heldout(args, models: dict[str, str]) -> dict:
         batch = rollout.generate(llm, data.prompts, 1, max_new_tokens=args.tokens, temperature=0.0, seed=0)
         m = score_rewards(bound, data.prompts, batch.completions, batch.completion_token_counts,
                           list(range(len(batch))), data.columns)
-        raw = apply_conditions(m.values, [None, (0, 1.0)])
+        raw = apply_conditions(m.values, reward_conditions(cfg))
         out[name] = {"reward": float(raw.nan_to_num(0.0).sum(1).mean()), "accuracy": float(raw[:, 0].nan_to_num(0.0).mean()),
                      "mean_tokens": sum(batch.completion_token_counts) / len(batch)}
         del llm

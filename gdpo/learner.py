@@ -191,7 +191,7 @@ def write_merged_weights(model, module_names: list[str], path: str, metadata: di
     header: dict = {"__metadata__": metadata}
     offset = 0
     for key, shape, dtype, _ in specs:
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     head = json.dumps(header, separators=(",", ":")).encode()

@@ -78,12 +78,16 @@ class StageClock:
                 "time/overhead_frac": 1.0 - (critical + t["logprobs"] + t["update"]) / max(step, 1e-9)}
 
 
+def reward_conditions(cfg: Config) -> list:
+    """Per reward: None, or (index of the reward it is conditioned on, threshold) (GDPO Eq. 8)."""
+    names = [r.name for r in cfg.rewards.functions]
+    return [None if r.condition_on is None else (names.index(r.condition_on), r.condition_threshold)
+            for r in cfg.rewards.functions]
+
+
 def compute_advantages(values: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """Conditioned rewards (raw), then the configured estimator. ``[N, K] -> ([N] advantages, [N, K] raw)``."""
-    names = [r.name for r in cfg.rewards.functions]
-    conditions = [None if r.condition_on is None else (names.index(r.condition_on), r.condition_threshold)
-                  for r in cfg.rewards.functions]
-    raw = apply_conditions(values, conditions)
+    raw = apply_conditions(values, reward_conditions(cfg))
     weights = [r.weight for r in cfg.rewards.functions]
     k = cfg.rollout.samples_per_prompt
     if cfg.algorithm.estimator == "gdpo":
