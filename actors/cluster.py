@@ -4,12 +4,14 @@ Rollout and reward workers are stateless between steps (a rollout worker's only 
 policy version, re-sent after a restart), so a dead one is replaced and its share retried. A dead
 learner holds optimizer state the run cannot rebuild: the step stops with an error and
 ``resume=auto`` continues from the last checkpoint.
+
+Nothing here assumes one node: learners meet on learner rank 0's node (its IP, a port free there),
+each engine gets the weights by the transport its node allows (``actors/sync.py``), and
+``cluster.learner_resources`` / ``cluster.rollout_resources`` pin roles to nodes.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,17 +19,20 @@ from typing import Callable, Optional
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import LearnerWorker
 from actors.rewards import RewardWorker
 from actors.rollout import RolloutWorker
+from actors.sync import EngineSync, LearnerFailed, learner_failed
 from gdpo import learner as learner_fns
 from gdpo.config import Config
-from gdpo.records import RolloutBatch, TrainBatch, WeightUpdate
+from gdpo.records import RolloutBatch, SyncReport, TrainBatch, WeightUpdate
 from rewards import RewardMatrix
+
+__all__ = ["Cluster", "LearnerFailed", "ray_init"]
 
 WORKER_DIED = (RayActorError, ActorDiedError, ActorUnavailableError)
 
@@ -39,16 +44,6 @@ class PendingRollout:
     call: Callable
     indices: list[int]
     refs: dict
-
-
-class LearnerFailed(RuntimeError):
-    """A learner died: its optimizer state is gone; resume from the last checkpoint."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -65,55 +60,109 @@ class Cluster:
     def __init__(self, cfg: Config, model_path: str, log: Callable[[str], None] = print):
         self.cfg, self.model_path, self.log = cfg, model_path, log
         self.use_gpu = torch.cuda.is_available()
+        self.tp = cfg.rollout.tensor_parallel_size if self.use_gpu else 1
         self.run_id = uuid.uuid4().hex[:8]
-        self.weights_dir = f"/dev/shm/gdpo-weights-{self.run_id}"
         self.version = 0
         self.update_msg: Optional[WeightUpdate] = None
         self.restarts = {"rollout": 0, "reward": 0}
+        self.learners, self.rollouts, self.reward_workers, self.pg, self.weights = [], [], [], None, None
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.cfg
         self._make_placement()
-        port = _free_port()
         m = cfg.learner.num_workers
         self.learners = [LearnerWorker.options(name=f"gdpo-learner-{self.run_id}-{i}", **self._learner_opts(i))
-                         .remote(i, m, "127.0.0.1", port, model_path, cfg) for i in range(m)]
-        self.rollouts = [self._new_rollout(i) for i in range(cfg.rollout.num_workers)]
+                         .remote(i, m, self.model_path, cfg, self.run_id) for i in range(m)]
+        self.rendezvous = ray.get(self.learners[0].rendezvous_endpoint.remote())  # learner 0's node IP, a free port
+        started = [w.start.remote(*self.rendezvous) for w in self.learners]
+        self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]  # start meanwhile
         self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
-        ray.get([w.pid.remote() for w in self.learners + self.rollouts + self.reward_workers])
+        manifest = self._learner_call(started)[0]
+        self.weights = EngineSync(cfg, self.learners, manifest, self.run_id, "nccl" if self.use_gpu else "gloo",
+                                  self.tp, self.log)
+        for i, actor in enumerate(self.rollouts):
+            self.weights.place(i, actor, self._shares_learner0_device(i))
+        ray.get([w.pid.remote() for w in self.reward_workers])
         self.pad_id = ray.get(self.learners[0].pad_token_id.remote())
+        files, members = self.weights.file_engines(), self.weights.members()
+        self.log(f"weight sync: {len(files)} engine(s) by file on learner 0's node, {len(members)} by "
+                 f"{'nccl' if self.use_gpu else 'gloo'} broadcast")
 
     # ------------------------------------------------------------------ placement
     def _make_placement(self) -> None:
-        """Colocated: rollout i shares bundle i with learner i. Separate: every actor has its own bundles."""
+        """Colocated: rollout i shares bundle i with learner i. Separate: every actor has its own bundles.
+        ``cluster.learner_resources`` / ``rollout_resources`` are added to the role's bundles."""
         cfg = self.cfg
         unit = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
-        tp = cfg.rollout.tensor_parallel_size if self.use_gpu else 1
+        lres, rres = dict(cfg.cluster.learner_resources), dict(cfg.cluster.rollout_resources)
         if cfg.cluster.placement == "colocated":
-            n = max(cfg.learner.num_workers, cfg.rollout.num_workers * tp)
+            n = max(cfg.learner.num_workers, cfg.rollout.num_workers * self.tp)
             self.learner_bundle = list(range(cfg.learner.num_workers))
-            self.rollout_bundle = [i * tp for i in range(cfg.rollout.num_workers)]
+            self.rollout_bundle = [i * self.tp for i in range(cfg.rollout.num_workers)]
+            bundles = [{**unit, **(lres if i < cfg.learner.num_workers else {}),
+                        **(rres if i < cfg.rollout.num_workers * self.tp else {})} for i in range(n)]
         else:
-            n = cfg.learner.num_workers + cfg.rollout.num_workers * tp
+            n = cfg.learner.num_workers + cfg.rollout.num_workers * self.tp
             self.learner_bundle = list(range(cfg.learner.num_workers))
-            self.rollout_bundle = [cfg.learner.num_workers + i * tp for i in range(cfg.rollout.num_workers)]
-        self.pg = placement_group([dict(unit) for _ in range(n)], strategy="PACK")
-        ray.get(self.pg.ready(), timeout=120)
+            self.rollout_bundle = [cfg.learner.num_workers + i * self.tp for i in range(cfg.rollout.num_workers)]
+            bundles = [{**unit, **(lres if i < cfg.learner.num_workers else rres)} for i in range(n)]
+        self.pg = placement_group(bundles, strategy="PACK")
+        try:
+            ray.get(self.pg.ready(), timeout=120)
+        except GetTimeoutError:
+            raise RuntimeError(f"Ray could not place the run's {n} bundles {bundles} within 120 s: the cluster "
+                               f"lacks those resources ({ray.available_resources()} free). Check "
+                               "cluster.learner_resources / rollout_resources and the nodes' --resources") from None
 
     def _strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
+
+    def _shares_learner0_device(self, i: int) -> bool:
+        """Whether rollout i's engine runs on learner 0's GPU (NCCL cannot put both in one group)."""
+        lo = self.rollout_bundle[i]
+        return self.use_gpu and self.cfg.cluster.placement == "colocated" and lo <= self.learner_bundle[0] < lo + self.tp
 
     def _learner_opts(self, i: int) -> dict:
         share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
         res = {"num_gpus": share} if self.use_gpu else {}
         return {"num_cpus": share * 0.5, **res, "scheduling_strategy": self._strategy(self.learner_bundle[i])}
 
-    def _new_rollout(self, i: int):
+    def _spawn_rollout(self, i: int):
         share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
         res = {"num_gpus": share} if self.use_gpu else {}
         name = f"gdpo-rollout-{self.run_id}-{i}-{self.restarts['rollout']}"
-        actor = RolloutWorker.options(num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]),
-                                      name=name, **res).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
-        if self.update_msg is not None:
-            ray.get(actor.load_weights.remote(self.update_msg))
-        return actor
+        return RolloutWorker.options(num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]),
+                                     name=name, **res).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
+
+    def _replace_rollout(self, i: int, catch_up: bool = True, attempts: int = 3):
+        """Kill rollout worker i (it may only be hung), start a new one in its bundle and bring it to the
+        current policy version before it samples. Ray moves the bundle off a dead node once that node is
+        declared dead; a replacement placed there before that dies unstarted and is tried again."""
+        self.restarts["rollout"] += 1
+        for attempt in range(attempts):
+            try:
+                ray.kill(self.rollouts[i], no_restart=True)
+            except Exception:  # already gone
+                pass
+            self.rollouts[i] = self._spawn_rollout(i)
+            try:
+                transport = self.weights.place(i, self.rollouts[i], self._shares_learner0_device(i))
+                break
+            except WORKER_DIED as err:
+                if attempt == attempts - 1:
+                    raise RuntimeError(f"rollout worker {i} could not be restarted ({attempts} tries): {err}") from err
+                self.log(f"the replacement of rollout worker {i} died before it started (its node lost?); "
+                         f"trying again in {2 ** attempt * 2} s")
+                time.sleep(2 ** attempt * 2)
+        if catch_up and self.version > 0:
+            self.weights.catch_up(i, self.rollouts[i], self.version, self.update_msg)
+        self.log(f"rollout worker {i} restarted on node {self.weights.nodes[i][:12]} ({transport} sync)")
+        return self.rollouts[i]
 
     def _new_reward(self, i: int):
         return RewardWorker.options(num_cpus=0).remote(self.cfg.rewards.specs())
@@ -176,10 +225,10 @@ class Cluster:
                     if attempt == attempts - 1:
                         raise RuntimeError(f"{kind} worker {i} died {attempts} times in one step") from err
                     self.log(f"{kind} worker {i} died ({type(err).__name__}); restarting it and retrying its share")
-                    self.restarts[kind] += 1
                     if kind == "rollout":
-                        self.rollouts[i] = self._new_rollout(i)
+                        self._replace_rollout(i)
                     else:
+                        self.restarts[kind] += 1
                         self.reward_workers[i] = self._new_reward(i)
                     pending.append(i)
             if not pending:
@@ -190,8 +239,7 @@ class Cluster:
         try:
             return ray.get(refs)
         except WORKER_DIED as err:
-            raise LearnerFailed("a learner worker died; its optimizer state is lost. Restart with "
-                                "trainer.resume=auto to continue from the last checkpoint") from err
+            raise learner_failed("a learner worker died") from err
 
     def logprobs(self, batch: TrainBatch) -> TrainBatch:
         """Old log-probs where the update needs a pass for them, and the reference's when KL is on;
@@ -225,19 +273,22 @@ class Cluster:
                 "grad_norm": sum(grad_norms) / len(grad_norms), "logprob_drift": float(first_drift or 0.0),
                 "forward_tokens": sums["forward_tokens"]}
 
-    def sync(self) -> WeightUpdate:
+    def sync(self) -> SyncReport:
         """Publish the merged DoRA weights as the next policy version and load them into every engine."""
         t0 = time.perf_counter()
-        msg = self._learner_call([w.publish.remote(self.version + 1, self.weights_dir) for w in self.learners])[0]
-        self.update_msg = msg
-        self.version = msg.version
+        msg = self.weights.publish(self.version + 1, self.rollouts, lambda i: self._replace_rollout(i, catch_up=False))
+        self.version, self.update_msg = msg.version, msg
         t1 = time.perf_counter()
 
-        def call(i: int):
-            return self.rollouts[i].load_weights.remote(msg)
-        self._gather_with_restarts(call, list(range(len(self.rollouts))), "rollout")
-        self.last_sync = {"publish": t1 - t0, "load": time.perf_counter() - t1}
-        return msg
+        def call(i: int):  # a file engine replaced meanwhile on another node has caught up already
+            if self.weights.transport[i] == "file":
+                return self.rollouts[i].load_file.remote(msg)
+            return self.rollouts[i].policy_version.remote()
+        files = self.weights.file_engines()
+        self._gather_with_restarts(call, files, "rollout")
+        return SyncReport(version=msg.version, num_bytes=msg.num_bytes, publish_s=t1 - t0,
+                          load_s=time.perf_counter() - t1, file_engines=len(files),
+                          collective_engines=len(self.weights.members()))
 
     def save_final(self, directory: str) -> None:
         self._learner_call([w.save_final.remote(directory) for w in self.learners])
@@ -252,24 +303,29 @@ class Cluster:
         self._learner_call([w.load.remote(directory) for w in self.learners])
 
     def shutdown(self) -> None:
+        if self.weights is not None and self.learners:
+            try:
+                self.weights.close(self.rollouts)  # learner 0 removes its weight files
+            except Exception as err:  # noqa: BLE001 - the run is ending; say what may be left behind
+                self.log(f"weight sync teardown failed ({err}); /dev/shm may hold gdpo-weights-{self.run_id}-* files")
         for a in self.learners + self.rollouts + self.reward_workers:
             try:
                 ray.kill(a)
             except Exception:  # already gone: nothing to release
                 pass
-        try:
+        if self.pg is not None:
             remove_placement_group(self.pg)
-        finally:
-            shutil.rmtree(self.weights_dir, ignore_errors=True)
 
 
 def ray_init(cfg: Config) -> None:
-    """Connect to ``cluster.address`` or start an embedded Ray."""
+    """Join the cluster this driver runs in (a Ray job: RAY_ADDRESS), else ``cluster.address``, else
+    start an embedded Ray."""
     if ray.is_initialized():
         return
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+    address = os.environ.get("RAY_ADDRESS") or cfg.cluster.address
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # "local": a new Ray of its own, even where `ray start` runs on this machine (None would join it)
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.kv_cache_gib),
                                            "TOKENIZERS_PARALLELISM": "false"}})

@@ -162,9 +162,20 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    address: Optional[str] = doc(None, "Ray address; None starts an embedded Ray")
+    address: Optional[str] = doc(None, "Ray address to join; None starts an embedded Ray. A driver inside a Ray job "
+                                 "(ray job submit) always joins the job's cluster (RAY_ADDRESS)")
     placement: Literal["colocated", "separate"] = doc("colocated", "rollout and learner share devices, or get their own")
     num_cpus: Optional[int] = doc(None, "CPUs for the embedded Ray (None = all)")
+    weight_sync: Literal["auto", "file", "collective"] = doc(
+        "auto", "how engines get each policy version: auto = a file in /dev/shm for engines on learner rank 0's node, "
+        "a broadcast from learner 0 (NCCL on GPUs, gloo on CPUs) for the rest; file = the file only (every rollout "
+        "worker must run on learner 0's node); collective = the broadcast for every engine not sharing learner 0's GPU")
+    sync_timeout_s: float = doc(300.0, "deadline of one weight sync (joining the broadcast group, sending, loading); "
+                                "a receiver that dies or hangs fails the sync within it")
+    learner_resources: dict = doc_factory(dict, "Ray resources added to every learner bundle, e.g. {trainer_node: "
+                                          "0.01} keeps learners on nodes started with --resources='{\"trainer_node\": 1}'")
+    rollout_resources: dict = doc_factory(dict, "Ray resources added to every rollout bundle (same form); with "
+                                          "placement colocated the two are merged into the shared bundles")
 
 
 @dataclass(frozen=True)
@@ -347,6 +358,13 @@ def validate(cfg: Config) -> None:
          f"head_dim = {cfg.sft.hidden_size // cfg.sft.num_heads} < 64 is rejected by vLLM's CPU attention")
     need(cfg.trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0")
     need(cfg.data.eval_size >= 0 and cfg.data.train_size >= 0, "data.eval_size", "sizes must be >= 0")
+    need(cfg.cluster.sync_timeout_s > 0, "cluster.sync_timeout_s", f"must be > 0, got {cfg.cluster.sync_timeout_s}")
+    for key in ("learner_resources", "rollout_resources"):
+        for name, amount in getattr(cfg.cluster, key).items():
+            need(isinstance(name, str) and name not in ("CPU", "GPU", "memory"), f"cluster.{key}",
+                 f"{name!r}: name custom resources here (CPU and GPU per bundle follow from the placement)")
+            need(isinstance(amount, (int, float)) and not isinstance(amount, bool) and 0 < amount < math.inf,
+                 f"cluster.{key}.{name}", f"must be a positive number, got {amount!r}")
     _validate_rewards(cfg, need)
 
 

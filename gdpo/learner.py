@@ -7,28 +7,27 @@ scales its share by the world size: the update equals one large-batch step on on
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from gdpo.config import Config
-from gdpo import dora
+from gdpo import dora, weight_sync
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
 from gdpo.records import TrainBatch, WeightUpdate
-
-# vLLM loads these projections as one stacked tensor; they must be published together
-STACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
 
 def build_policy(model_path: str, cfg: Config):
     """HF model + the project's DoRA adapters on ``learner.target_modules``; only adapter weights train."""
     from gdpo.policy import load_policy
 
     model, tokenizer = load_policy(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+    tied = {"lm_head", "embed_tokens"} & set(cfg.learner.target_modules)
+    if tied and getattr(model.config, "tie_word_embeddings", False):
+        # vLLM builds a tied lm_head from embed_tokens and skips lm_head.* on load: the update would be dropped
+        raise ValueError(f"config key 'learner.target_modules': {sorted(tied)} cannot get adapters on {model_path}, "
+                         "whose input and output embeddings are tied (tie_word_embeddings)")
     try:
         # A's initialization is seeded from trainer.seed: without it two runs of one config (or a run and its
         # resumed twin's first run) start from different adapters, and every step after differs
@@ -144,102 +143,29 @@ def train_step(engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, 
     return sums
 
 
-def sync_module_names(model, target_modules: tuple[str, ...]) -> list[str]:
-    """HF names of the linear modules whose weights a sync must send: adapted ones and their stack mates."""
-    wanted = set(target_modules)
-    for group in STACKED:
-        if wanted & set(group):
-            wanted |= set(group)
-    # by module type, not weight shape: ZeRO-3 leaves each rank a flat [0] placeholder
-    return [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in wanted
-            and isinstance(m, (torch.nn.Linear, dora.DoraLinear))]
+def sync_manifest(model, module_names: list[str], zero_stage: int = 2) -> list:
+    """The sync's tensor manifest (names, dtypes, full shapes). Collective under ZeRO-3."""
+    with gathered(model, zero_stage):
+        return weight_sync.manifest_of(weight_sync.sync_tensors(model, module_names))
 
 
-@torch.no_grad()
-def merged_weights(model, module_names: list[str]) -> dict[str, torch.Tensor]:
-    """Checkpoint-format ``{name.weight: W'}`` of the given modules, DoRA merged as merge_dora does."""
-    return {key: make().clone() for key, _, _, make in _sync_tensors(model, module_names)}
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
-def _sync_tensors(model, module_names: list[str]):
-    """``(key, shape, dtype, make)`` per tensor a sync sends; ``make()`` computes that one tensor when called."""
-    out = []
-    for name in module_names:
-        mod = model.get_submodule(name)
-        base = getattr(mod, "base_layer", mod)
-        make = (lambda m=mod: m.merged_weight()) if isinstance(mod, dora.DoraLinear) else (lambda b=base: b.weight)
-        out.append((f"{name}.weight", tuple(base.weight.shape), base.weight.dtype, make))
-        if base.bias is not None:  # unchanged, but vLLM reloads a stacked module whole
-            out.append((f"{name}.bias", tuple(base.bias.shape), base.bias.dtype, lambda b=base: b.bias))
-    return out
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-@torch.no_grad()
-def write_merged_weights(model, module_names: list[str], path: str, metadata: dict[str, str],
-                         bucket_bytes: int) -> tuple[str, int]:
-    """Stream the merged weights into a safetensors file; returns (sha256 of the file, bytes written).
-
-    The header is known from the shapes, so each layer's merged weight is computed, copied into one
-    reused bucket of ``bucket_bytes`` and written when the bucket fills: the learner never holds more
-    than one bucket and one layer's merged weight besides the model (no state-dict copy). The hash is
-    taken on the bytes as they are written, so the file is not read back.
-    """
-    specs = _sync_tensors(model, module_names)
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for key, shape, dtype, _ in specs:
-        n = math.prod(shape) * dtype.itemsize
-        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    sha = hashlib.sha256()
-    bucket = torch.empty(max(1, bucket_bytes), dtype=torch.uint8)
-    fill = 0
-    with open(path, "wb") as f:
-        def emit(buf) -> None:
-            sha.update(buf)
-            f.write(buf)
-
-        emit(len(head).to_bytes(8, "little") + head)
-        for key, shape, dtype, make in specs:
-            raw = make().detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
-            if fill + raw.numel() > bucket.numel() and fill:
-                emit(bucket[:fill].numpy())
-                fill = 0
-            if raw.numel() > bucket.numel():  # a tensor larger than a bucket goes out on its own
-                emit(raw.numpy())
-                continue
-            bucket[fill:fill + raw.numel()] = raw
-            fill += raw.numel()
-        if fill:
-            emit(bucket[:fill].numpy())
-    return sha.hexdigest(), len(head) + 8 + offset
-
-
-def publish_weights(model, module_names: list[str], version: int, directory: str, rank: int = 0,
-                    zero_stage: int = 2, bucket_mb: int = 32) -> WeightUpdate | None:
-    """Rank 0 streams the merged weights to ``directory/policy-v{version}.safetensors`` atomically.
-
-    Every rank must call it (under ZeRO-3 gathering the parameters is collective); others return None.
-    """
-    os.makedirs(directory, exist_ok=True)
-    final = Path(directory) / f"policy-v{version}.safetensors"
-    tmp = final.with_suffix(".tmp")
+def publish_weights(model, module_names: list[str], version: int, *, rank: int = 0, zero_stage: int = 2,
+                    bucket_mb: int = 32, directory: Optional[str] = None, comm=None) -> WeightUpdate | None:
+    """Publish the merged weights as ``version``: rank 0 writes the file into ``directory`` and/or
+    broadcasts over ``comm`` (``gdpo.weight_sync.publish``). Every rank must call it (under ZeRO-3
+    gathering the parameters is collective); the others return None."""
     with gathered(model, zero_stage):
         if rank != 0:
             return None
-        digest, size = write_merged_weights(model, module_names, str(tmp), {"policy_version": str(version)},
-                                            bucket_mb << 20)
-    os.replace(tmp, final)
-    for old in Path(directory).glob("policy-v*.safetensors"):
-        if old != final:
-            old.unlink(missing_ok=True)
-    return WeightUpdate(path=str(final), version=version, checksum=digest, num_bytes=size,
-                        names=[key for key, *_ in _sync_tensors(model, module_names)])
+        tensors = weight_sync.sync_tensors(model, module_names)
+        path, digest, size = weight_sync.publish(tensors, version, bucket_mb << 20, directory=directory, comm=comm,
+                                                 device=device_of(model))
+    return WeightUpdate(version=version, num_bytes=size, names=[t.name for t in tensors], path=path,
+                        checksum=digest, broadcast=comm is not None)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:

@@ -100,10 +100,38 @@ class TrainBatch:
 
 @dataclass
 class WeightUpdate:
-    """A published policy version: merged weights of the synced layers in a safetensors file."""
+    """A published policy version (what learner rank 0 reports after sending it)."""
 
-    path: str  # safetensors file (in /dev/shm on one node)
     version: int
-    checksum: str  # sha256 of the file bytes
-    num_bytes: int
-    names: list[str] = field(default_factory=list)  # checkpoint-format parameter names in the file
+    num_bytes: int  # payload: the file's size, or the tensors' bytes when only broadcast
+    names: list[str] = field(default_factory=list)  # checkpoint-format tensor names, in send order
+    path: str | None = None  # the weight file on learner 0's node (file transport), None if not written
+    checksum: str = ""  # sha256 of the file's bytes
+    broadcast: bool = False  # whether it was also sent to the collective group
+
+
+@dataclass(frozen=True)
+class SyncGroup:
+    """How the ranks of one broadcast group meet: learner rank 0 is rank 0, engine i's workers follow
+    at ``rank_offset_i + worker rank``. One group per epoch; a new epoch gets a new port and tag."""
+
+    backend: str  # "gloo" (CPU) or "nccl" (GPU)
+    host: str  # learner rank 0's node IP, where rank 0 hosts the store
+    port: int
+    world_size: int  # 1 + the workers of every engine in the group
+    tag: str  # unique per group: keys in the store and log lines
+    timeout_s: float  # joining and every collective call fail after this
+    bucket_bytes: int
+    manifest: list  # [(name, dtype, shape)] in send order (gdpo.weight_sync.manifest_of)
+
+
+@dataclass
+class SyncReport:
+    """One sync as the driver saw it."""
+
+    version: int
+    num_bytes: int  # payload bytes of the version
+    publish_s: float  # learners computing and sending (the broadcast included)
+    load_s: float  # file engines loading after the publish
+    file_engines: int  # engines that took the file / the broadcast
+    collective_engines: int

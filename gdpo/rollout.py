@@ -9,7 +9,8 @@ import time
 from typing import Optional
 
 from gdpo.config import Config
-from gdpo.records import RolloutBatch, WeightUpdate
+from gdpo.records import RolloutBatch
+from gdpo.weight_sync import TORN
 
 EXTENSION = "gdpo.vllm_ext.WeightSyncExtension"
 
@@ -90,17 +91,6 @@ def sequence_logprobs(llm, prompt_ids: list[list[int]], completion_ids: list[lis
     return result
 
 
-def load_weights(llm, update: WeightUpdate) -> int:
-    versions = llm.collective_rpc("gdpo_load_weights", args=(update.path, update.version, update.checksum))
-    if any(v != update.version for v in versions):
-        raise RuntimeError(f"rollout engine workers report versions {versions}, expected {update.version}")
-    # cached prefix blocks hold keys and values the old weights computed; a prompt that fills a block
-    # would otherwise be continued from the old policy's KV
-    if not llm.reset_prefix_cache():
-        raise RuntimeError(f"rollout engine could not drop its prefix cache after loading policy version {update.version}")
-    return update.version
-
-
 def engine_version(llm) -> int:
     versions = set(llm.collective_rpc("gdpo_policy_version_now"))
     if len(versions) != 1:
@@ -115,6 +105,9 @@ class StalePolicyError(RuntimeError):
 def generate_checked(llm, expected_version: int, prompts: list[str], samples_per_prompt: int, **sampling) -> RolloutBatch:
     """``generate`` after checking that the engine holds ``expected_version`` (never sample a stale policy)."""
     held = engine_version(llm)
+    if held == TORN:
+        raise StalePolicyError(f"rollout engine holds a torn policy (a weight load failed part way), the driver "
+                               f"expects version {expected_version}")
     if held != expected_version:
         raise StalePolicyError(f"rollout engine holds policy version {held}, the driver expects {expected_version}")
     return generate(llm, prompts, samples_per_prompt, policy_version=held, **sampling)

@@ -212,7 +212,7 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
             with clock("rollout_wait"):  # the engines load the next version only after that rollout
                 cluster.wait(ahead[1])
         with clock("sync"):
-            update_msg = cluster.sync()
+            synced = cluster.sync()
         staleness = cluster.version - 1 - rollouts.policy_version  # versions between sampler and learner
         state = RunState(step=state.step + 1, cursor=state.cursor + n_prompts, version=cluster.version)
         counts = rollouts.completion_token_counts
@@ -223,9 +223,9 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
                "staleness": staleness, **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
                "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
                "perf/learner_tokens_per_s": learn.get("forward_tokens", 0.0) / max(clock.times.get("update", 0.0), 1e-9),
-               "sync/bytes": update_msg.num_bytes, "sync/publish_s": cluster.last_sync["publish"],
-               "sync/load_s": cluster.last_sync["load"],
-               "sync/MB_per_s": update_msg.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
+               "sync/bytes": synced.num_bytes, "sync/publish_s": synced.publish_s, "sync/load_s": synced.load_s,
+               "sync/file_engines": synced.file_engines, "sync/broadcast_engines": synced.collective_engines,
+               "sync/MB_per_s": synced.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
                "restarts/rollout": cluster.restarts["rollout"], "restarts/reward": cluster.restarts["reward"]}
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.steps:
             row.update({f"eval/{k_}": v for k_, v in evaluate(cluster, cfg, eval_data).items()})

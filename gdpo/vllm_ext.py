@@ -1,45 +1,61 @@
-"""vLLM worker extension: load a published policy version into the running engine.
+"""vLLM worker extension: the engine end of the weight sync (``gdpo.weight_sync`` holds the protocol).
 
 Mixed into vLLM's worker class (``LLM(..., worker_extension_cls="gdpo.vllm_ext.WeightSyncExtension")``)
-and called with ``llm.collective_rpc("gdpo_load_weights", args=(path, version, checksum))``.
-Weights travel as a safetensors file (tensors passed as RPC arguments arrive mangled on the CPU
-backend) and go through ``reload_weights``, which re-runs the backend's post-load processing; a
-plain ``model.load_weights`` leaves the CPU engine silently on the old weights.
+and called through ``llm.collective_rpc``; method names carry a ``gdpo_`` prefix because vLLM
+refuses an extension attribute that its worker already has. Only metadata crosses the RPC (tensors
+passed as RPC arguments arrive mangled on the CPU backend): the weights come from a file or from
+the broadcast group.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-
-# A sync sends only the adapted layers; vLLM warns about every layer it did not receive (norms,
-# embeddings) on each reload. Those keep their tensors by design, so the warnings are noise.
-_QUIET = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+from gdpo import weight_sync
+from gdpo.records import SyncGroup
 
 
 class WeightSyncExtension:
     gdpo_policy_version: int = 0
+    _gdpo_group = None  # (comm, spec) while this worker is in a broadcast group
 
-    def gdpo_load_weights(self, path: str, version: int, checksum: str) -> int:
-        from safetensors import safe_open
-
-        got = file_sha256(path)
-        if got != checksum:
-            raise RuntimeError(f"weight file {path} for policy version {version} is corrupt: "
-                               f"sha256 {got[:12]} != published {checksum[:12]}")
-        for name in _QUIET:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        with safe_open(path, framework="pt") as f:  # memory-mapped: one tensor at a time, no full copy
-            self.reload_weights(weights_iterator=((k, f.get_tensor(k)) for k in f.keys()), is_checkpoint_format=True)
+    def _gdpo_load(self, version: int, weights, check=None) -> int:
+        """Load ``weights`` as ``version``. The reload always runs to its end (see ``weight_sync.Incoming``);
+        ``check`` raises afterwards if the stream was cut, and the worker is then torn unless nothing went in."""
+        held = self.gdpo_policy_version
+        self.gdpo_policy_version = weight_sync.TORN
+        weight_sync.load_into_worker(self, weights)
+        if check is not None:
+            try:
+                check.check()
+            except weight_sync.SyncError:
+                if check.loaded == 0:  # every layer was put back as it was
+                    self.gdpo_policy_version = held
+                raise
         self.gdpo_policy_version = version
         return version
+
+    def gdpo_load_file(self, path: str, version: int, checksum: str) -> int:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:  # memory-mapped: one tensor at a time, no full copy
+            return self._gdpo_load(version, weight_sync.read_file(f, path, version, checksum))
+
+    def gdpo_sync_open(self, group: dict, rank_offset: int) -> int:
+        spec = SyncGroup(**group)  # a plain mapping over the RPC (its serializer takes no dataclasses)
+        self.gdpo_sync_close()
+        rank = rank_offset + self.rank  # self.rank: this worker's rank inside its engine (TP x PP)
+        self._gdpo_group = (weight_sync.open_comm(spec, rank, self.device), spec)
+        return rank
+
+    def gdpo_sync_receive(self, version: int) -> int:
+        if self._gdpo_group is None:
+            raise weight_sync.SyncError("this engine worker is in no broadcast group (gdpo_sync_open first)")
+        comm, spec = self._gdpo_group
+        incoming = weight_sync.receive(comm, spec.manifest, version, spec.bucket_bytes, self.device)  # header checked
+        return self._gdpo_load(version, incoming, check=incoming)
+
+    def gdpo_sync_close(self) -> None:
+        if self._gdpo_group is not None:
+            self._gdpo_group[0].close()
+            self._gdpo_group = None
 
     def gdpo_policy_version_now(self) -> int:
         return self.gdpo_policy_version

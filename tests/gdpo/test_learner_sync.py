@@ -1,10 +1,7 @@
-"""Learner pieces without Ray or DeepSpeed: the streamed weight file and the importance-ratio denominator."""
-import hashlib
-
+"""Learner pieces without Ray or DeepSpeed: the importance-ratio denominator (``_adapted_lm`` also
+serves the weight-sync tests)."""
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from gdpo import dora, learner
 from gdpo.config import load_config
@@ -24,38 +21,6 @@ def _adapted_lm(seed=0, dtype=torch.float32):
         if p.requires_grad:
             p.data += 0.1 * torch.randn_like(p)  # B != 0: merged weights differ from the base
     return model
-
-
-@pytest.mark.parametrize("bucket_bytes", [1, 5000, 1 << 24])
-def test_streamed_weight_file_is_a_safetensors_file_of_the_merged_weights(tmp_path, bucket_bytes):
-    model = _adapted_lm()
-    names = learner.sync_module_names(model, ("q_proj", "v_proj", "down_proj"))
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "down_proj"}  # k: stack mate
-    path = tmp_path / "w.safetensors"
-    digest, size = learner.write_merged_weights(model, names, str(path), {"policy_version": "3"}, bucket_bytes)
-    data = path.read_bytes()
-    assert size == len(data) and digest == hashlib.sha256(data).hexdigest()
-    expected = learner.merged_weights(model, names)
-    got = load_file(str(path))
-    assert sorted(got) == sorted(expected)
-    for key in expected:
-        assert torch.equal(got[key], expected[key]), key
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
-                           model.model.layers[0].self_attn.q_proj.base_layer.weight)  # merged, not the base
-    with safe_open(str(path), framework="pt") as f:
-        assert f.metadata() == {"policy_version": "3"}
-
-
-def test_publish_replaces_the_previous_version_and_reports_bytes(tmp_path):
-    model = _adapted_lm(dtype=torch.bfloat16)
-    names = learner.sync_module_names(model, ("q_proj",))
-    first = learner.publish_weights(model, names, 1, str(tmp_path), bucket_mb=1)
-    second = learner.publish_weights(model, names, 2, str(tmp_path), bucket_mb=1)
-    assert [p.name for p in tmp_path.iterdir()] == ["policy-v2.safetensors"]
-    assert second.num_bytes == (tmp_path / "policy-v2.safetensors").stat().st_size
-    assert second.checksum != first.checksum  # the header carries the version
-    assert second.names == first.names and len(second.names) == 12  # q and its stack mates k, v: weight + bias, 2 layers
-    assert load_file(second.path)["model.layers.1.self_attn.k_proj.weight"].dtype == torch.bfloat16
 
 
 def _batch(model, g):

@@ -1,6 +1,5 @@
 """The learner under real DeepSpeed (gloo, 2 ranks): one GDPO step gives the same policy with ZeRO-2 and ZeRO-3."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -8,13 +7,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from gdpo import weight_sync
+
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fixed_batch(tokenizer):
@@ -32,7 +27,7 @@ def _fixed_batch(tokenizer):
 
 
 def _worker(rank, world, port, stage, model_path, out_dir):
-    from gdpo import learner
+    from gdpo import learner, weight_sync
     from gdpo.config import load_config
 
     torch.manual_seed(0)
@@ -46,14 +41,14 @@ def _worker(rank, world, port, stage, model_path, out_dir):
     share = learner.attach_logprobs(model, share, cfg)
     tokens = float(batch.loss_mask[:, 1:].sum())
     sums = learner.train_step(engine, share, cfg, global_tokens=tokens, global_seqs=8.0, world_size=world)
-    names = learner.sync_module_names(model, cfg.learner.target_modules)
-    msg = learner.publish_weights(model, names, 1, out_dir, rank, stage)
+    names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
+    msg = learner.publish_weights(model, names, 1, rank=rank, zero_stage=stage, directory=out_dir)
     if rank == 0:
         torch.save({"grad_norm": sums["grad_norm"], "path": msg.path}, os.path.join(out_dir, "result.pt"))
 
 
 def _run(stage, model_path, out_dir):
-    port = _free_port()
+    port = weight_sync.free_port("127.0.0.1")
     mp.start_processes(_worker, args=(2, port, stage, model_path, str(out_dir)), nprocs=2, join=True,
                        start_method="spawn")
 

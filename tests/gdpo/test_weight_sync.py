@@ -1,17 +1,84 @@
-"""The real weight path: DoRA learner -> merged safetensors -> vLLM reload_weights."""
+"""The real weight path into vLLM: DoRA learner -> merged weights -> file or gloo broadcast -> reload_weights."""
 import os
+import threading
 
 import pytest
 import torch
 
-from gdpo import learner, rollout
+from gdpo import learner, rollout, weight_sync
 from gdpo.config import load_config
 from gdpo.policy import resolve_model_path
-from gdpo.records import TrainBatch
+from gdpo.records import SyncGroup, TrainBatch
+from gdpo.weight_sync import SyncError
+
+
+def _perturbed_policy(path, cfg, seed):
+    model, tok = learner.build_policy(path, cfg)
+    torch.manual_seed(seed)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            p.data += 0.05 * torch.randn_like(p)  # a policy clearly different from the base
+    return model, tok
+
+
+def _learner_logprobs(model, batch, pad_id):
+    tb = TrainBatch.from_rollouts(batch, torch.zeros(len(batch)), pad_id)
+    lp = learner.sequence_logprobs(model, tb, 8)  # [N, L-1]
+    return [lp[i][tb.loss_mask[i, 1:] > 0] for i in range(len(batch))]
+
+
+def _worst(engine_lp, learner_lp):
+    return max((torch.tensor(e) - l).abs().max().item() for e, l in zip(engine_lp, learner_lp))
+
+
+class _Background(threading.Thread):
+    """Run one engine call while this thread plays learner rank 0 (both sides block until the other acts)."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.result, self.error = fn, args, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            self.error = err
+
+    def get(self):
+        self.join(120)
+        assert not self.is_alive(), "the engine call did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
+    """Learner 0's side here, the engine's in vLLM's worker: open a group, send ``version`` (the engine expects
+    ``expect``, default the same), close. Returns what the engine's receive returned or raised."""
+    listen = weight_sync.listen_socket("127.0.0.1")
+    spec = SyncGroup("gloo", "127.0.0.1", listen.getsockname()[1], 2, f"e2e-{version}-{expect}", 60.0, 64 << 10,
+                     weight_sync.manifest_of(tensors))
+    opened = _Background(weight_sync.engine_open, llm, spec, 1)
+    comm = weight_sync.open_comm(spec, 0, "cpu", listen)
+    assert opened.get() == [1]
+    received = _Background(weight_sync.engine_receive, llm, expect if expect is not None else version)
+    sender = comm
+    if corrupt_call is not None:
+        from tests.gdpo.test_weight_sync_protocol import _Corrupting
+        sender = _Corrupting(comm, corrupt_call)
+    weight_sync.publish(tensors, version, 64 << 10, comm=sender)
+    try:
+        return received.get()
+    except Exception as err:  # noqa: BLE001 - the caller checks it
+        return err
+    finally:
+        weight_sync.engine_close(llm)
+        comm.close()
 
 
 @pytest.mark.e2e
-def test_rollout_engine_matches_learner_after_sync(tmp_path):
+def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(tmp_path):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = load_config()
     path = resolve_model_path(cfg, log=lambda m: None)
@@ -19,29 +86,43 @@ def test_rollout_engine_matches_learner_after_sync(tmp_path):
     batch = rollout.generate(llm, ["Compute 3+4-2\n", "Compute 9-1+5\n"], 4, max_new_tokens=64, temperature=1.0, seed=3)
     assert batch.group_ids == [0] * 4 + [1] * 4 and len(batch.sampling_logprobs[0]) == len(batch.completion_ids[0])
 
-    model, tok = learner.build_policy(path, cfg)
-    torch.manual_seed(0)
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            p.data += 0.05 * torch.randn_like(p)  # a policy clearly different from the base
-    tb = TrainBatch.from_rollouts(batch, torch.zeros(len(batch)), tok.pad_token_id)
-    lp = learner.sequence_logprobs(model, tb, 8)  # [N, L-1]
-    learner_lp = [lp[i][tb.loss_mask[i, 1:] > 0] for i in range(len(batch))]
-
+    model, tok = _perturbed_policy(path, cfg, 0)
+    names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
+    learner_lp = _learner_logprobs(model, batch, tok.pad_token_id)
     stale = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
-    msg = learner.publish_weights(model, learner.sync_module_names(model, cfg.learner.target_modules), 1, str(tmp_path))
+    msg = learner.publish_weights(model, names, 1, directory=str(tmp_path))
     with pytest.raises(rollout.StalePolicyError, match="holds policy version 0, the driver expects 1"):
         rollout.generate_checked(llm, 1, ["Compute 1+1\n"], 2, max_new_tokens=8, temperature=1.0)
-    bad = type(msg)(msg.path, msg.version, "0" * 64, msg.num_bytes, msg.names)
+    bad = type(msg)(**{**msg.__dict__, "checksum": "0" * 64})
     with pytest.raises(Exception, match="corrupt"):
-        rollout.load_weights(llm, bad)
-    rollout.load_weights(llm, msg)
+        weight_sync.engine_load_file(llm, bad)
+    assert rollout.engine_version(llm) == 0  # refused before anything was loaded
+    weight_sync.engine_load_file(llm, msg)
     assert rollout.engine_version(llm) == 1
     fresh = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
-    worst_fresh = max((torch.tensor(f) - l).abs().max().item() for f, l in zip(fresh, learner_lp))
-    worst_stale = max((torch.tensor(s) - l).abs().max().item() for s, l in zip(stale, learner_lp))
-    assert worst_fresh < 1e-3, worst_fresh
-    assert worst_stale > 1e-2, worst_stale  # the check can fail: before the sync the engine disagrees
+    assert _worst(fresh, learner_lp) < 1e-3, _worst(fresh, learner_lp)
+    assert _worst(stale, learner_lp) > 1e-2  # the check can fail: before the sync the engine disagrees
+
+    # the broadcast path: the same engine-side code a remote engine runs, here over loopback gloo
+    model2, _ = _perturbed_policy(path, cfg, 1)
+    tensors = weight_sync.sync_tensors(model2, names)
+    learner_lp2 = _learner_logprobs(model2, batch, tok.pad_token_id)
+    refused = _broadcast(llm, tensors, 2, expect=3)
+    assert isinstance(refused, SyncError) and "expected policy version 3" in str(refused)
+    assert rollout.engine_version(llm) == 1  # nothing loaded: still the intact version 1
+    assert _worst(rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids), learner_lp) < 1e-3
+
+    torn = _broadcast(llm, tensors, 2, corrupt_call=2 + 2 * 3)  # bucket 3 damaged in flight
+    assert isinstance(torn, SyncError) and "bucket 3 of" in str(torn)
+    assert rollout.engine_version(llm) == weight_sync.TORN
+    with pytest.raises(rollout.StalePolicyError, match="torn policy"):
+        rollout.generate_checked(llm, 2, ["Compute 1+1\n"], 2, max_new_tokens=8, temperature=1.0)
+
+    assert _broadcast(llm, tensors, 2) == 2
+    assert rollout.engine_version(llm) == 2
+    after = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
+    assert _worst(after, learner_lp2) < 1e-3, _worst(after, learner_lp2)
+    assert _worst(after, learner_lp) > 1e-2
     del llm
 
 
@@ -59,17 +140,10 @@ def test_after_a_sync_cached_prompt_blocks_are_not_reused(tmp_path):
     assert len(llm.get_tokenizer().encode(prompt)) > cache.block_size + 8  # at least one full, cacheable block
     rollout.generate(llm, [prompt], 2, max_new_tokens=16, temperature=1.0, seed=1)  # caches the prompt's blocks
 
-    model, tok = learner.build_policy(path, cfg)
-    torch.manual_seed(0)
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            p.data += 0.05 * torch.randn_like(p)
-    rollout.load_weights(llm, learner.publish_weights(
-        model, learner.sync_module_names(model, cfg.learner.target_modules), 1, str(tmp_path)))
+    model, tok = _perturbed_policy(path, cfg, 0)
+    assert _broadcast(llm, weight_sync.sync_tensors(model, weight_sync.sync_module_names(
+        model, cfg.learner.target_modules)), 1) == 1
     batch = rollout.generate(llm, [prompt], 2, max_new_tokens=16, temperature=1.0, seed=1)
-    tb = TrainBatch.from_rollouts(batch, torch.zeros(len(batch)), tok.pad_token_id)
-    lp = learner.sequence_logprobs(model, tb, 8)
-    worst = max((torch.tensor(batch.sampling_logprobs[i]) - lp[i][tb.loss_mask[i, 1:] > 0]).abs().max().item()
-                for i in range(len(batch)))
+    worst = _worst(batch.sampling_logprobs, _learner_logprobs(model, batch, tok.pad_token_id))
     assert worst < 1e-3, worst
     del llm
