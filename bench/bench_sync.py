@@ -15,7 +15,7 @@ learner rank 0. Each repeat measures, interleaved:
 - ``broadcast``: learner 0 broadcasts over a gloo group of itself and the engine's worker (the
   transport of engines on other nodes, here over loopback), the engine reloading as buckets arrive.
 
-Seconds run from the learner's first merge to the engine's prefix-cache reset; MB/s is the payload
+Seconds run from the learner's first merge to the engine's prefix-cache reset; MiB/s is the payload
 over those seconds. Medians over the repeats after one warm-up.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
                platform.processor())
     print(f"\n{info['parameters'] / 1e6:.1f}M-parameter policy, {len(tensors)} tensors, {mib:.1f} MiB per version, "
           f"{args.bucket_mb} MiB buckets; {cpu}, {os.cpu_count()} cores; median of {args.repeats}")
-    print(f"{'transfer':<42}{'seconds':>10}{'MB/s':>10}{'x memcpy':>10}")
+    print(f"{'transfer':<42}{'seconds':>10}{'MiB/s':>10}{'x memcpy':>10}")
     labels = {"memcpy": "memory copy of the payload (floor)", "merge": "DoRA merge alone (learner compute)",
               "file": "file: publish + engine reload", "broadcast": "gloo broadcast + engine reload"}
     for key, label in labels.items():

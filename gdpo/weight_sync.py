@@ -58,7 +58,7 @@ from gdpo.records import SyncGroup, WeightUpdate
 
 MAGIC = 0x6764706F  # "gdpo"
 PROTOCOL = 1
-WIRE_ALIGN = 4096  # bucket sizes on the wire: whole rows of the checksum's [R, 1024] int32 view
+WIRE_ALIGN = 4096  # bucket sizes on the wire: whole rows of the checksum's [R, 512] int64 view
 TENSOR_ALIGN = 16  # each tensor's offset inside a bucket (so any dtype view of it is aligned)
 TORN = -1  # the version an engine reports after a partial load
 
@@ -172,13 +172,13 @@ def plan(manifest: Manifest, bucket_bytes: int) -> list[Bucket]:
 
 
 def bucket_checksum(buf: torch.Tensor) -> torch.Tensor:
-    """``[size] uint8 -> [3] int64``: the sum of the bucket's int32 words and two position-weighted
-    sums (by row and by column of its ``[size/4096, 1024]`` view), so a changed, lost or moved word
-    changes it. Plain torch reductions on the buffer's own device; integer wrap-around is the same
-    on every device and order of summation."""
-    words = buf.view(torch.int32).view(-1, WIRE_ALIGN // 4)  # [R, 1024]
-    rows = words.sum(dim=1, dtype=torch.int64)  # [R]
-    cols = words.sum(dim=0, dtype=torch.int64)  # [1024]
+    """``[size] uint8 -> [3] int64``: the sum of the bucket's int64 words and two position-weighted
+    sums (by row and by column of its ``[size/4096, 512]`` view), so a changed, lost or moved word
+    changes it. Native int64 reductions on the buffer's own device (two passes at memory speed);
+    sums wrap modulo 2^64, which no order of summation changes."""
+    words = buf.view(torch.int64).view(-1, WIRE_ALIGN // 8)  # [R, 512]
+    rows = words.sum(dim=1)  # [R]
+    cols = words.sum(dim=0)  # [512]
     r = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=buf.device)
     c = torch.arange(1, cols.numel() + 1, dtype=torch.int64, device=buf.device)
     return torch.stack([rows.sum(), (rows * r).sum(), (cols * c).sum()])

@@ -42,9 +42,9 @@ def test_bucket_checksum_sees_a_flipped_byte_and_moved_words():
     ref = weight_sync.bucket_checksum(buf)
     flipped = buf.clone()
     flipped[5000] ^= 1
-    words = buf.clone().view(torch.int32)
-    words[[7, 3000]] = words[[3000, 7]]  # two words swapped: the plain sum cannot see it
-    rows = buf.clone().view(torch.int32).view(-1, 1024)
+    words = buf.clone().view(torch.int64)
+    words[[7, 1000]] = words[[1000, 7]]  # two words swapped: the plain sum cannot see it
+    rows = buf.clone().view(torch.int64).view(-1, 512)
     rows[[0, 2]] = rows[[2, 0]]  # two rows swapped
     assert not torch.equal(weight_sync.bucket_checksum(flipped), ref)
     assert weight_sync.bucket_checksum(words.view(torch.uint8))[0] == ref[0]
