@@ -359,8 +359,11 @@ def publish(tensors: list[SyncTensor], version: int, bucket_bytes: int, *, direc
     over ``comm``. Returns (file path or None, its sha256 or "", payload bytes)."""
     if directory is None and comm is None:
         raise ValueError("publish needs a directory, a group, or both")
-    final = Path(directory) / f"policy-v{version}.safetensors" if directory is not None else None
-    tmp = final.with_suffix(".tmp") if final is not None else None
+    final = tmp = None
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        final = Path(directory) / f"policy-v{version}.safetensors"
+        tmp = final.with_suffix(".tmp")
     writer = _FileWriter(tensors, str(tmp), {"policy_version": str(version)}, bucket_bytes) if final else None
     try:
         caster = _Broadcaster(comm, tensors, version, bucket_bytes, device) if comm is not None else None
