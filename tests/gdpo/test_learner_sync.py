@@ -52,3 +52,13 @@ def test_behaviour_logprobs_on_policy_off_policy_and_minibatched():
         learner.behaviour_logprobs(batch, logp, mini)
     filled = learner.attach_logprobs(model, batch, mini)
     torch.testing.assert_close(filled.old_logprobs * batch.loss_mask[:, 1:], batch.sampling_logprobs)
+
+
+def test_adapters_on_tied_embeddings_are_refused():
+    """vLLM builds a tied lm_head from embed_tokens and skips lm_head.* when it loads: an adapter there would
+    train, and never reach the engine."""
+    from gdpo.policy import resolve_model_path
+
+    cfg = load_config(None, ["learner.target_modules=[q_proj, lm_head]"])
+    with pytest.raises(ValueError, match=r"learner.target_modules.*\['lm_head'\].*tied"):
+        learner.build_policy(resolve_model_path(cfg, log=lambda m: None), cfg)
