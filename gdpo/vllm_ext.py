@@ -16,17 +16,17 @@ class WeightSyncExtension:
     gdpo_policy_version: int = 0
     _gdpo_group = None  # (comm, spec) while this worker is in a broadcast group
 
-    def _gdpo_load(self, version: int, weights, check=None) -> int:
-        """Load ``weights`` as ``version``. The reload always runs to its end (see ``weight_sync.Incoming``);
-        ``check`` raises afterwards if the stream was cut, and the worker is then torn unless nothing went in."""
+    def _gdpo_load(self, version: int, weights) -> int:
+        """Load ``weights`` as ``version``. The reload always runs to its end; an ``Incoming`` stream that was
+        cut raises afterwards, and the worker is then torn unless nothing went in."""
         held = self.gdpo_policy_version
         self.gdpo_policy_version = weight_sync.TORN
         weight_sync.load_into_worker(self, weights)
-        if check is not None:
+        if isinstance(weights, weight_sync.Incoming):
             try:
-                check.check()
+                weights.check()
             except weight_sync.SyncError:
-                if check.loaded == 0:  # every layer was put back as it was
+                if weights.loaded == 0:  # every layer was put back as it was
                     self.gdpo_policy_version = held
                 raise
         self.gdpo_policy_version = version
@@ -50,7 +50,7 @@ class WeightSyncExtension:
             raise weight_sync.SyncError("this engine worker is in no broadcast group (gdpo_sync_open first)")
         comm, spec = self._gdpo_group
         incoming = weight_sync.receive(comm, spec.manifest, version, spec.bucket_bytes, self.device)  # header checked
-        return self._gdpo_load(version, incoming, check=incoming)
+        return self._gdpo_load(version, incoming)
 
     def gdpo_sync_close(self) -> None:
         if self._gdpo_group is not None:
