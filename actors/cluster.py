@@ -273,6 +273,20 @@ class Cluster:
                 "grad_norm": sum(grad_norms) / len(grad_norms), "logprob_drift": float(first_drift or 0.0),
                 "forward_tokens": sums["forward_tokens"]}
 
+    def sleep_engines(self) -> None:
+        """``rollout.sleep_level`` > 0: engines give their GPU memory to the learners' update."""
+        if self.cfg.rollout.sleep_level:
+            level = self.cfg.rollout.sleep_level
+            self._gather_with_restarts(lambda i: self.rollouts[i].sleep.remote(level), list(range(len(self.rollouts))),
+                                       "rollout")
+
+    def wake_engines(self) -> None:
+        """Undo ``sleep_engines`` before the sync (a replaced engine is awake already; waking it is harmless)."""
+        if self.cfg.rollout.sleep_level:
+            level = self.cfg.rollout.sleep_level
+            self._gather_with_restarts(lambda i: self.rollouts[i].wake.remote(level), list(range(len(self.rollouts))),
+                                       "rollout")
+
     def sync(self) -> SyncReport:
         """Publish the merged DoRA weights as the next policy version and load them into every engine."""
         t0 = time.perf_counter()

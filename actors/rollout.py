@@ -33,6 +33,12 @@ class RolloutWorker:
     def sync_close(self) -> None:
         weight_sync.engine_close(self.llm)
 
+    def sleep(self, level: int) -> None:
+        rollout.sleep(self.llm, level)
+
+    def wake(self, level: int) -> None:
+        rollout.wake(self.llm, level)
+
     def policy_version(self) -> int:
         return rollout.engine_version(self.llm)
 

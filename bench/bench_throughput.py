@@ -114,13 +114,12 @@ def run_vllm(args) -> dict:
 
 
 def run_gdpo(args, ahead: int) -> dict:
-    from gdpo.policy import resolve_model_path
     from gdpo.trainer import train
 
     out = args.out / f"gdpo-ahead{ahead}"
     cfg = load_cfg(args, f"trainer.output_dir={out}", f"trainer.rollout_ahead={ahead}")
     t0 = time.time()
-    train(cfg, resolve_model_path(cfg, log=print), log=print)
+    train(cfg, log=print)
     wall = time.time() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = rows[args.warmup:len(rows) - ahead]  # ahead: the last step has no next rollout to overlap

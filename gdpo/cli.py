@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from gdpo.config import ConfigError, config_reference, load_config, to_dict
+from gdpo.data import DataError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _REF_BLOCK = re.compile(r"(<!-- config-reference:start -->\n)(.*?)(<!-- config-reference:end -->)", re.DOTALL)
@@ -32,11 +33,10 @@ def cmd_sft(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from gdpo.policy import resolve_model_path
     from gdpo.trainer import train
 
     cfg = load_config(args.config, args.overrides)
-    summary = train(cfg, resolve_model_path(cfg))
+    summary = train(cfg)
     print_summary(summary, cfg.trainer.output_dir)
     return 0
 
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as err:
         print(f"gdpo: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"gdpo: data error: {err}", file=sys.stderr)
         return 2
 
 

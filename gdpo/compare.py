@@ -91,7 +91,7 @@ def _compare(config, overrides, estimators, seeds, out, samples_per_prompt, log)
         summary = run / "summary.json"
         if not (summary.is_file() and "final" in json.loads(summary.read_text())):
             log(f"[compare] training {name} ({cfg.trainer.steps} steps)")
-            train(cfg, model_path, log)
+            train(cfg, log)
         results[est].append(evaluate_once(name, str(run / "final"), str(root / "evals" / "base"), cfg))
     head, body = estimator_table(results)
     note = (f"{seeds} seed(s) per estimator, the same policy, rewards and data; each final policy sampled "

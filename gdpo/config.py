@@ -83,6 +83,15 @@ class RolloutConfig:
     eval_temperature: float = doc(0.0, "sampling temperature for held-out evaluation (0 = greedy)")
     tensor_parallel_size: int = doc(1, "vLLM tensor parallelism per worker (GPU only)")
     gpu_memory_utilization: float = doc(0.5, "vLLM GPU memory fraction (GPU only)")
+    max_model_len: Optional[int] = doc(None, "the engines' context, prompt + completion tokens; None = the model's "
+                                       "max_position_embeddings. A run whose longest prompt plus max_new_tokens does "
+                                       "not fit is refused at start")
+    enforce_eager: Optional[bool] = doc(None, "vLLM without CUDA graphs; None = eager on CPU, CUDA graphs on GPU "
+                                        "(decoding is much slower without them)")
+    sleep_level: Literal[0, 1, 2] = doc(0, "placement colocated: engines sleep through the learner's update and wake "
+                                        "before the sync (vLLM sleep mode): 1 offloads weights to CPU and drops the KV "
+                                        "cache, 2 drops both (the base weights are reloaded from model.path on wake); "
+                                        "0 = off. vLLM's CPU backend frees nothing (it only pauses the engine)")
     kv_cache_gib: int = doc(1, "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
     cpu_reserved_cores: Optional[int] = doc(None, "CPU only: cores vLLM keeps free of its OpenMP threads for the "
                                             "front end (VLLM_CPU_NUM_OF_RESERVED_CPU); None = vLLM's default (1), 0 = "
@@ -358,6 +367,13 @@ def validate(cfg: Config) -> None:
          f"head_dim = {cfg.sft.hidden_size // cfg.sft.num_heads} < 64 is rejected by vLLM's CPU attention")
     need(cfg.trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0")
     need(cfg.data.eval_size >= 0 and cfg.data.train_size >= 0, "data.eval_size", "sizes must be >= 0")
+    need(cfg.rollout.max_model_len is None or cfg.rollout.max_model_len > cfg.rollout.max_new_tokens,
+         "rollout.max_model_len", f"must exceed rollout.max_new_tokens = {cfg.rollout.max_new_tokens} (room for a "
+         f"prompt), got {cfg.rollout.max_model_len}")
+    need(cfg.rollout.sleep_level == 0 or cfg.cluster.placement == "colocated", "rollout.sleep_level",
+         "sleeping frees memory for learners on the engines' devices: it needs cluster.placement=colocated")
+    need(cfg.rollout.sleep_level == 0 or cfg.trainer.rollout_ahead == 0, "rollout.sleep_level",
+         "with trainer.rollout_ahead=1 the engines generate during the update, so they cannot sleep through it")
     need(cfg.cluster.sync_timeout_s > 0, "cluster.sync_timeout_s", f"must be > 0, got {cfg.cluster.sync_timeout_s}")
     for key in ("learner_resources", "rollout_resources"):
         for name, amount in getattr(cfg.cluster, key).items():

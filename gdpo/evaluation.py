@@ -104,19 +104,15 @@ def lora_rank(path: str) -> int:
 
 
 def check_context(prompts: list[str], tokenizer, model_dir: str, cfg: Config, s: EvalSettings) -> None:
-    """Every prompt plus ``max_new_tokens`` must fit the model's context (vLLM would fail mid-run)."""
-    from gdpo.rollout import _max_model_len
+    """Every prompt plus ``max_new_tokens`` must fit the engine's context (vLLM would fail mid-run)."""
+    from gdpo.config import ConfigError
+    from gdpo.preflight import check_prompt_lengths, model_context
 
-    limit = _max_model_len(model_dir, cfg)
-    if not limit:
-        return
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    worst = max(range(len(lengths)), key=lengths.__getitem__)
-    if lengths[worst] + s.max_new_tokens > limit:
-        too_long = sum(n + s.max_new_tokens > limit for n in lengths)
-        raise EvalError(f"--data {s.data}: sample {worst} has a {lengths[worst]}-token prompt; with --max-new-tokens "
-                        f"{s.max_new_tokens} it exceeds the model's context of {limit} tokens "
-                        f"({too_long} of {len(lengths)} prompts do)")
+    try:
+        check_prompt_lengths(prompts, tokenizer, model_context(model_dir, cfg), s.max_new_tokens, s.data,
+                             "--max-new-tokens")
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
 
 
 def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[str], None] = print) -> dict:

@@ -68,6 +68,38 @@ def make_engine(model, cfg: Config):
     return engine
 
 
+class PlainEngine:
+    """The part of DeepSpeed's engine that ``train_step`` uses, over a plain module and AdamW on its
+    trainable parameters: for one process where DeepSpeed is absent (the GPU check, benchmarks).
+    Gradients are clipped to ``learner.grad_clip`` as DeepSpeed does; no lr schedule, no ZeRO."""
+
+    def __init__(self, model, cfg: Config):
+        self.module, self.grad_clip = model, cfg.learner.grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
+        self.grad_norm = 0.0
+
+    def __call__(self, **inputs):
+        return self.module(**inputs)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def set_gradient_accumulation_boundary(self, boundary: bool) -> None:
+        pass  # gradients accumulate until step()
+
+    def backward(self, loss, scale_wrt_gas: bool = False) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self) -> float:
+        return self.grad_norm
+
+
 def lr_factor(cfg: Config):
     """Multiplier of learner.lr at optimizer step s: linear warm-up, then constant or cosine decay."""
     total = cfg.trainer.steps * cfg.learner.updates_per_step

@@ -24,7 +24,10 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
     if cfg.rollout.cpu_reserved_cores is not None:  # read by the engine-core process vLLM starts below
         os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.rollout.cpu_reserved_cores)
+    import torch
     import vllm
+
+    from gdpo.preflight import model_context
 
     lora = {}
     if lora_rank:
@@ -32,19 +35,15 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
         if not fits:
             raise ValueError(f"LoRA rank {lora_rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
         lora = {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 1}
+    gpu = torch.cuda.is_available()
+    eager = cfg.rollout.enforce_eager if cfg.rollout.enforce_eager is not None else not gpu
+    sleep = {"enable_sleep_mode": True} if gpu and cfg.rollout.sleep_level else {}  # vLLM refuses it on CPU
     return vllm.LLM(
         model=model_path, dtype=cfg.model.dtype, seed=seed, trust_remote_code=cfg.model.trust_remote_code,
         tensor_parallel_size=cfg.rollout.tensor_parallel_size, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_model_len=_max_model_len(model_path, cfg), enforce_eager=True, worker_extension_cls=EXTENSION, **lora,
+        max_model_len=model_context(model_path, cfg), enforce_eager=eager, worker_extension_cls=EXTENSION,
+        **sleep, **lora,
     )
-
-
-def _max_model_len(model_path: str, cfg: Config) -> Optional[int]:
-    from transformers import AutoConfig
-
-    limit = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
-                    "max_position_embeddings", None)
-    return min(limit, 4096) if limit else None
 
 
 def generate(llm, prompts: list[str], samples_per_prompt: int, *, max_new_tokens: int, temperature: float,
@@ -89,6 +88,22 @@ def sequence_logprobs(llm, prompt_ids: list[list[int]], completion_ids: list[lis
         plp = out.prompt_logprobs  # [P + T] entries, the first None
         result.append([plp[len(p) + j][tok].logprob for j, tok in enumerate(c)])
     return result
+
+
+def sleep(llm, level: int) -> None:
+    """Free the engine's GPU memory for the learner's update (vLLM sleep mode; level 1 keeps the
+    weights in CPU memory, level 2 drops them). vLLM's CPU backend only pauses the engine."""
+    llm.sleep(level=level)
+
+
+def wake(llm, level: int) -> None:
+    """Undo ``sleep``; after level 2 the base weights are reloaded from the model path and the engine
+    counts as torn until the next sync brings the policy (a sync sends only the adapted layers)."""
+    llm.wake_up()
+    if level == 2:
+        from gdpo.weight_sync import engine_reload_base
+
+        engine_reload_base(llm)
 
 
 def engine_version(llm) -> int:

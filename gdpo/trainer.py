@@ -19,9 +19,10 @@ import torch
 
 from gdpo.advantages import apply_conditions, gdpo_advantages, grpo_advantages, zero_variance_groups
 from gdpo.config import Config, to_dict
-from gdpo.data import PromptSet, load_prompts
+from gdpo.data import PromptSet
 from gdpo.fileio import atomic_write_text
 from gdpo.metrics import MetricsLogger, token_stats
+from gdpo.preflight import RunInputs, prepare_run
 from gdpo.records import TrainBatch
 
 
@@ -71,7 +72,7 @@ class StageClock:
 
     def report(self, rollout_seconds: float, overlapped: bool) -> dict[str, float]:
         step = time.perf_counter() - self.start
-        t = {s: self.times.get(s, 0.0) for s in ("rollout_wait", "reward", "logprobs", "update", "sync")}
+        t = {s: self.times.get(s, 0.0) for s in ("rollout_wait", "reward", "logprobs", "update", "sleep", "sync")}
         critical = 0.0 if overlapped else min(rollout_seconds, t["rollout_wait"])
         return {**{f"time/{s}": v for s, v in t.items()}, "time/rollout": rollout_seconds,
                 "time/idle": t["rollout_wait"] - critical, "time/other": step - sum(t.values()), "time/step": step,
@@ -134,24 +135,24 @@ def save_checkpoint(cluster, state: RunState, output_dir: Path, keep: int = 2) -
     return final
 
 
-def train(cfg: Config, model_path: str, log: Callable[[str], None] = print) -> dict:
+def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Run (or resume) GDPO/GRPO training; returns the summary written to ``output_dir/summary.json``."""
     from actors.cluster import Cluster, ray_init
 
+    inputs = prepare_run(cfg, log)  # model, tokenizer, data, templates, context: checked before Ray starts
     out = Path(cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", to_dict(cfg))
     ray_init(cfg)
-    cluster = Cluster(cfg, model_path, log)
+    cluster = Cluster(cfg, inputs.model_path, log)
     try:
-        return _run(cluster, cfg, out, log)
+        return _run(cluster, cfg, inputs, out, log)
     finally:
         cluster.shutdown()
 
 
-def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
-    train_data = load_prompts(cfg.data, "train", seed=cfg.trainer.seed)
-    eval_data = load_prompts(cfg.data, "eval", seed=cfg.trainer.seed)
+def _run(cluster, cfg: Config, inputs: RunInputs, out: Path, log: Callable[[str], None]) -> dict:
+    train_data, eval_data = inputs.train, inputs.eval
     stream = PromptStream(train_data, cfg.trainer.seed)
     state = RunState()
     ckpt = latest_checkpoint(out) if cfg.trainer.resume == "auto" else None
@@ -201,6 +202,8 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
                 keep = (~flat[:, cols].all(1)).repeat_interleave(k)
             batch = TrainBatch.from_rollouts(rollouts, advantages, cluster.pad_id)
             kept = torch.nonzero(keep).squeeze(1)
+        with clock("sleep"):
+            cluster.sleep_engines()  # rollout.sleep_level > 0: the engines' GPU memory goes to the update
         learn = {}
         if len(kept) >= len(cluster.learners):
             batch = batch if len(kept) == len(batch) else batch.select(kept)
@@ -211,6 +214,8 @@ def _run(cluster, cfg: Config, out: Path, log: Callable[[str], None]) -> dict:
         if ahead is not None:
             with clock("rollout_wait"):  # the engines load the next version only after that rollout
                 cluster.wait(ahead[1])
+        with clock("sleep"):
+            cluster.wake_engines()  # weights back (level 2: the base reloaded) before the new version lands
         with clock("sync"):
             synced = cluster.sync()
         staleness = cluster.version - 1 - rollouts.policy_version  # versions between sampler and learner

@@ -38,6 +38,11 @@ class WeightSyncExtension:
         with safe_open(path, framework="pt") as f:  # memory-mapped: one tensor at a time, no full copy
             return self._gdpo_load(version, weight_sync.read_file(f, path, version, checksum))
 
+    def gdpo_reload_base(self) -> None:
+        """The base checkpoint from the model path; torn until a sync loads the policy over it."""
+        self.gdpo_policy_version = weight_sync.TORN
+        self.reload_weights()
+
     def gdpo_sync_open(self, group: dict, rank_offset: int) -> int:
         spec = SyncGroup(**group)  # a plain mapping over the RPC (its serializer takes no dataclasses)
         self.gdpo_sync_close()

@@ -532,6 +532,11 @@ def engine_receive(llm, version: int) -> int:
     return _settled(llm, _rpc(llm, "gdpo_sync_receive", version), version)
 
 
+def engine_reload_base(llm) -> None:
+    """Every worker reloads the model's own weights from its path (after a level-2 sleep dropped them)."""
+    _rpc(llm, "gdpo_reload_base")
+
+
 def engine_close(llm) -> None:
     _rpc(llm, "gdpo_sync_close")
 

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from gdpo.config import load_config
-from gdpo.policy import resolve_model_path
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +20,7 @@ def _train(out, *overrides):
 
     cfg = load_config(None, [*SMALL, f"trainer.output_dir={out}", *overrides])
     try:
-        return train(cfg, resolve_model_path(cfg, log=lambda m: None), log=lambda m: None)
+        return train(cfg, log=lambda m: None)
     finally:
         ray.shutdown()
 
@@ -43,7 +42,7 @@ def test_train_writes_outputs_and_resume_reproduces_the_next_step(tmp_path):
                 "perf/learner_tokens_per_s", "sync/bytes", "staleness", "zero_variance_groups"):
         assert key in rows[0], key
     for row in rows:  # the stages partition the step; the sync moved the adapted layers' merged weights
-        parts = sum(row[f"time/{s}"] for s in ("rollout_wait", "reward", "logprobs", "update", "sync", "other"))
+        parts = sum(row[f"time/{s}"] for s in ("rollout_wait", "reward", "logprobs", "update", "sleep", "sync", "other"))
         assert parts == pytest.approx(row["time/step"], rel=1e-6)
         assert 0 < row["time/rollout"] <= row["time/rollout_wait"] and row["time/update"] > 0
         assert 0 <= row["time/overhead_frac"] < 1 and row["staleness"] == 0

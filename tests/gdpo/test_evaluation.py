@@ -79,8 +79,8 @@ def test_prompts_longer_than_the_context_are_named(no_engine, tmp_path):
     if not os.path.isfile(GSM8K):
         pytest.skip("the shared GSM8K data is not beside the project")
     s = evaluation.EvalSettings(model="builtin:tiny-chain-arith", data=GSM8K, max_new_tokens=64, limit=50)
-    with pytest.raises(evaluation.EvalError, match=r"sample \d+ has a \d+-token prompt; with --max-new-tokens 64 it "
-                                                   r"exceeds the model's context of 256 tokens"):
+    with pytest.raises(evaluation.EvalError, match=r"sample \d+ has a \d+-token prompt; with --max-new-tokens = 64 it "
+                                                   r"exceeds the engines' context of 256 tokens"):
         evaluation.evaluate_model(s, load_config(), str(tmp_path / "out"))
 
 

@@ -1,0 +1,237 @@
+"""GPU check of the learner side at real shapes, random weights: one command for a short GPU lease.
+
+    python bench/gpu_check.py --out /tmp/gpu_check          # on the GPU machine (a few minutes on one H200)
+    python bench/gpu_check.py --tiny --out /tmp/gpu_check   # the same code on CPU at a tiny shape (the tests)
+
+Needs PyTorch, Triton, transformers and peft only: no vLLM, Ray, DeepSpeed or model hub (the
+Qwen2.5-1.5B shape comes from ``configs/models/qwen2.5-1.5b/config.json``; the learner settings from
+``configs/gsm8k_qwen2.5_1.5b.yaml``). bf16 on a GPU, fp32 on CPU. Sections, each timed after a
+warm-up:
+
+1. ``dora_layers``: one projection of each 1.5B shape, forward + backward over a micro-batch of
+   tokens, the project's DoRA against peft's LoRA and peft's DoRA (``bench/bench_dora.py``): median
+   seconds and peak memory.
+2. ``update_step``: one GDPO optimizer step of the 1.5B model with DoRA (the preset's rank and alpha)
+   on every projection, through ``gdpo.learner.train_step`` with a plain-PyTorch engine (AdamW on the
+   adapters; DeepSpeed is not on the machine, so no ZeRO): tokens per second and peak memory at the
+   preset's micro-batch and sequence length (prompt + ``rollout.max_new_tokens``), halving the
+   micro-batch after an out-of-memory error.
+3. ``publish``: the merged weights a sync sends: the DoRA merge alone, and the whole file publish
+   (merge, copy to host, hash, write) into a temporary directory.
+4. ``kernels``: the FP4 pack/unpack and fake-quant Triton kernels and the DoRA row-norm kernel against
+   their torch references (bit-exact for FP4, tolerance for the norm) and their times.
+
+Writes ``OUT/results.json`` and prints one line per figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PRESET = ROOT / "configs" / "gsm8k_qwen2.5_1.5b.yaml"
+MODEL_CONFIG = ROOT / "configs" / "models" / "qwen2.5-1.5b" / "config.json"
+PROMPT_TOKENS = 256  # a GSM8K prompt with the preset's chat template is 100-250 tokens
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, repeats: int) -> list[float]:
+    fn()  # warm-up (Triton compiles, cuBLAS picks kernels)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _peak_reset(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def dora_layers(device, dtype, tiny: bool, cfg) -> list[dict]:
+    import torch
+
+    from bench.bench_dora import build, peak_bytes_cpu, peak_bytes_cuda, step
+
+    shapes = [(64, 96)] if tiny else [(1536, 1536), (1536, 8960), (8960, 1536)]
+    tokens = 64 if tiny else cfg.learner.micro_batch_per_worker * (PROMPT_TOKENS + cfg.rollout.max_new_tokens)
+    rank = 4 if tiny else cfg.learner.dora_rank
+    rows = []
+    for in_f, out_f in shapes:
+        x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
+        dy = torch.randn(tokens, out_f, device=device, dtype=dtype)
+        for variant in ("peft-lora", "peft-dora", "gdpo-dora"):
+            model = build(variant, in_f, out_f, rank, device, dtype)
+            times = _timed(lambda: step(model, x, dy), device, 2 if tiny else 5)
+            peak = (peak_bytes_cuda if device.type == "cuda" else peak_bytes_cpu)(model, x, dy, True)
+            rows.append({"shape": f"{in_f}x{out_f}", "tokens": tokens, "rank": rank, "variant": variant,
+                         "median_s": statistics.median(times), "peak_mib": peak / 2**20})
+            del model
+    return rows
+
+
+def _model(device, dtype, tiny: bool):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if tiny:
+        config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+    else:
+        config = Qwen2Config(**json.loads(MODEL_CONFIG.read_text()))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config).to(dtype)
+    return model, config
+
+
+def update_step(device, dtype, tiny: bool, cfg) -> dict:
+    import torch
+
+    from gdpo import dora, learner, weight_sync
+    from gdpo.records import TrainBatch
+
+    model, config = _model(device, dtype, tiny)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        dora.apply_dora(model, list(cfg.learner.target_modules), cfg.learner.dora_rank, cfg.learner.dora_alpha)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(0, 0.01)  # B != 0: a trained adapter, so the merge and the norm do real work
+    engine = learner.PlainEngine(model, cfg)
+    completion = 16 if tiny else cfg.rollout.max_new_tokens
+    width = (8 if tiny else PROMPT_TOKENS) + completion
+    micro = cfg.learner.micro_batch_per_worker
+    out = {"parameters": sum(p.numel() for p in model.parameters()),
+           "adapter_parameters": sum(p.numel() for p in engine.params), "sequence_tokens": width}
+    while micro >= 1:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (micro, width), generator=g).to(device)
+        mask = torch.zeros(micro, width, device=device)
+        mask[:, width - completion:] = 1
+        batch = TrainBatch(ids, torch.ones_like(ids), mask, torch.randn(micro, generator=g).to(device))
+        tokens = float(mask[:, 1:].sum())
+        run = lambda: learner.train_step(engine, batch, cfg, global_tokens=tokens, global_seqs=float(micro),  # noqa: E731
+                                         world_size=1)
+        try:
+            _peak_reset(device)
+            times = _timed(run, device, 2 if tiny else 3)
+        except torch.OutOfMemoryError:
+            out.setdefault("out_of_memory_at_micro_batch", []).append(micro)
+            del batch
+            engine.optimizer.zero_grad(set_to_none=True)
+            micro //= 2
+            continue
+        out.update(micro_batch=micro, median_s=statistics.median(times), peak_gib=_peak_gib(device),
+                   tokens_per_s=micro * width / statistics.median(times))
+        break
+    names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
+    tensors = weight_sync.sync_tensors(model, names)
+    payload = sum(t.nbytes for t in tensors)
+
+    def merge():
+        with torch.no_grad():
+            for t in tensors:
+                t.make()
+    with tempfile.TemporaryDirectory(prefix="gdpo-gpu-check-") as tmp:
+        version = iter(range(1, 100))
+        publish = _timed(lambda: weight_sync.publish(tensors, next(version), cfg.learner.sync_bucket_mb << 20,
+                                                     directory=tmp, device=device), device, 2)
+    merge_s = statistics.median(_timed(merge, device, 3))
+    out["publish"] = {"tensors": len(tensors), "bytes": payload, "merge_s": merge_s,
+                      "merge_GB_per_s": payload / merge_s / 1e9, "file_s": statistics.median(publish),
+                      "file_GB_per_s": payload / statistics.median(publish) / 1e9}
+    return out
+
+
+def kernels(device, tiny: bool) -> dict:
+    import torch
+
+    from kernels import fp4
+    from kernels.dora_norm import dora_row_norm_reference, dora_row_norm_triton
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rows, cols = (24, 40) if tiny else (8960, 1536)
+    out = {}
+    codes = torch.randint(0, 16, (rows, cols + 1), generator=g, dtype=torch.uint8).to(device)
+    packed = fp4.pack_nibbles_reference(codes)
+    out["pack_exact"] = bool(torch.equal(fp4.pack_nibbles_triton(codes), packed))
+    out["unpack_exact"] = bool(torch.equal(fp4.unpack_nibbles_triton(packed, cols + 1), codes))
+    x = (torch.randn(rows, cols, generator=g) * 3).to(device)
+    bias = (torch.rand(rows, generator=g) * 2).to(device)
+    shift = torch.randint(0, 3, (cols,), generator=g).to(device)
+    out["fake_quant_exact"] = bool(torch.equal(fp4.fake_quant_rows_triton(x, 2, 1, bias, shift),
+                                               fp4.fake_quant_rows_reference(x, 2, 1, bias, shift)))
+    reps = 1 if tiny else 20
+    out["fake_quant_triton_s"] = statistics.median(_timed(lambda: fp4.fake_quant_rows_triton(x, 2, 1, bias, shift), device, reps))
+    out["fake_quant_reference_s"] = statistics.median(_timed(lambda: fp4.fake_quant_rows_reference(x, 2, 1, bias, shift), device, reps))
+    w0 = torch.randn(rows, cols, generator=g).to(device)
+    a, b = (torch.randn(16, cols, generator=g) * 0.05).to(device), (torch.randn(rows, 16, generator=g) * 0.05).to(device)
+    ref = dora_row_norm_reference(w0, a, b, 2.0)
+    got = dora_row_norm_triton(w0, a, b, 2.0)
+    out["dora_norm_max_rel_err"] = float(((got - ref).abs() / ref).max())
+    out["dora_norm_triton_s"] = statistics.median(_timed(lambda: dora_row_norm_triton(w0, a, b, 2.0), device, reps))
+    out["dora_norm_reference_s"] = statistics.median(_timed(lambda: dora_row_norm_reference(w0, a, b, 2.0), device, reps))
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU: what the test suite runs)")
+    p.add_argument("--sections", default="kernels,dora_layers,update_step")
+    args = p.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run interpreted
+    from gdpo.config import load_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = load_config(PRESET, ["model.dtype=" + str(dtype).removeprefix("torch.")])
+    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "dtype": str(dtype), "torch": torch.__version__, "tiny": args.tiny}
+    for name in args.sections.split(","):
+        t0 = time.perf_counter()
+        section = {"kernels": lambda: kernels(device, args.tiny),
+                   "dora_layers": lambda: dora_layers(device, dtype, args.tiny, cfg),
+                   "update_step": lambda: update_step(device, dtype, args.tiny, cfg)}[name]
+        results[name] = section()
+        results[name + "_wall_s"] = time.perf_counter() - t0
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""What a run needs that can be checked without workers, loaded and checked before Ray starts.
+
+The model path resolves and its tokenizer loads; both data sources load and fill the prompt
+template (and the tokenizer's chat template with ``data.use_chat_template``); every prompt plus
+``rollout.max_new_tokens`` fits the engines' context. Each failure names the config key, the file
+or the sample, and comes before any actor, engine or DeepSpeed rank starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from gdpo.config import Config, ConfigError
+from gdpo.data import DataError, PromptSet, load_prompts
+
+
+@dataclass
+class RunInputs:
+    model_path: str  # the HF directory (or hub id) every worker loads
+    train: PromptSet
+    eval: PromptSet
+    context: int  # the engines' max_model_len: prompt + completion tokens
+    longest_prompt: int  # tokens, over both sources
+
+
+def model_context(model_path: str, cfg: Config) -> int:
+    """The engines' context: ``rollout.max_model_len``, else the model's ``max_position_embeddings``."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
+                    "max_position_embeddings", None)
+    wanted = cfg.rollout.max_model_len
+    if wanted is not None and limit is not None and wanted > limit:
+        raise ConfigError(f"config key 'rollout.max_model_len' = {wanted} exceeds the model's context "
+                          f"(max_position_embeddings = {limit} in {model_path})")
+    if wanted is None and limit is None:
+        raise ConfigError(f"the model in {model_path} states no max_position_embeddings: set rollout.max_model_len")
+    return wanted if wanted is not None else limit
+
+
+def check_prompt_lengths(prompts: list[str], tokenizer, context: int, max_new_tokens: int, source: str,
+                         new_tokens_key: str = "rollout.max_new_tokens") -> int:
+    """The longest prompt in tokens; an error naming the sample when a prompt plus ``max_new_tokens``
+    does not fit ``context`` (vLLM would refuse that request in the middle of a run)."""
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    worst = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[worst] + max_new_tokens > context:
+        too_long = sum(n + max_new_tokens > context for n in lengths)
+        raise ConfigError(f"data source '{source}': sample {worst} has a {lengths[worst]}-token prompt; with "
+                          f"{new_tokens_key} = {max_new_tokens} it exceeds the engines' context of {context} tokens "
+                          f"({too_long} of {len(lengths)} prompts do). Raise rollout.max_model_len (up to the model's "
+                          f"max_position_embeddings), lower {new_tokens_key}, or filter the data")
+    return lengths[worst]
+
+
+def load_tokenizer(model_path: str, cfg: Config):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config key 'model.path' = {model_path!r}: no tokenizer could be loaded from it "
+                          f"({str(err).strip().splitlines()[0]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunInputs:
+    """Resolve and check everything above; the trainer hands the result to the workers."""
+    from gdpo.policy import resolve_model_path
+
+    model_path = resolve_model_path(cfg, log)
+    tokenizer = load_tokenizer(model_path, cfg)
+    context = model_context(model_path, cfg)
+    sets, longest = {}, 0
+    for role, source in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        try:
+            sets[role] = load_prompts(cfg.data, role, seed=cfg.trainer.seed, tokenizer=tokenizer)
+        except DataError as err:
+            raise DataError(f"data.{role}: {err}") from None
+        longest = max(longest, check_prompt_lengths(sets[role].prompts, tokenizer, context,
+                                                    cfg.rollout.max_new_tokens, source))
+    return RunInputs(model_path, sets["train"], sets["eval"], context, longest)
