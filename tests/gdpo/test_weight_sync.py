@@ -83,6 +83,8 @@ def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(tmp_path)
     cfg = load_config()
     path = resolve_model_path(cfg, log=lambda m: None)
     llm = rollout.make_engine(path, cfg)
+    engine_cfg = llm.llm_engine.vllm_config.model_config
+    assert engine_cfg.enforce_eager and engine_cfg.max_model_len == 256  # CPU: eager; the model's whole context
     batch = rollout.generate(llm, ["Compute 3+4-2\n", "Compute 9-1+5\n"], 4, max_new_tokens=64, temperature=1.0, seed=3)
     assert batch.group_ids == [0] * 4 + [1] * 4 and len(batch.sampling_logprobs[0]) == len(batch.completion_ids[0])
 
