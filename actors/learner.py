@@ -20,7 +20,7 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int, model_path: str, cfg: Config, run_id: str):
         self.rank, self.world_size, self.model_path, self.cfg, self.run_id = rank, world_size, model_path, cfg, run_id
         self.threads = learner.set_cpu_threads(cfg)
-        self.comm = self.listen = self.weights_dir = None
+        self.comm = self.listen = self.rendezvous_sock = self.weights_dir = None
         self.published, self.dirty = 0, False  # the version last published; weights changed since?
 
     def node(self) -> tuple[str, str]:
@@ -28,12 +28,15 @@ class LearnerWorker:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
 
     def rendezvous_endpoint(self) -> tuple[str, int]:
-        ip = ray.util.get_node_ip_address()
-        return ip, weight_sync.free_port(ip)
+        """Rank 0: this node's IP and a port it holds open for the learners' rendezvous."""
+        self.rendezvous_sock = weight_sync.listen_socket(ray.util.get_node_ip_address())
+        return self.rendezvous_sock.getsockname()[:2]
 
     def start(self, master_addr: str, master_port: int) -> list:
         """Join the DeepSpeed world, build the policy and its engine; returns the sync manifest."""
-        learner.init_distributed(self.rank, self.world_size, master_addr, master_port)
+        sock, self.rendezvous_sock = self.rendezvous_sock, None
+        learner.init_distributed(self.rank, self.world_size, master_addr, master_port,
+                                 listen_fd=sock.detach() if sock is not None else None)
         self.model, self.tokenizer = learner.build_policy(self.model_path, self.cfg)
         self.engine = learner.make_engine(self.model, self.cfg)
         self.sync_names = weight_sync.sync_module_names(self.model, self.cfg.learner.target_modules)

@@ -221,15 +221,26 @@ def set_cpu_threads(cfg: Config) -> int:
     return torch.get_num_threads()
 
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: Optional[str] = None) -> None:
-    """Set the torch.distributed environment and initialize it (gloo on CPU, nccl on GPU)."""
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: Optional[str] = None,
+                     listen_fd: Optional[int] = None) -> None:
+    """Join the learners' torch.distributed world (gloo on CPU, nccl on GPU), then hand it to DeepSpeed.
+
+    Rank 0 hosts the rendezvous store; given ``listen_fd`` (a socket it bound when it reported the
+    port), it serves on that socket, so no other process can take the port in between.
+    """
+    import datetime
+
     import deepspeed
+    import torch.distributed as dist
 
     os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                        "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank % max(1, torch.cuda.device_count()))})
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
+    timeout = datetime.timedelta(minutes=10)  # DeepSpeed's default
+    extra = {"master_listen_fd": listen_fd} if listen_fd is not None else {}
+    store = dist.TCPStore(master_addr, master_port, world_size, rank == 0, timeout=timeout, **extra)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the world above
 
 
 def needs_old_logprobs(cfg: Config) -> bool:
