@@ -112,10 +112,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from gdpo.compare import compare
+    from gdpo.compare import compare, parse_arms
 
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
-    summary = compare(args.config, args.overrides, estimators, args.seeds, args.out, args.samples_per_prompt)
+    joint = [j.strip() for j in args.joint.split(",") if j.strip()] if args.joint else []
+    summary = compare(args.config, args.overrides, parse_arms(estimators, args.arm or []), args.seeds, args.out,
+                      args.samples_per_prompt, joint)
     head, body = summary["table"]["head"], summary["table"]["body"]
     widths = [max(len(r[i]) for r in [head, *body]) + 2 for i in range(len(head))]
     for row in [head, *body]:
@@ -213,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--title", default="gdpo token-efficiency report")
     rep.set_defaults(fn=cmd_report)
     cmp_ = _with_config(sub.add_parser("compare", help="train and evaluate each estimator over seeds, then report"))
-    cmp_.add_argument("--estimators", default="grpo,gdpo")
+    cmp_.add_argument("--estimators", default="grpo,gdpo",
+                      help="arms: grpo, gdpo, grpo-matched (GRPO with reward weights divided by their spread on the base)")
+    cmp_.add_argument("--arm", action="append", help="another arm: 'NAME: key=value ...' (repeatable)")
+    cmp_.add_argument("--joint", default="", help="comma-separated rewards that must all reach 1 for a joint success")
     cmp_.add_argument("--seeds", type=int, default=3)
     cmp_.add_argument("--samples-per-prompt", type=int, default=4, help="samples per held-out prompt in the evals")
     cmp_.add_argument("--out", required=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import types
 import typing
@@ -53,7 +54,13 @@ class SFTConfig:
     hidden_size: int = doc(128, "tiny policy width")
     num_layers: int = doc(4, "tiny policy depth")
     num_heads: int = doc(2, "attention heads; head_dim = hidden_size / num_heads must be >= 64 for vLLM's CPU attention")
-    steps: int = doc(500, "optimizer steps of supervised training")
+    steps: int = doc(500, "optimizer steps of the first round of supervised training (cosine lr schedule)")
+    target_accuracy: float = doc(0.95, "greedy accuracy on held-out validation problems the build must reach (0 = none): "
+                                 "rounds of steps/2 more steps (warm restarts at half the previous peak lr) follow "
+                                 "until it does; float paths differ between CPUs, so one step count does not give "
+                                 "every machine the same policy")
+    max_steps: int = doc(1500, "cap on all rounds together; a build that has not reached target_accuracy by then "
+                         "stops with an error")
     sequences_per_step: int = doc(64, "training sequences per optimizer step")
     lr: float = doc(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)")
     threads: int = doc(2, "torch intra-op threads while training")
@@ -69,6 +76,8 @@ class DataConfig:
     template: str = doc("{question}\n", "prompt template; {column} placeholders are filled from the row")
     use_chat_template: bool = doc(False, "wrap the filled template with the tokenizer's chat template")
     eval_size: int = doc(200, "held-out prompts per evaluation (0 = all)")
+    eval_seed: int = doc(0, "which held-out problems a task draws (fixed, so runs of every trainer.seed are "
+                         "evaluated on the same set)")
     train_size: int = doc(0, "train prompts to use (0 = all / task default)")
 
 
@@ -363,6 +372,9 @@ def validate(cfg: Config) -> None:
          "(prompts_per_step x samples_per_prompt >= num_workers x updates_per_step)")
     need(len(cfg.learner.target_modules) > 0, "learner.target_modules", "needs at least one module name")
     need(cfg.sft.hidden_size % cfg.sft.num_heads == 0, "sft.num_heads", "must divide sft.hidden_size")
+    need(0 <= cfg.sft.target_accuracy <= 1, "sft.target_accuracy", f"must be in [0, 1], got {cfg.sft.target_accuracy}")
+    need(cfg.sft.max_steps >= cfg.sft.steps, "sft.max_steps", f"must be >= sft.steps = {cfg.sft.steps}, "
+         f"got {cfg.sft.max_steps}")
     need(cfg.sft.hidden_size // cfg.sft.num_heads >= 64, "sft.num_heads",
          f"head_dim = {cfg.sft.hidden_size // cfg.sft.num_heads} < 64 is rejected by vLLM's CPU attention")
     need(cfg.trainer.eval_every >= 0, "trainer.eval_every", "must be >= 0")
@@ -401,6 +413,7 @@ def _positive_ints(cfg: Config):
 
 
 def _validate_rewards(cfg: Config, need) -> None:
+    from gdpo.data import template_fields
     from rewards.registry import RewardError, resolve_reward
 
     specs = cfg.rewards.functions
@@ -410,13 +423,26 @@ def _validate_rewards(cfg: Config, need) -> None:
     for i, spec in enumerate(specs):
         key = f"rewards.functions.{i}"
         try:
-            resolve_reward(spec.name)
+            fn = resolve_reward(spec.name)
         except RewardError as err:
             raise ConfigError(f"config key '{key}.name': {err}") from err
+        params = inspect.signature(fn).parameters
         need(names.count(spec.name) == 1, f"{key}.name", f"reward '{spec.name}' is listed twice")
         if spec.condition_on is not None:
             need(spec.condition_on in names[:i], f"{key}.condition_on",
                  f"must name a reward listed before this one (one of {names[:i]}), got {spec.condition_on!r}")
+            # such a reward already says what a wrong answer earns (its paper's formula); zeroing that, and
+            # then z-scoring the column per group (GDPO), can rank a correct answer below a wrong one
+            need("correctness_from" not in params, f"{key}.condition_on",
+                 f"reward '{spec.name}' reads correctness itself (correctness_from); conditioning it on "
+                 f"'{spec.condition_on}' replaces what it pays wrong answers with 0, and under GDPO its per-group "
+                 "normalization can then rank a correct answer below a wrong one. List it without condition_on")
+        if "target_tokens" in params and spec.name.startswith("l1_"):
+            # L1 (LCPO) trains the policy to follow a length target it reads in its prompt
+            need("target_tokens" not in spec.kwargs and "target_tokens" in template_fields(cfg.data.template),
+                 f"{key}", f"reward '{spec.name}' rewards meeting a target length that the prompt states (L1): "
+                 "put {target_tokens} in data.template and give the data a target_tokens column, instead of a "
+                 "target the policy never sees")
     for name in cfg.algorithm.filter_zero_variance:
         need(name in names, "algorithm.filter_zero_variance", f"{name!r} is not a configured reward (one of {names})")
 

@@ -5,6 +5,12 @@ Pure functions over per-sample records (no model, no vLLM), so they are tested i
 - pass@k: the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on
   Code", Eq. 1): ``1 - C(n-c, k) / C(n, k)`` per prompt with n samples of which c are correct, averaged
   over prompts. pass@1 is the mean accuracy over all samples.
+- The floor: where the data knows each problem's shortest correct solution (a ``shortest_solution``
+  column, e.g. the chain-arithmetic task), ``floor_tokens`` is its mean length in tokens (EOS counted,
+  as completion lengths are), ``tokens_over_floor`` the mean completion length over it,
+  ``below_floor_rate`` the share of completions shorter than their problem's floor, and
+  ``shortcut_rate`` the share of completions that are correct yet skip a line of the shortest solution
+  (its lines before the final answer must appear in order).
 - AES, the accuracy-efficiency score of O1-Pruner (Luo et al., 2025):
   with ``ΔL = (L_base - L) / L_base`` and ``ΔA = (A - A_base) / A_base``,
   ``AES = α·ΔL + β·ΔA`` when ``ΔA >= 0`` and ``α·ΔL + γ·ΔA`` (a loss weighs more) otherwise;
@@ -72,6 +78,23 @@ def summarize(correct: Sequence[bool], tokens: Sequence[int], truncated: Sequenc
         if 1 <= k <= per_prompt:
             out[f"pass@{k}"] = _mean([pass_at_k(per_prompt, sum(v), k) for v in groups.values()])
     return out
+
+
+def skips_required_steps(completion: str, shortest_solution: str) -> bool:
+    """Whether ``completion`` lacks a line of the shortest solution (all but its answer line), in order."""
+    lines = iter(line.strip() for line in completion.splitlines())
+    return not all(any(line == need for line in lines) for need in
+                   (x.strip() for x in shortest_solution.splitlines()[:-1]))
+
+
+def floor_metrics(tokens: Sequence[int], floors: Sequence[int], correct: Sequence[bool], completions: Sequence[str],
+                  shortest: Sequence[str]) -> dict[str, float]:
+    """The floor figures of the module docstring over N samples (per-sample floor and shortest solution)."""
+    floor = _mean(floors)
+    return {"floor_tokens": floor, "tokens_over_floor": _mean(tokens) / floor if floor else float("nan"),
+            "below_floor_rate": _mean([float(t < f) for t, f in zip(tokens, floors)]),
+            "shortcut_rate": _mean([float(bool(c) and skips_required_steps(text, s))
+                                    for c, text, s in zip(correct, completions, shortest)])}
 
 
 def aes(accuracy: float, mean_tokens: float, base_accuracy: float, base_mean_tokens: float,

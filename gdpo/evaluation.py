@@ -20,8 +20,9 @@ from typing import Callable, Optional
 
 from gdpo.config import BUILTIN_TINY_POLICY, Config, to_dict
 from gdpo.data import DataError, build_prompts, load_rows
-from gdpo.eval_metrics import against_base, summarize
+from gdpo.eval_metrics import against_base, floor_metrics, summarize
 from gdpo.fileio import atomic_write_text
+from gdpo.preflight import add_floor_column, check_prompt_lengths, model_context
 
 
 class EvalError(ValueError):
@@ -106,7 +107,6 @@ def lora_rank(path: str) -> int:
 def check_context(prompts: list[str], tokenizer, model_dir: str, cfg: Config, s: EvalSettings) -> None:
     """Every prompt plus ``max_new_tokens`` must fit the engine's context (vLLM would fail mid-run)."""
     from gdpo.config import ConfigError
-    from gdpo.preflight import check_prompt_lengths, model_context
 
     try:
         check_prompt_lengths(prompts, tokenizer, model_context(model_dir, cfg), s.max_new_tokens, s.data,
@@ -127,6 +127,7 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         data = build_prompts(rows, cfg.data, s.data, tokenizer)
+        add_floor_column(data, tokenizer)
     except DataError as err:
         raise EvalError(f"--data {s.data}: {err}") from None
     check_context(data.prompts, tokenizer, model_dir, cfg, s)
@@ -148,6 +149,11 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
     tokens = [r["tokens"] for r in samples]
     metrics = summarize(correct, tokens, [r["finish_reason"] == "length" for r in samples],
                         [r["prompt_index"] for r in samples], s.pass_ks)
+    if "floor_tokens" in data.columns:  # the data knows each problem's floor
+        floors, shortest = data.columns["floor_tokens"], data.columns["shortest_solution"]
+        metrics.update(floor_metrics(tokens, [floors[r["prompt_index"]] for r in samples], correct,
+                                     [r["completion"] for r in samples],
+                                     [shortest[r["prompt_index"]] for r in samples]))
     for k, name in enumerate(names):
         scored = [v[k] for v in values if v[k] == v[k]]
         metrics[f"reward/{name}/mean"] = sum(scored) / len(scored) if scored else float("nan")

@@ -53,6 +53,15 @@ def check_prompt_lengths(prompts: list[str], tokenizer, context: int, max_new_to
     return lengths[worst]
 
 
+def add_floor_column(data: PromptSet, tokenizer) -> None:
+    """Where the data has each problem's ``shortest_solution``, a ``floor_tokens`` column: its length in
+    the policy's tokens, EOS included (as completion lengths count it). Rewards and evaluations read it."""
+    shortest = data.columns.get("shortest_solution")
+    if shortest:
+        data.columns["floor_tokens"] = [len(ids) + 1 for ids in
+                                        tokenizer(shortest, add_special_tokens=False)["input_ids"]]
+
+
 def load_tokenizer(model_path: str, cfg: Config):
     from transformers import AutoTokenizer
 
@@ -74,11 +83,12 @@ def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg)
     context = model_context(model_path, cfg)
     sets, longest = {}, 0
-    for role, source in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+    for role, source, seed in (("train", cfg.data.train, cfg.trainer.seed), ("eval", cfg.data.eval, cfg.data.eval_seed)):
         try:
-            sets[role] = load_prompts(cfg.data, role, seed=cfg.trainer.seed, tokenizer=tokenizer)
+            sets[role] = load_prompts(cfg.data, role, seed=seed, tokenizer=tokenizer)
         except DataError as err:
             raise DataError(f"data.{role}: {err}") from None
         longest = max(longest, check_prompt_lengths(sets[role].prompts, tokenizer, context,
                                                     cfg.rollout.max_new_tokens, source))
+        add_floor_column(sets[role], tokenizer)
     return RunInputs(model_path, sets["train"], sets["eval"], context, longest)

@@ -186,7 +186,9 @@ def plot_lengths(evals: list[EvalDir], path: Path) -> bool:
 EVAL_COLUMNS = [("accuracy", "accuracy", "{:.1%}"), ("mean_tokens", "mean tok", "{:.1f}"),
                 ("median_tokens", "median tok", "{:.1f}"), ("p90_tokens", "p90 tok", "{:.1f}"),
                 ("mean_tokens_correct", "tok correct", "{:.1f}"), ("mean_tokens_incorrect", "tok incorrect", "{:.1f}"),
-                ("truncation_rate", "truncated", "{:.1%}"), ("accuracy_per_1k_tokens", "acc / 1k tok", "{:.2f}")]
+                ("truncation_rate", "truncated", "{:.1%}"), ("accuracy_per_1k_tokens", "acc / 1k tok", "{:.2f}"),
+                ("floor_tokens", "floor tok", "{:.1f}"), ("tokens_over_floor", "x floor", "{:.2f}"),
+                ("shortcut_rate", "shortcuts", "{:.1%}")]
 
 
 def _fmt(fmt: str, v) -> str:
@@ -211,16 +213,18 @@ def eval_table(evals: list[EvalDir]) -> tuple[list[str], list[list[str]]]:
 
 
 def run_table(runs: list[RunDir]) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "steps", "accuracy base -> final", "mean tokens base -> final", "token change", "truncated final"]
+    head = ["run", "steps", "accuracy base -> final", "mean tokens base -> final", "token change", "x floor final",
+            "shortcuts final", "truncated final"]
     body = []
     for r in runs:
         b, f = r.summary.get("baseline"), r.summary.get("final")
         if not (b and f):
-            body.append([r.name, str(r.rows[-1]["step"] if r.rows else 0), "(unfinished)", "-", "-", "-"])
+            body.append([r.name, str(r.rows[-1]["step"] if r.rows else 0), "(unfinished)"] + ["-"] * 5)
             continue
         change = 100 * (f["mean_tokens"] / b["mean_tokens"] - 1) if b["mean_tokens"] else float("nan")
         body.append([r.name, str(r.summary.get("steps", "-")), f"{b['accuracy']:.1%} -> {f['accuracy']:.1%}",
                      f"{b['mean_tokens']:.1f} -> {f['mean_tokens']:.1f}", _fmt("{:+.1f}%", change),
+                     _fmt("{:.2f}", f.get("tokens_over_floor")), _fmt("{:.1%}", f.get("shortcut_rate")),
                      _fmt("{:.1%}", f.get("truncation_rate"))])
     return head, body
 

@@ -21,6 +21,7 @@ from gdpo.advantages import apply_conditions, gdpo_advantages, grpo_advantages, 
 from gdpo.config import Config, to_dict
 from gdpo.data import PromptSet
 from gdpo.fileio import atomic_write_text
+from gdpo.eval_metrics import floor_metrics
 from gdpo.metrics import MetricsLogger, token_stats
 from gdpo.preflight import RunInputs, prepare_run
 from gdpo.records import TrainBatch
@@ -86,18 +87,39 @@ def reward_conditions(cfg: Config) -> list:
             for r in cfg.rewards.functions]
 
 
-def compute_advantages(values: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Conditioned rewards (raw), then the configured estimator. ``[N, K] -> ([N] advantages, [N, K] raw)``."""
-    raw = apply_conditions(values, reward_conditions(cfg))
-    weights = [r.weight for r in cfg.rewards.functions]
+@dataclass
+class StepAdvantages:
+    values: torch.Tensor  # [N] advantage of each sample; 0 where its group is filtered out
+    raw: torch.Tensor  # [N, K] rewards after the conditions (GDPO Eq. 8)
+    keep: torch.Tensor  # [N] bool: samples trained on
+    flat: torch.Tensor  # [G, K] bool: groups whose reward k is constant
+
+
+def compute_advantages(values: torch.Tensor, names: list[str], cfg: Config) -> StepAdvantages:
+    """Conditioned rewards, the groups kept for training (``algorithm.filter_zero_variance``), then the
+    configured estimator over the kept samples only, so that its batch statistics (GDPO's batch
+    normalization, GRPO's batch scale) are those of the batch that is trained on, as verl's
+    ``filter_groups`` computes them."""
     k = cfg.rollout.samples_per_prompt
-    if cfg.algorithm.estimator == "gdpo":
-        return gdpo_advantages(raw, k, weights, eps=cfg.algorithm.adv_eps), raw
-    return grpo_advantages(raw, k, weights, scale=cfg.algorithm.grpo_scale, eps=cfg.algorithm.adv_eps), raw
+    raw = apply_conditions(values, reward_conditions(cfg))
+    flat = zero_variance_groups(raw, k)  # [G, K]
+    keep = torch.ones(len(raw), dtype=torch.bool)
+    if cfg.algorithm.filter_zero_variance:
+        cols = [names.index(n) for n in cfg.algorithm.filter_zero_variance]
+        keep = (~flat[:, cols].all(1)).repeat_interleave(k)
+    adv = torch.zeros(len(raw), dtype=raw.dtype)
+    if keep.any():
+        weights = [r.weight for r in cfg.rewards.functions]
+        if cfg.algorithm.estimator == "gdpo":
+            adv[keep] = gdpo_advantages(raw[keep], k, weights, eps=cfg.algorithm.adv_eps)
+        else:
+            adv[keep] = grpo_advantages(raw[keep], k, weights, scale=cfg.algorithm.grpo_scale, eps=cfg.algorithm.adv_eps)
+    return StepAdvantages(adv, raw, keep, flat)
 
 
 def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
-    """Held-out accuracy and completion tokens with the eval sampling settings (greedy by default)."""
+    """Held-out accuracy and completion tokens with the eval sampling settings (greedy by default); where
+    the data knows each problem's floor (its shortest correct solution), the floor figures too."""
     sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.eval_temperature,
                 "top_p": 1.0}
     batch = cluster.generate(data.prompts, 1, sampling, seed=10**6)
@@ -109,6 +131,10 @@ def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
         col = matrix.values[:, k]
         out[name] = float(torch.nan_to_num(col, nan=0.0).mean())
     out["accuracy"] = out.get("accuracy", float("nan"))
+    if "floor_tokens" in data.columns:
+        correct = (torch.nan_to_num(matrix.values[:, matrix.names.index("accuracy")]) >= 1.0).tolist()
+        out.update(floor_metrics(batch.completion_token_counts, data.columns["floor_tokens"], correct,
+                                 batch.completions, data.columns["shortest_solution"]))
     return out
 
 
@@ -194,14 +220,9 @@ def _run(cluster, cfg: Config, inputs: RunInputs, out: Path, log: Callable[[str]
             sample_prompts = [p for p in prompts.prompts for _ in range(k)]
             columns = {c: [v for v in vals for _ in range(k)] for c, vals in prompts.columns.items()}
             matrix = cluster.score(rollouts, sample_prompts, columns)
-            advantages, raw = compute_advantages(matrix.values, cfg)
-            flat = zero_variance_groups(raw, k)  # [G, K]
-            keep = torch.ones(len(rollouts), dtype=torch.bool)
-            if cfg.algorithm.filter_zero_variance:
-                cols = [matrix.names.index(n) for n in cfg.algorithm.filter_zero_variance]
-                keep = (~flat[:, cols].all(1)).repeat_interleave(k)
-            batch = TrainBatch.from_rollouts(rollouts, advantages, cluster.pad_id)
-            kept = torch.nonzero(keep).squeeze(1)
+            adv = compute_advantages(matrix.values, matrix.names, cfg)
+            batch = TrainBatch.from_rollouts(rollouts, adv.values, cluster.pad_id)
+            kept = torch.nonzero(adv.keep).squeeze(1)
         with clock("sleep"):
             cluster.sleep_engines()  # rollout.sleep_level > 0: the engines' GPU memory goes to the update
         learn = {}
@@ -224,7 +245,8 @@ def _run(cluster, cfg: Config, inputs: RunInputs, out: Path, log: Callable[[str]
         row = {"step": state.step, "policy_version": state.version, **matrix.stats(), **learn,
                **{f"tokens/{k_}": v for k_, v in token_stats(counts).items()},
                "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
-               "zero_variance_groups": int(flat.all(1).sum()), "filtered_groups": int((~keep).sum()) // k,
+               "zero_variance_groups": int(adv.flat.all(1).sum()), "filtered_groups": int((~adv.keep).sum()) // k,
+               "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
                "staleness": staleness, **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
                "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
                "perf/learner_tokens_per_s": learn.get("forward_tokens", 0.0) / max(clock.times.get("update", 0.0), 1e-9),

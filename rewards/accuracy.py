@@ -15,6 +15,16 @@ from rewards.registry import register_reward
 from rewards.verifier_pool import shared_pool
 
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+_DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
+_COMMAND = re.compile(r"\\text\{[^}]*\}|\\[A-Za-z]+")
+
+
+def _bare_math(text: str) -> bool:
+    """A gold written as bare LaTeX or an expression (MATH-style), not prose: no math delimiters, and no
+    word of two or more letters outside LaTeX commands (prose would parse as a product of symbols)."""
+    if any(mark in text for mark in _DELIMITERS):
+        return False
+    return re.search(r"[A-Za-z]{2,}", _COMMAND.sub(" ", text)) is None
 
 
 def normalize_answer_text(text: str) -> str:
@@ -37,12 +47,13 @@ def check_answer(gold: str, pred: str, timeout_s: float = 5.0) -> Optional[bool]
 
     seconds = max(1, math.ceil(timeout_s))
     gold_text = normalize_answer_text(gold)
-    gold_parsed = parse(gold_text, parsing_timeout=seconds)
+    gold_parsed = []
+    if _bare_math(gold_text):  # "\\frac{\\sqrt{3}}{2}", "(3, -1)", "[2, 5)": LaTeX only parses inside delimiters
+        gold_parsed = parse(f"${gold_text}$", parsing_timeout=seconds)
+    if not gold_parsed:
+        gold_parsed = parse(gold_text, parsing_timeout=seconds)
     if not gold_parsed:
         return None
-    if not any(mark in gold_text for mark in ("$", "\\boxed", "\\(", "\\[")):
-        # a bare gold such as "1+x^2" is one expression, not text to pick the first number from
-        gold_parsed = parse(f"${gold_text}$", parsing_timeout=seconds) or gold_parsed
     pred_parsed = parse(normalize_answer_text(pred), parsing_timeout=seconds)
     if not pred_parsed:
         return False

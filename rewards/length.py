@@ -4,8 +4,11 @@
 column (``correctness_from``, default ``accuracy``; correct means value >= ``correct_threshold``).
 A sample whose correctness is None scores None.
 
-Deviations: ``kimi_length`` gives 0 to a group whose lengths are all equal (the paper's formula is
-0/0 there); ``efficient_sigmoid`` adds 1e-6 to the std of correct lengths for the same reason.
+Notes: ``kimi_length`` gives 0 to a group whose lengths are all equal, as the paper specifies;
+``efficient_sigmoid`` adds 1e-6 to the std of correct lengths (the formula is 0/0 there). The rewards
+that read correctness define what a wrong answer earns, so the config refuses ``condition_on`` for
+them: conditioned (wrong answers set to 0) and then normalized per group under GDPO, ``kimi_length``
+ranked a lone correct-but-longest answer at advantage 0 and a long correct one below the wrong ones.
 """
 from __future__ import annotations
 
@@ -78,13 +81,16 @@ def kimi_length(prompts, completions, completion_token_counts: list[int], group_
 
 @register_reward("cosine_length")
 def cosine_length(prompts, completions, completion_token_counts: list[int], rewards: Optional[dict] = None,
-                  max_tokens: int = 128, min_value_correct: float = 0.5, max_value_correct: float = 1.0,
-                  min_value_wrong: float = -1.0, max_value_wrong: float = -0.5, exceed_value: float = -1.0,
+                  max_tokens: int = 128, min_value_correct: float = 1.0, max_value_correct: float = 2.0,
+                  min_value_wrong: float = -10.0, max_value_wrong: float = 0.0, exceed_value: float = -10.0,
                   correctness_from: str = "accuracy", correct_threshold: float = 1.0, **_) -> list[Optional[float]]:
-    """Cosine length scaling (Yeo et al. 2025, "Demystifying Long CoT", Eq. 1):
-    CosFn(t, T, η_min, η_max) = η_min + ½(η_max − η_min)(1 + cos(tπ/T)). Short correct answers earn
-    up to max_value_correct; short wrong answers are punished hardest (min_value_wrong); beyond T,
-    exceed_value."""
+    """Cosine length scaling (Yeo et al. 2025, "Demystifying Long CoT Reasoning in LLMs", Eq. 1):
+    CosFn(t, T, η_min, η_max) = η_min + ½(η_max − η_min)(1 + cos(tπ/T)) with T = ``max_tokens``.
+    Correct answers earn from r0_c = +2 (t = 0) down to rL_c = +1 (t = T); wrong ones from r0_w = −10
+    (the shortest are punished hardest) up to rL_w = 0; a completion that reaches T (it was cut off
+    there) gets r_exceed = −10. Those are the paper's values; open-r1's ``get_cosine_scaled_reward``
+    defaults (1, 0.5, −1, −0.5, −1) are a rescaled variant. Set ``max_tokens`` to
+    ``rollout.max_new_tokens`` so that a truncated completion is the one that reaches it."""
     n = len(completions)
     correct = _correctness(rewards, correctness_from, correct_threshold, n, "cosine_length")
     out: list[Optional[float]] = []
@@ -92,7 +98,7 @@ def cosine_length(prompts, completions, completion_token_counts: list[int], rewa
         if ok is None:
             out.append(None)
             continue
-        if t > max_tokens:
+        if t >= max_tokens:
             out.append(exceed_value)
             continue
         at_zero, at_limit = (max_value_correct, min_value_correct) if ok else (min_value_wrong, max_value_wrong)
@@ -109,10 +115,15 @@ def _targets(target_tokens, n: int, who: str) -> list[float]:
 
 
 @register_reward("l1_exact")
-def l1_exact(prompts, completions, completion_token_counts: list[int], target_tokens=64, rewards: Optional[dict] = None,
+def l1_exact(prompts, completions, completion_token_counts: list[int], target_tokens, rewards: Optional[dict] = None,
              alpha: float = 0.0003, correctness_from: str = "accuracy", correct_threshold: float = 1.0,
              **_) -> list[Optional[float]]:
-    """L1-Exact (LCPO, Aggarwal & Welleck 2025, Eq. 1): r = 1{correct} − α·|n_gold − n_y|."""
+    """L1-Exact (LCPO, Aggarwal & Welleck 2025, Eq. 1): r = 1{correct} − α·|n_gold − n_y|.
+
+    ``target_tokens`` is the data's per-sample column: L1 writes the target into the prompt ("Think for
+    N tokens"), so the template must carry ``{target_tokens}`` (the config check refuses it otherwise).
+    α = 3e-4 is L1's value for 512-4k-token targets; at this project's 20-128-token lengths the length
+    term is then at most 0.04: use α ≈ 1 / rollout.max_new_tokens."""
     n = len(completions)
     correct = _correctness(rewards, correctness_from, correct_threshold, n, "l1_exact")
     targets = _targets(target_tokens, n, "l1_exact")
@@ -121,10 +132,11 @@ def l1_exact(prompts, completions, completion_token_counts: list[int], target_to
 
 
 @register_reward("l1_max")
-def l1_max(prompts, completions, completion_token_counts: list[int], target_tokens=64, rewards: Optional[dict] = None,
+def l1_max(prompts, completions, completion_token_counts: list[int], target_tokens, rewards: Optional[dict] = None,
            alpha: float = 0.0003, delta: float = 0.5, correctness_from: str = "accuracy",
            correct_threshold: float = 1.0, **_) -> list[Optional[float]]:
-    """L1-Max (LCPO, Aggarwal & Welleck 2025, Eq. 2): r = 1{correct}·clip(α·(n_gold − n_y) + δ, 0, 1)."""
+    """L1-Max (LCPO, Aggarwal & Welleck 2025, Eq. 2): r = 1{correct}·clip(α·(n_gold − n_y) + δ, 0, 1).
+    ``target_tokens`` and α as in :func:`l1_exact`."""
     n = len(completions)
     correct = _correctness(rewards, correctness_from, correct_threshold, n, "l1_max")
     targets = _targets(target_tokens, n, "l1_max")

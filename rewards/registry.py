@@ -51,7 +51,7 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        for mod in ("rewards.accuracy", "rewards.length", "rewards.format"):
+        for mod in ("rewards.accuracy", "rewards.length", "rewards.format", "rewards.chain_arith"):
             importlib.import_module(mod)
 
 

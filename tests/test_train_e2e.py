@@ -29,9 +29,15 @@ def _rows(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_writes_outputs_and_resume_reproduces_the_next_step(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    summary = _train(straight, "trainer.steps=2", "trainer.save_every=1")
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A 2-step run of the small config, checkpointing every step: (output dir, summary)."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, _train(out, "trainer.steps=2", "trainer.save_every=1")
+
+
+def test_train_writes_outputs(straight):
+    straight, summary = straight
     for key in ("accuracy", "mean_tokens"):
         assert key in summary["baseline"] and key in summary["final"]
     rows = _rows(straight)
@@ -52,22 +58,11 @@ def test_train_writes_outputs_and_resume_reproduces_the_next_step(tmp_path):
     assert (straight / "final" / "merged" / "config.json").is_file()
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
 
-    _train(resumed, "trainer.steps=1")  # a run stopped after step 1 ...
-    _train(resumed, "trainer.steps=2")  # ... continued with resume=auto
-    again = _rows(resumed)
-    assert [r["step"] for r in again] == [1, 2]
-    # step 1 of both runs starts fresh (the adapters' initialization is seeded), step 2 of the second
-    # resumes; the gradient norm sees the adapters' A matrices, which the loss at step 1 does not
-    for step in (0, 1):
-        for key in ("tokens/mean", "reward/accuracy/mean", "reward/length_budget/mean", "loss", "grad_norm", "entropy"):
-            assert again[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)
-
     # the run's files: the adapter loads in peft onto the base and agrees with the merged model
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from gdpo.config import load_config
     from gdpo.policy import resolve_model_path
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(load_config(), log=lambda m: None))
     with_adapter = PeftModel.from_pretrained(base, straight / "final" / "adapter").eval()
@@ -76,7 +71,9 @@ def test_train_writes_outputs_and_resume_reproduces_the_next_step(tmp_path):
     torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_dead_learner_stops_the_run_and_resume_continues(tmp_path):
+def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight, tmp_path):
+    """The same run as ``straight``, its learner killed once step 1 is checkpointed: the run stops with
+    LearnerFailed; resubmitted, it resumes and its step 2 is the straight run's step 2."""
     import ray
 
     from actors.cluster import LearnerFailed
@@ -86,7 +83,7 @@ def test_dead_learner_stops_the_run_and_resume_continues(tmp_path):
 
     def run():
         try:
-            result["summary"] = _train(out, "trainer.steps=3", "trainer.save_every=1", "algorithm.estimator=grpo")
+            result["summary"] = _train(out, "trainer.steps=2", "trainer.save_every=1")
         except Exception as err:  # the failure is what this test checks
             result["error"] = err
 
@@ -101,9 +98,15 @@ def test_dead_learner_stops_the_run_and_resume_continues(tmp_path):
     t.join(600)
     assert isinstance(result.get("error"), LearnerFailed), result
     assert "resume=auto" in str(result["error"])
-    _train(out, "trainer.steps=3", "trainer.save_every=1", "algorithm.estimator=grpo")
-    assert [r["step"] for r in _rows(out)] == [1, 2, 3]
-    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    _train(out, "trainer.steps=2", "trainer.save_every=1")
+    again, rows = _rows(out), _rows(straight[0])
+    assert [r["step"] for r in again] == [1, 2]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    # step 1 of both runs starts fresh (the adapters' initialization is seeded), step 2 of this one
+    # resumes; the gradient norm sees the adapters' A matrices, which the loss at step 1 does not
+    for step in (0, 1):
+        for key in ("tokens/mean", "reward/accuracy/mean", "reward/length_budget/mean", "loss", "grad_norm", "entropy"):
+            assert again[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
 def test_rollout_ahead_samples_one_version_behind_and_trains_on_the_sampler_logprobs(tmp_path):

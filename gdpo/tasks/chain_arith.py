@@ -122,5 +122,7 @@ def problems(split: str, n: int, seed: int) -> list[Problem]:
 
 
 def rows(split: str, n: int, seed: int = 0) -> list[dict]:
-    """Dataset rows: ``question`` (the prompt text) and ``answer`` (the gold final answer)."""
-    return [{"question": p.question, "answer": str(p.answer)} for p in problems(split, n, seed)]
+    """Dataset rows: ``question`` (the prompt text), ``answer`` (the gold final answer) and
+    ``shortest_solution`` (the shortest correct solution: the floor that evaluations measure against)."""
+    return [{"question": p.question, "answer": str(p.answer), "shortest_solution": shortest_solution(p)}
+            for p in problems(split, n, seed)]

@@ -27,7 +27,8 @@ import torch
 from gdpo.config import SFTConfig
 from gdpo.tasks import chain_arith
 
-BUILD_VERSION = 2  # bump when the task text, tokenizer or training recipe changes
+BUILD_VERSION = 3  # bump when the task text, tokenizer or training recipe changes
+VALIDATION_SEED = 10_000  # the build's stopping criterion is measured on held-out problems of this seed
 EOS = "<|endoftext|>"
 TEMPLATE = "{question}\n"  # the prompt template the policy is trained with (DataConfig.template default)
 MAX_POSITIONS = 256
@@ -113,8 +114,29 @@ def _batch(tokenizer, problems: list, rng: random.Random) -> dict[str, torch.Ten
     }
 
 
+def _rounds(cfg: SFTConfig) -> list[tuple[int, float]]:
+    """(steps, peak lr) of each training round: ``sft.steps`` at ``sft.lr``, then ``steps/2`` at half the
+    previous peak, until ``sft.max_steps``."""
+    out, total, lr = [(cfg.steps, cfg.lr)], cfg.steps, cfg.lr
+    while total + max(1, cfg.steps // 2) <= cfg.max_steps:
+        lr /= 2
+        out.append((max(1, cfg.steps // 2), lr))
+        total += out[-1][0]
+    return out
+
+
+class BuildFailed(RuntimeError):
+    """The tiny policy did not reach ``sft.target_accuracy`` within ``sft.max_steps``."""
+
+
 def build_tiny_policy(cfg: SFTConfig, out: Path, log: Callable[[str], None] = print) -> dict:
-    """Train the tiny policy into ``out`` and return its build statistics."""
+    """Train the tiny policy into ``out`` until its greedy accuracy on held-out validation problems
+    reaches ``sft.target_accuracy`` (rounds of training, see ``_rounds``); return its build statistics.
+
+    The validation problems are the held-out split drawn with another seed than the evaluations use.
+    The first round is the whole build where it reaches the target, so a machine that got there with
+    a fixed step count gets the same policy as before.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
@@ -123,33 +145,61 @@ def build_tiny_policy(cfg: SFTConfig, out: Path, log: Callable[[str], None] = pr
         model = build_model(cfg, tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
-        warmup = max(1, cfg.steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))))
         rng = random.Random(f"sft/{cfg.seed}")
-        pool = chain_arith.problems("train", cfg.steps * cfg.sequences_per_step, cfg.seed)
-        model.train()
-        loss_ema = None
-        for step in range(cfg.steps):
-            chunk = pool[step * cfg.sequences_per_step:(step + 1) * cfg.sequences_per_step]
-            loss = model(**_batch(tokenizer, chunk, rng)).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-            if (step + 1) % max(1, cfg.steps // 10) == 0:
-                log(f"  sft step {step + 1}/{cfg.steps} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)")
-        model.eval()
+        pool = chain_arith.problems("train", cfg.max_steps * cfg.sequences_per_step, cfg.seed)
+        validation = chain_arith.problems("eval", cfg.eval_problems, seed=VALIDATION_SEED + cfg.seed)
+        done, history = 0, []
+        for r, (steps, peak) in enumerate(_rounds(cfg)):
+            warmup = max(1, cfg.steps // 20) if r == 0 else 1
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] = peak  # the new schedule's base
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=steps, w=warmup: min(1.0, (s + 1) / w) * (
+                0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / n)))))
+            model.train()
+            loss_ema = None
+            for step in range(steps):
+                chunk = pool[(done + step) * cfg.sequences_per_step:(done + step + 1) * cfg.sequences_per_step]
+                loss = model(**_batch(tokenizer, chunk, rng)).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+                if (step + 1) % max(1, cfg.steps // 10) == 0:
+                    log(f"  sft round {r + 1} step {step + 1}/{steps} loss {loss_ema:.4f} ({time.time() - t0:.0f}s)")
+            done += steps
+            model.eval()
+            acc = greedy_accuracy(model, tokenizer, validation)
+            history.append({"round": r + 1, "steps": done, "peak_lr": peak, "loss": loss_ema, "validation_accuracy": acc})
+            log(f"  sft after {done} steps: validation greedy accuracy {acc:.3f} (target {cfg.target_accuracy})")
+            if acc >= cfg.target_accuracy:
+                break
+        else:
+            raise BuildFailed(f"the tiny policy reached {acc:.1%} greedy validation accuracy after {done} steps, short "
+                              f"of sft.target_accuracy = {cfg.target_accuracy:.0%}: raise sft.max_steps or lower "
+                              f"sft.target_accuracy (rounds: {history})")
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         train_s = time.time() - t0
         metrics = evaluate_policy(out, cfg.eval_problems, seed=cfg.seed)
-        return {"params": n_params, "train_seconds": round(train_s, 1), "steps": cfg.steps,
+        return {"params": n_params, "train_seconds": round(train_s, 1), "steps": done, "rounds": history,
                 "final_loss": loss_ema, **metrics}
     finally:
         torch.set_num_threads(threads)
+
+
+def greedy_accuracy(model, tokenizer, problems: list) -> float:
+    prompts = [TEMPLATE.format(question=p.question) for p in problems]
+    texts = tokenizer.batch_decode(greedy_completions(model, tokenizer, prompts), skip_special_tokens=True)
+    return _accuracy(prompts, texts, problems)
+
+
+def _accuracy(prompts: list[str], texts: list[str], problems: list) -> float:
+    from rewards import BoundReward
+
+    correct = BoundReward.from_name("accuracy").score(prompts, texts, {"answer": [str(p.answer) for p in problems]})
+    return sum(c or 0.0 for c in correct) / len(problems)
 
 
 @torch.no_grad()
@@ -171,7 +221,6 @@ def evaluate_policy(path: Path | str, n_problems: int, seed: int = 0, max_new_to
                     threads: Optional[int] = None) -> dict:
     """Greedy accuracy and verbosity of a chain-arithmetic policy on held-out problems."""
     from gdpo.policy import load_policy
-    from rewards import BoundReward
 
     if threads:
         torch.set_num_threads(threads)
@@ -180,13 +229,12 @@ def evaluate_policy(path: Path | str, n_problems: int, seed: int = 0, max_new_to
     probs = chain_arith.problems("eval", n_problems, seed)
     prompts = [TEMPLATE.format(question=p.question) for p in probs]
     ids = greedy_completions(model, tokenizer, prompts, max_new_tokens)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    correct = BoundReward.from_name("accuracy").score(prompts, texts, {"answer": [str(p.answer) for p in probs]})
+    accuracy = _accuracy(prompts, tokenizer.batch_decode(ids, skip_special_tokens=True), probs)
     lengths = [len(x) for x in ids]
     shortest = [len(tokenizer(chain_arith.shortest_solution(p), add_special_tokens=False)["input_ids"]) for p in probs]
     return {
         "eval_problems": len(probs),
-        "greedy_accuracy": sum(c or 0.0 for c in correct) / len(probs),
+        "greedy_accuracy": accuracy,
         "mean_completion_tokens": sum(lengths) / len(lengths),
         "mean_shortest_solution_tokens": sum(shortest) / len(shortest),
         "verbosity_ratio": (sum(lengths) / len(lengths)) / (sum(shortest) / len(shortest)),

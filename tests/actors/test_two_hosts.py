@@ -46,7 +46,7 @@ def _step(cluster, cfg, data, seed):
     rollouts = cluster.generate(data.prompts, k, {"max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0}, seed=seed)
     matrix = cluster.score(rollouts, [p for p in data.prompts for _ in range(k)],
                            {"answer": [a for a in data.columns["answer"] for _ in range(k)]})
-    batch = TrainBatch.from_rollouts(rollouts, compute_advantages(matrix.values, cfg)[0], cluster.pad_id)
+    batch = TrainBatch.from_rollouts(rollouts, compute_advantages(matrix.values, matrix.names, cfg).values, cluster.pad_id)
     return rollouts, batch, cluster.update(cluster.logprobs(batch))
 
 

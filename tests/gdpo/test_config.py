@@ -122,3 +122,15 @@ def test_lr_schedules():
     assert cos(2) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1) and cos(6) == pytest.approx(0.55)
     const = lr_factor(load_config(None, ["trainer.steps=10", "learner.lr_schedule=constant"]))
     assert const(0) == const(9) == 1.0
+
+
+def test_correctness_aware_rewards_cannot_be_conditioned_and_l1_needs_its_target_in_the_prompt():
+    with pytest.raises(ConfigError, match=r"rewards.functions.1.condition_on.*'kimi_length' reads correctness itself"):
+        load_config(None, ["rewards.functions=[{name: accuracy}, {name: kimi_length, condition_on: accuracy}]"])
+    load_config(None, ["rewards.functions=[{name: accuracy}, {name: kimi_length}]"])  # as its paper defines it
+    with pytest.raises(ConfigError, match=r"'l1_exact' rewards meeting a target length that the prompt states"):
+        load_config(None, ["rewards.functions=[{name: accuracy}, {name: l1_exact, kwargs: {target_tokens: 40}}]"])
+    with pytest.raises(ConfigError, match=r"put \{target_tokens\} in data.template"):
+        load_config(None, ["rewards.functions=[{name: accuracy}, {name: l1_max}]"])
+    load_config(None, ["rewards.functions=[{name: accuracy}, {name: l1_max}]",
+                       "data.template='{question}\nThink for {target_tokens} tokens.\n'"])

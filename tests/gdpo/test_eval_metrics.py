@@ -54,3 +54,17 @@ def test_aes_rewards_shorter_and_punishes_accuracy_loss_more_than_it_rewards_gai
     assert out["accuracy_change_pt"] == pytest.approx(-5.0)
     assert out["aes"] == pytest.approx(0.5 - 5 * 0.0625)
     assert out["aes_coefficients"] == {"alpha": 1.0, "beta": 3.0, "gamma": 5.0}
+
+
+def test_floor_figures_and_the_shortcut_detector():
+    from gdpo.eval_metrics import floor_metrics, skips_required_steps
+
+    shortest = "3+4=7\n7-2=5\n\\boxed{5}"
+    assert not skips_required_steps("we need 3+4-2\n3+4=7\ncheck: 7 is right\n7-2=5\n\\boxed{5}", shortest)
+    assert skips_required_steps("3+4-2=5\n\\boxed{5}", shortest)  # one line for two steps: a shortcut
+    assert skips_required_steps("7-2=5\n3+4=7\n\\boxed{5}", shortest)  # out of order
+    m = floor_metrics([20, 30, 10, 40], [20, 20, 20, 20], [True, True, True, False],
+                      [shortest, "x", "3+4-2=5\n\\boxed{5}", "y"], [shortest] * 4)
+    assert m["floor_tokens"] == 20 and m["tokens_over_floor"] == pytest.approx(25 / 20)
+    assert m["below_floor_rate"] == 0.25  # the 10-token answer
+    assert m["shortcut_rate"] == 0.5  # two correct answers lack a required line ("x" and the one-line answer)

@@ -29,7 +29,8 @@ def _run_dir(path):
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "summary.json").write_text(json.dumps({
         "baseline": {"accuracy": 0.95, "mean_tokens": 74.0, "p90_tokens": 90, "truncation_rate": 0.0},
-        "final": {"accuracy": 0.94, "mean_tokens": 41.0, "p90_tokens": 50, "truncation_rate": 0.0}, "steps": 10}))
+        "final": {"accuracy": 0.94, "mean_tokens": 41.0, "p90_tokens": 50, "truncation_rate": 0.0,
+                  "floor_tokens": 20.5, "tokens_over_floor": 2.0, "shortcut_rate": 0.005}, "steps": 10}))
     return path
 
 
@@ -68,6 +69,7 @@ def test_report_has_tables_and_decodable_embedded_images(tmp_path):
         assert img.size[0] > 300 and img.size[1] > 200
     assert "-47.7%" in page.cells and "-25.0pt" in page.cells  # final vs base: 42.5 vs 81.25 tokens, 50% vs 75%
     assert "95.0% -> 94.0%" in page.cells  # the run's baseline -> final
+    assert "2.00" in page.cells and "0.5%" in page.cells  # its final tokens over the floor and shortcut share
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| eval | samples | accuracy |" in md and "![Accuracy vs mean completion tokens](pareto.png)" in md
     for png in ("pareto.png", "curves.png", "lengths.png"):

@@ -24,6 +24,30 @@ def test_answer_forms():
     assert score(completions, answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
 
 
+# MATH-style golds written as bare LaTeX or expressions; the completions box their answer
+BARE_GOLDS = [
+    ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\frac{\\sqrt{3}}{2}}", 1.0),  # a fraction with a root
+    ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\frac{1}{2}\\sqrt{3}}", 1.0),
+    ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\frac{\\sqrt{2}}{2}}", 0.0),
+    ("x^2+2x+1", "\\boxed{(x+1)^2}", 1.0),  # a polynomial
+    ("x^2+2x+1", "\\boxed{x^2+1}", 0.0),
+    ("(3, -1)", "\\boxed{(3,-1)}", 1.0),  # a tuple (parsed bare, it was the number -1)
+    ("(3, -1)", "\\boxed{(-1,3)}", 0.0),
+    ("[2, 5)", "\\boxed{[2,5)}", 1.0),  # an interval (parsed bare, it was the number 5)
+    ("[2, 5)", "\\boxed{(2,5)}", 0.0),
+    ("2\\sqrt{2}", "\\boxed{\\sqrt{8}}", 1.0),  # a radical (parsed bare, it was the number 2)
+    ("2\\sqrt{2}", "\\boxed{2\\sqrt{3}}", 0.0),
+    ("\\dfrac{3}{4}", "\\boxed{0.75}", 1.0),
+    ("\\text{Monday}", "\\boxed{\\text{Monday}}", 1.0),
+    ("\\text{Monday}", "\\boxed{\\text{Tuesday}}", 0.0),
+]
+
+
+def test_bare_latex_and_expression_golds_are_judged_as_math_verify_judges_them():
+    golds, completions, expected = zip(*BARE_GOLDS)
+    assert score(list(completions), list(golds)) == list(expected)
+
+
 def test_gsm8k_gold_format_is_normalized():
     assert normalize_answer_text("a\nb\n#### 1,234") == "\\boxed{1234}"
     assert normalize_answer_text("\\boxed{3} #### 4") == "\\boxed{3} #### 4"

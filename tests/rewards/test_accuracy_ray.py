@@ -5,7 +5,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.mark.e2e
 def test_accuracy_inside_a_ray_actor():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     try:
         @ray.remote
         class Scorer:

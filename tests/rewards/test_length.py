@@ -25,12 +25,17 @@ def test_kimi_length_hand_computed():
     assert out == [0.5, 0.0, -0.5, 0.0, -0.5]
 
 
-def test_cosine_length_endpoints():
-    acc = {"accuracy": [1.0, 1.0, 0.0, 0.0, 1.0]}
-    out = cosine_length([], [""] * 5, [0, 100, 0, 100, 101], rewards=acc, max_tokens=100)
-    assert out == pytest.approx([1.0, 0.5, -1.0, -0.5, -1.0])
+def test_cosine_length_is_the_papers_and_its_exceed_penalty_fires():
+    acc = {"accuracy": [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]}
+    out = cosine_length([], [""] * 6, [0, 99, 0, 99, 100, 100], rewards=acc, max_tokens=100)
+    # Yeo et al.: r0_c = 2, rL_c = 1, r0_w = -10, rL_w = 0; reaching T (cut off there) = r_exceed = -10
+    assert out[0] == pytest.approx(2.0) and out[1] == pytest.approx(1.0, abs=1e-3)
+    assert out[2] == pytest.approx(-10.0) and out[3] == pytest.approx(0.0, abs=1e-2)
+    assert out[4] == out[5] == -10.0
     mid = cosine_length([], [""], [50], rewards={"accuracy": [1.0]}, max_tokens=100)[0]
-    assert mid == pytest.approx(0.75)
+    assert mid == pytest.approx(1.5)
+    # with the defaults, a completion truncated at the tiny config's rollout.max_new_tokens (128) is penalized
+    assert cosine_length([], [""] * 2, [128, 127], rewards={"accuracy": [1.0, 1.0]})[0] == -10.0
 
 
 def test_l1_exact_and_max():

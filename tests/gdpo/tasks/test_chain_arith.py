@@ -34,4 +34,5 @@ def test_splits_are_disjoint_deterministic_and_distinct():
     assert all(p.split == "eval" for p in evals)
     assert not {p.expression for p in chain_arith.problems("train", 3000, 0)} & {p.expression for p in evals}
     rows = chain_arith.rows("eval", 3)
-    assert set(rows[0]) == {"question", "answer"}
+    assert set(rows[0]) == {"question", "answer", "shortest_solution"}
+    assert rows[0]["shortest_solution"] == chain_arith.shortest_solution(evals[0])

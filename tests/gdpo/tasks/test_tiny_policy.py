@@ -15,7 +15,8 @@ def _log(_msg):
 def test_build_is_an_ordinary_hf_directory_and_cached(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    cfg = SFTConfig(cache_dir=str(tmp_path), steps=3, sequences_per_step=8, eval_problems=8)
+    cfg = SFTConfig(cache_dir=str(tmp_path), steps=3, sequences_per_step=8, eval_problems=8, target_accuracy=0.0,
+                    max_steps=3)
     path = ensure_tiny_policy(cfg, _log)
     assert path == policy_dir(cfg) and (path / "build.json").is_file()
     conf = AutoConfig.from_pretrained(path)
@@ -33,6 +34,18 @@ def test_build_is_an_ordinary_hf_directory_and_cached(tmp_path):
     assert policy_dir(other) != path
 
 
+def test_a_build_that_misses_its_target_stops_with_an_error_after_the_step_cap(tmp_path):
+    from gdpo.tasks.tiny_policy import BuildFailed, _rounds
+
+    cfg = SFTConfig(cache_dir=str(tmp_path), steps=4, sequences_per_step=4, eval_problems=4, target_accuracy=1.0,
+                    max_steps=8)
+    assert _rounds(cfg) == [(4, cfg.lr), (2, cfg.lr / 2), (2, cfg.lr / 4)]  # 8 steps in all
+    with pytest.raises(BuildFailed, match=r"after 8 steps, short of sft.target_accuracy = 100%: raise sft.max_steps"):
+        ensure_tiny_policy(cfg, _log)  # four steps of a random model solve nothing
+    assert not policy_dir(cfg).exists()  # nothing half-built is left where the cache looks
+    assert _rounds(load_config().sft)[0] == (500, 3e-3)  # the default: one 500-step round where it reaches 95%
+
+
 @pytest.mark.slow
 def test_default_policy_meets_the_targets():
     """The embedded default's policy: >= 70% greedy accuracy, >= 2x the shortest solution's tokens."""
@@ -40,5 +53,6 @@ def test_default_policy_meets_the_targets():
     path = ensure_tiny_policy(cfg.sft)
     stats = json.loads((path / "build.json").read_text())
     assert stats["eval_problems"] >= 200
-    assert stats["greedy_accuracy"] >= 0.70, stats
+    assert stats["greedy_accuracy"] >= 0.90, stats  # the build trains until 95% on its validation problems
+    assert stats["rounds"][-1]["validation_accuracy"] >= 0.95
     assert stats["verbosity_ratio"] >= 2.0, stats
