@@ -127,7 +127,7 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         data = build_prompts(rows, cfg.data, s.data, tokenizer)
-        add_floor_column(data, tokenizer)
+        add_floor_column(data, tokenizer, model_dir)
     except DataError as err:
         raise EvalError(f"--data {s.data}: {err}") from None
     check_context(data.prompts, tokenizer, model_dir, cfg, s)

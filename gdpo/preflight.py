@@ -8,6 +8,7 @@ or the sample, and comes before any actor, engine or DeepSpeed rank starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from gdpo.config import Config, ConfigError
@@ -53,13 +54,30 @@ def check_prompt_lengths(prompts: list[str], tokenizer, context: int, max_new_to
     return lengths[worst]
 
 
-def add_floor_column(data: PromptSet, tokenizer) -> None:
+def add_floor_column(data: PromptSet, tokenizer, model_path: str) -> None:
     """Where the data has each problem's ``shortest_solution``, a ``floor_tokens`` column: its length in
-    the policy's tokens, EOS included (as completion lengths count it). Rewards and evaluations read it."""
+    the tokens the policy writes, EOS included (as completion lengths count it). Rewards and evaluations
+    read it. The count comes from the model's own ``tokenizer.json`` where it has one (see
+    ``solution_encoder``)."""
     shortest = data.columns.get("shortest_solution")
     if shortest:
-        data.columns["floor_tokens"] = [len(ids) + 1 for ids in
-                                        tokenizer(shortest, add_special_tokens=False)["input_ids"]]
+        encode = solution_encoder(model_path, tokenizer)
+        data.columns["floor_tokens"] = [len(encode(text)) + 1 for text in shortest]
+
+
+def solution_encoder(model_path: str, tokenizer) -> Callable[[str], list[int]]:
+    """Token ids of a completion text as the model was trained to write it: the model directory's
+    ``tokenizer.json`` read as it is. transformers 5 loads a qwen2-type model's tokenizer as
+    ``Qwen2Tokenizer``, which replaces the file's pre-tokenizer with Qwen2's own (numbers split into
+    digits); for a Qwen2 checkpoint the two agree, but the project's tiny policy writes whole numbers
+    as one token, so counting with the loaded tokenizer would put its floor above its own solutions."""
+    path = Path(model_path) / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        raw = Tokenizer.from_file(str(path))
+        return lambda text: raw.encode(text, add_special_tokens=False).ids
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def load_tokenizer(model_path: str, cfg: Config):
@@ -90,5 +108,5 @@ def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunInputs:
             raise DataError(f"data.{role}: {err}") from None
         longest = max(longest, check_prompt_lengths(sets[role].prompts, tokenizer, context,
                                                     cfg.rollout.max_new_tokens, source))
-        add_floor_column(sets[role], tokenizer)
+        add_floor_column(sets[role], tokenizer, model_path)
     return RunInputs(model_path, sets["train"], sets["eval"], context, longest)

@@ -56,3 +56,31 @@ def test_default_policy_meets_the_targets():
     assert stats["greedy_accuracy"] >= 0.90, stats  # the build trains until 95% on its validation problems
     assert stats["rounds"][-1]["validation_accuracy"] >= 0.95
     assert stats["verbosity_ratio"] >= 2.0, stats
+
+
+def test_the_floor_counts_tokens_as_the_policy_writes_them(tmp_path):
+    """transformers loads a qwen2-type tokenizer as Qwen2Tokenizer, whose pre-tokenizer splits numbers
+    into digits; the tiny policy was trained with whole numbers as single tokens. The floor must count
+    the policy's tokens (18 for a 2-step solution with a 2-digit result, not 20), and the task's
+    prompts (single digits) must read the same either way."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    from gdpo.data import load_prompts
+    from gdpo.preflight import add_floor_column
+    from gdpo.tasks.tiny_policy import build_tokenizer
+
+    trained = build_tokenizer(0)
+    trained.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(trained), hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                intermediate_size=64).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    solution = "1+3=4\n4+6=10\n\\boxed{10}"
+    assert len(loaded(solution, add_special_tokens=False)["input_ids"]) == 19  # the premise: digits split
+    assert len(trained(solution, add_special_tokens=False)["input_ids"]) == 17
+
+    data = load_prompts(load_config(None, ["data.eval_size=50"]).data, "eval", seed=0, tokenizer=loaded)
+    add_floor_column(data, loaded, str(tmp_path))
+    for text, floor in zip(data.columns["shortest_solution"], data.columns["floor_tokens"]):
+        assert floor == len(trained(text, add_special_tokens=False)["input_ids"]) + 1, text
+    for prompt in data.prompts:
+        assert loaded(prompt)["input_ids"] == trained(prompt)["input_ids"], prompt
