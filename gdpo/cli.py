@@ -50,6 +50,10 @@ def print_summary(summary: dict, output_dir: str) -> None:
     print(f"{'mean tokens':<22}{base['mean_tokens']:>12.1f}{final['mean_tokens']:>12.1f}{tok_change:>+11.1f}%")
     print(f"{'p90 tokens':<22}{base['p90_tokens']:>12.1f}{final['p90_tokens']:>12.1f}")
     print(f"{'truncation rate':<22}{base['truncation_rate']:>12.1%}{final['truncation_rate']:>12.1%}")
+    if "tokens_over_floor" in final:  # the task knows each problem's shortest correct solution
+        label = f"x floor ({final['floor_tokens']:.1f} tok)"
+        print(f"{label:<22}{base['tokens_over_floor']:>12.2f}{final['tokens_over_floor']:>12.2f}")
+        print(f"{'shortcut rate':<22}{base['shortcut_rate']:>12.1%}{final['shortcut_rate']:>12.1%}")
     print(f"outputs: {output_dir} (summary.json, metrics.jsonl, final/, checkpoints/)")
 
 

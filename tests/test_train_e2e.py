@@ -42,7 +42,7 @@ def test_train_writes_outputs(straight):
         assert key in summary["baseline"] and key in summary["final"]
     rows = _rows(straight)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("reward/accuracy/mean", "reward/length_budget/std", "tokens/mean", "tokens/p90", "clip_ratio",
+    for key in ("reward/accuracy/mean", "reward/efficient_sigmoid/std", "tokens/mean", "tokens/p90", "clip_ratio",
                 "time/rollout", "time/rollout_wait", "time/reward", "time/logprobs", "time/update", "time/sync",
                 "time/idle", "time/other", "time/overhead_frac", "perf/rollout_tokens_per_s",
                 "perf/learner_tokens_per_s", "sync/bytes", "staleness", "zero_variance_groups"):
@@ -105,7 +105,7 @@ def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight
     # step 1 of both runs starts fresh (the adapters' initialization is seeded), step 2 of this one
     # resumes; the gradient norm sees the adapters' A matrices, which the loss at step 1 does not
     for step in (0, 1):
-        for key in ("tokens/mean", "reward/accuracy/mean", "reward/length_budget/mean", "loss", "grad_norm", "entropy"):
+        for key in ("tokens/mean", "reward/accuracy/mean", "reward/efficient_sigmoid/mean", "loss", "grad_norm", "entropy"):
             assert again[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 

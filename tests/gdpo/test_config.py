@@ -13,8 +13,8 @@ def test_default_config_is_the_embedded_preset_and_validates():
     cfg = load_config()
     assert DEFAULT_CONFIG.name == "tiny_cpu.yaml"
     assert cfg.algorithm.estimator == "gdpo"
-    assert [r.name for r in cfg.rewards.functions] == ["accuracy", "length_budget"]
-    assert cfg.rewards.functions[1].condition_on == "accuracy"
+    assert [r.name for r in cfg.rewards.functions] == ["accuracy", "efficient_sigmoid"]
+    assert cfg.rewards.functions[1].condition_on is None  # correct-only by itself: a condition is refused
     assert cfg.model.path == "builtin:tiny-chain-arith"
 
 

@@ -82,3 +82,16 @@ def test_report_rejects_a_directory_it_cannot_read(tmp_path):
         report.write_report([str(tmp_path / "empty")], str(tmp_path / "out"))
     with pytest.raises(report.ReportError, match="nowhere: no such directory"):
         report.write_report([str(tmp_path / "nowhere")], str(tmp_path / "out"))
+
+
+def test_the_run_table_shows_the_floor_where_the_task_knows_it(capsys):
+    from gdpo.cli import print_summary
+
+    row = {"accuracy": 0.97, "mean_tokens": 76.6, "p90_tokens": 90.0, "truncation_rate": 0.0}
+    floor = {"floor_tokens": 21.51, "tokens_over_floor": 1.25, "shortcut_rate": 0.005}
+    print_summary({"baseline": {**row, **floor, "tokens_over_floor": 3.56}, "final": {**row, **floor}}, "out")
+    lines = capsys.readouterr().out.splitlines()
+    assert next(ln for ln in lines if ln.startswith("x floor (21.5 tok)")).split()[-2:] == ["3.56", "1.25"]
+    assert next(ln for ln in lines if ln.startswith("shortcut rate")).split()[-1] == "0.5%"
+    print_summary({"baseline": row, "final": row}, "out")  # data without a floor: no floor rows
+    assert "floor" not in capsys.readouterr().out
