@@ -65,8 +65,8 @@ class EngineSync:
     def publish(self, version: int, rollouts: list, replace: Callable[[int], object]) -> WeightUpdate:
         """Learners publish ``version``; engines on the broadcast receive it. An engine that dies or hangs
         is replaced (``replace(i)``, no catch-up: the retry sends it this version) and the sync retried once."""
-        failed: dict[int, str] = {}
         for attempt in range(2):
+            failed: dict[int, str] = {}  # this attempt's: an engine replaced onto learner 0's node left the group
             members = self.members()
             if members and self.stale:
                 failed = self._open(members, rollouts)

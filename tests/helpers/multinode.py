@@ -48,7 +48,8 @@ class TwoHosts:
 
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
         # Ray 2.6x guards the cluster and its job API with a token; one machine's hosts share the default
-        # one (~/.ray/auth_token, made by `ray start` if missing), which this process's Ray picks up too
+        # one (~/.ray/auth_token, made below if missing: `ray start` does not make it), which this process's Ray
+        # picks up too
         self.env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
                         VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
                         # a lost host is declared dead within seconds, not the default half minute
@@ -56,6 +57,9 @@ class TwoHosts:
                         RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000")
         self.ip_a = ray.util.get_node_ip_address()
         self.ip_b = "127.0.0.2" if self.ip_a != "127.0.0.2" else "127.0.0.3"
+        token = self._ray("get-auth-token", "--generate")  # the default token, made if this machine has none yet
+        if token.returncode != 0:
+            raise RuntimeError(f"ray get-auth-token --generate failed: {token.stderr[-2000:]}")
         self.gcs = f"{self.ip_a}:{_free_port()}"
         self.dashboard = f"http://127.0.0.1:{_free_port()}"
         head = self._ray("start", "--head", f"--node-ip-address={self.ip_a}", f"--port={self.gcs.split(':')[1]}",
