@@ -151,7 +151,7 @@ def fake_quant_rows_triton(x: Tensor, e_bits: int, m_bits: int, bias: Tensor, sh
     out = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
     qmax_unit = (2.0 - 2.0 ** -m_bits) * 2.0 ** (2 ** e_bits - 1)
     b = bias.float().contiguous()
-    unit = torch.exp2(-b)
+    unit = torch.exp2(-b.double()).float()  # as the reference's (compression.fp4.formats._unit)
     s = shift.to(torch.int32).contiguous() if shift is not None else b  # dummy pointer when unused
     if x.numel():
         _kernels()[2][_grid(rows, cols, block)](x, b, unit, s, out, rows, cols, x.stride(0), x.stride(1), qmax_unit,

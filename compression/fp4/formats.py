@@ -75,8 +75,10 @@ def parse_format(name: str) -> FPFormat:
 def _unit(bias: Bias, device=None) -> Tensor:
     """2^-b. Every value of the format is (a small integer) · 2^k · 2^-b with k an integer, so
     computing 2^-b once and scaling it by exact powers of two makes quantize, encode and decode agree
-    to the bit."""
-    return torch.exp2(-torch.as_tensor(bias, dtype=torch.float32, device=device))
+    to the bit. Computed in float64 and rounded to float32: float32 ``exp2`` on a CPU differs in the
+    last bit between its vectorized and scalar paths, which depend on the tensor's size (the rows of
+    a layer and of the same rows split off it got different units on an AVX2-only EPYC)."""
+    return torch.exp2(-torch.as_tensor(bias, dtype=torch.float32, device=device).double()).float()
 
 
 def max_value(fmt: FPFormat, bias: Bias) -> Tensor:

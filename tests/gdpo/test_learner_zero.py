@@ -70,5 +70,13 @@ def test_zero2_and_zero3_publish_the_same_policy(tmp_path):
     print(f"ZeRO-2 vs ZeRO-3: max abs diff {worst:.2e}; the step moved weights by {moved:.2e}; "
           f"grad norms {norm2:.6f} / {norm3:.6f}")
     assert moved > 1e-4, moved  # the step changed the policy, so agreement means something
-    assert worst < 1e-5, (worst, moved)
+    # The two stages sum gradients in different orders. Adam's first step is lr·g/(|g| + eps): for the few
+    # adapter entries whose gradient is near zero, that order's last-bit noise moves the update by a share
+    # of lr, and which entries those are depends on the CPU's float paths (AVX2-only EPYC: 81 of 1.05M merged
+    # weights off by > 5e-6, worst 1.3e-5; AMX Xeon: worst < 1e-5). A real ZeRO-3 fault (a shard's gradient
+    # lost, scaled or misplaced) moves most weights by a share of the step. So: the bulk agrees to 1e-6, and
+    # no weight is off by 1% of the step's largest move.
+    diffs = torch.cat([(w2[k] - w3[k]).abs().flatten() for k in w2])
+    assert (diffs > 1e-6).float().mean().item() < 1e-3, int((diffs > 1e-6).sum())
+    assert worst < 1e-2 * moved, (worst, moved)
     assert norm3 == pytest.approx(norm2, rel=1e-4)
