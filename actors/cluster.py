@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -30,11 +30,15 @@ from actors.sync import EngineSync, LearnerFailed, learner_failed
 from gdpo import learner as learner_fns
 from gdpo.config import Config
 from gdpo.records import RolloutBatch, SyncReport, TrainBatch, WeightUpdate
-from rewards import RewardMatrix
+from rewards import RewardMatrix, RewardTimeout
 
-__all__ = ["Cluster", "LearnerFailed", "ray_init"]
+__all__ = ["Cluster", "LearnerFailed", "WorkerFailed", "ray_init"]
 
 WORKER_DIED = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+class WorkerFailed(RuntimeError):
+    """A rollout or reward worker kept failing (past its retries in a step or ``cluster.max_restarts``)."""
 
 
 @dataclass
@@ -78,17 +82,21 @@ class Cluster:
         m = cfg.learner.num_workers
         self.learners = [LearnerWorker.options(name=f"gdpo-learner-{self.run_id}-{i}", **self._learner_opts(i))
                          .remote(i, m, self.model_path, cfg, self.run_id) for i in range(m)]
-        self.rendezvous = ray.get(self.learners[0].rendezvous_endpoint.remote())  # learner 0's node IP, a free port
+        self.rendezvous = self._learner_call([self.learners[0].rendezvous_endpoint.remote()], "start")[0]
         started = [w.start.remote(*self.rendezvous) for w in self.learners]
         self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]  # start meanwhile
         self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
-        manifest = self._learner_call(started)[0]
+        manifest = self._learner_call(started, "start")[0]  # DeepSpeed's init: the first run JIT-builds an op
         self.weights = EngineSync(cfg, self.learners, manifest, self.run_id, "nccl" if self.use_gpu else "gloo",
                                   self.tp, self.log)
         for i, actor in enumerate(self.rollouts):
             self.weights.place(i, actor, self._shares_learner0_device(i))
-        ray.get([w.pid.remote() for w in self.reward_workers])
-        self.pad_id = ray.get(self.learners[0].pad_token_id.remote())
+        try:
+            ray.get([w.pid.remote() for w in self.reward_workers], timeout=cfg.cluster.rollout_timeout_s)
+        except GetTimeoutError:
+            raise RuntimeError(f"the reward workers did not start within cluster.rollout_timeout_s="
+                               f"{cfg.cluster.rollout_timeout_s:g} s (a reward plugin hanging at import?)") from None
+        self.pad_id = self._learner_call([self.learners[0].pad_token_id.remote()], "start")[0]
         files, members = self.weights.file_engines(), self.weights.members()
         self.log(f"weight sync: {len(files)} engine(s) by file on learner 0's node, {len(members)} by "
                  f"{'nccl' if self.use_gpu else 'gloo'} broadcast")
@@ -139,11 +147,25 @@ class Cluster:
         return RolloutWorker.options(num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]),
                                      name=name, **res).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
 
-    def _replace_rollout(self, i: int, catch_up: bool = True, attempts: int = 3):
+    def _count_restart(self, kind: str, i: int, why: str) -> None:
+        """One more restart of a ``kind`` worker: past ``cluster.max_restarts`` over the run the run stops
+        (a worker that dies every step would be rebuilt forever); else back off 2^(n-1) s, at most 60."""
+        n, limit = self.restarts[kind] + 1, self.cfg.cluster.max_restarts
+        if n > limit:
+            raise WorkerFailed(f"{kind} worker {i} {why}, and the run's {kind} workers have been restarted "
+                               f"{limit} times already (cluster.max_restarts={limit}). The run stopped; fix the "
+                               "cause (the worker's log above), then resubmit to resume from the last checkpoint, "
+                               "or raise cluster.max_restarts")
+        self.restarts[kind] = n
+        delay = min(60.0, 2.0 ** (n - 1))
+        self.log(f"{kind} worker {i} {why}; restarting it in {delay:g} s (restart {n} of at most {limit})")
+        time.sleep(delay)
+
+    def _replace_rollout(self, i: int, catch_up: bool = True, attempts: int = 3, why: str = "failed"):
         """Kill rollout worker i (it may only be hung), start a new one in its bundle and bring it to the
         current policy version before it samples. Ray moves the bundle off a dead node once that node is
         declared dead; a replacement placed there before that dies unstarted and is tried again."""
-        self.restarts["rollout"] += 1
+        self._count_restart("rollout", i, why)
         for attempt in range(attempts):
             try:
                 ray.kill(self.rollouts[i], no_restart=True)
@@ -165,7 +187,15 @@ class Cluster:
         return self.rollouts[i]
 
     def _new_reward(self, i: int):
-        return RewardWorker.options(num_cpus=0).remote(self.cfg.rewards.specs())
+        return RewardWorker.options(num_cpus=0).remote(self.cfg.rewards.specs(), self.cfg.rewards.timeout_s)
+
+    def _replace_reward(self, i: int, why: str) -> None:
+        self._count_restart("reward", i, why)
+        try:
+            ray.kill(self.reward_workers[i], no_restart=True)  # it may only be hung: it must not score on
+        except Exception:  # already gone
+            pass
+        self.reward_workers[i] = self._new_reward(i)
 
     # ------------------------------------------------------------------ work
     def generate(self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int) -> RolloutBatch:
@@ -211,35 +241,64 @@ class Cluster:
         parts = self._gather_with_restarts(call, [i for i, (lo, hi) in enumerate(shares) if hi > lo], "reward")
         return RewardMatrix(names=parts[0].names, values=torch.cat([p.values for p in parts]))
 
+    def _deadline(self, kind: str) -> float:
+        if kind == "rollout":
+            return self.cfg.cluster.rollout_timeout_s
+        # each reward bounds itself in the worker (rewards.timeout_s); this catches a call stuck where
+        # a signal cannot reach it (inside C code)
+        return self.cfg.rewards.timeout_s * len(self.cfg.rewards.functions) + 30.0
+
     def _gather_with_restarts(self, call, indices: list[int], kind: str, attempts: int = 3,
                               first: Optional[dict] = None) -> list:
+        """``call(i)`` for each worker i; a worker that dies, misses its deadline, or whose reward timed
+        out is killed, replaced (``cluster.max_restarts``) and its share retried, up to ``attempts``."""
         results: dict[int, object] = {}
         pending = list(indices)
+        limit = self._deadline(kind)
         for attempt in range(attempts):
             refs = first if (attempt == 0 and first is not None) else {i: call(i) for i in pending}
             pending = []
+            deadline = time.monotonic() + limit
             for i, ref in refs.items():
                 try:
-                    results[i] = ray.get(ref)
+                    results[i] = ray.get(ref, timeout=max(1e-3, deadline - time.monotonic()))
+                    continue
                 except WORKER_DIED as err:
-                    if attempt == attempts - 1:
-                        raise RuntimeError(f"{kind} worker {i} died {attempts} times in one step") from err
-                    self.log(f"{kind} worker {i} died ({type(err).__name__}); restarting it and retrying its share")
-                    if kind == "rollout":
-                        self._replace_rollout(i)
-                    else:
-                        self.restarts[kind] += 1
-                        self.reward_workers[i] = self._new_reward(i)
-                    pending.append(i)
+                    why = f"died ({type(err).__name__})"
+                except GetTimeoutError:
+                    key = "cluster.rollout_timeout_s" if kind == "rollout" else "rewards.timeout_s"
+                    why = f"did not answer within {limit:g} s ({key})"
+                except RewardTimeout as err:  # raised in the worker: the reward, not the actor, is named
+                    why = "timed out: " + str(getattr(err, "cause", None) or err).strip().splitlines()[-1]
+                if attempt == attempts - 1:
+                    raise WorkerFailed(f"{kind} worker {i} {why}, on {attempts} tries in one step; the run stopped. "
+                                       "Resubmit to resume from the last checkpoint once the cause is fixed")
+                if kind == "rollout":
+                    self._replace_rollout(i, why=why)
+                else:
+                    self._replace_reward(i, why)
+                pending.append(i)
             if not pending:
                 break
         return [results[i] for i in indices]
 
-    def _learner_call(self, refs: list) -> list:
+    def _learner_call(self, refs: list, what: str = "call") -> list:
+        limit = self.cfg.cluster.learner_timeout_s
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=limit)
         except WORKER_DIED as err:
-            raise learner_failed("a learner worker died") from err
+            raise learner_failed(f"a learner worker died during its {what}") from err
+        except RayTaskError as err:  # e.g. a full disk under a checkpoint: one line, the worker's log has the rest
+            cause = err.cause if getattr(err, "cause", None) is not None else err
+            first = (str(cause).strip().splitlines() or [""])[-1]
+            raise LearnerFailed(f"a learner's {what} raised {type(cause).__name__}: {first} (the traceback is in "
+                                "the worker's log above); the run stopped") from err
+        except GetTimeoutError:
+            hint = (" (a first start JIT-builds DeepSpeed's CPU op under ~/.cache/torch_extensions: a start killed "
+                    "during that build leaves a lock file there that makes every later start wait)") \
+                if what == "start" else ""
+            raise learner_failed(f"a learner's {what} did not finish within cluster.learner_timeout_s={limit:g} s"
+                                 f"{hint}") from None
 
     def logprobs(self, batch: TrainBatch) -> TrainBatch:
         """Old log-probs where the update needs a pass for them, and the reference's when KL is on;
@@ -248,7 +307,7 @@ class Cluster:
             return batch
         shares = _split(len(batch), len(self.learners))
         return TrainBatch.concat(self._learner_call(
-            [w.logprobs.remote(batch.slice(lo, hi)) for w, (lo, hi) in zip(self.learners, shares)]))
+            [w.logprobs.remote(batch.slice(lo, hi)) for w, (lo, hi) in zip(self.learners, shares)], "log-prob pass"))
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """``learner.updates_per_step`` optimizer steps over the batch, data parallel."""
@@ -259,7 +318,7 @@ class Cluster:
             mini = batch.slice(ulo, uhi)
             tokens = float(mini.loss_mask[:, 1:].sum())
             parts = self._learner_call([w.update.remote(mini.slice(lo, hi), tokens, float(len(mini)))
-                                        for w, (lo, hi) in zip(self.learners, _split(len(mini), m))])
+                                        for w, (lo, hi) in zip(self.learners, _split(len(mini), m))], "update")
             grad_norms.append(parts[0].pop("grad_norm"))  # the clipped global norm, the same on every rank
             for p in parts:
                 p.pop("grad_norm", None)
@@ -290,7 +349,7 @@ class Cluster:
     def sync(self) -> SyncReport:
         """Publish the merged DoRA weights as the next policy version and load them into every engine."""
         t0 = time.perf_counter()
-        msg = self.weights.publish(self.version + 1, self.rollouts, lambda i: self._replace_rollout(i, catch_up=False))
+        msg = self.weights.publish(self.version + 1, self.rollouts, lambda i: self._replace_rollout(i, catch_up=False, why="failed the weight sync"))
         self.version, self.update_msg = msg.version, msg
         t1 = time.perf_counter()
 
@@ -305,16 +364,16 @@ class Cluster:
                           collective_engines=len(self.weights.members()))
 
     def save_final(self, directory: str) -> None:
-        self._learner_call([w.save_final.remote(directory) for w in self.learners])
+        self._learner_call([w.save_final.remote(directory) for w in self.learners], "final save")
 
     def adapter_checksums(self) -> list[str]:
-        return self._learner_call([w.adapter_checksum.remote() for w in self.learners])
+        return self._learner_call([w.adapter_checksum.remote() for w in self.learners], "checksum")
 
     def save(self, directory: str) -> None:
-        self._learner_call([w.save.remote(directory) for w in self.learners])
+        self._learner_call([w.save.remote(directory) for w in self.learners], "checkpoint save")
 
     def load(self, directory: str) -> None:
-        self._learner_call([w.load.remote(directory) for w in self.learners])
+        self._learner_call([w.load.remote(directory) for w in self.learners], "checkpoint load")
 
     def shutdown(self) -> None:
         if self.weights is not None and self.learners:

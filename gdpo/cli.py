@@ -63,7 +63,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from gdpo.evaluation import EvalError, EvalSettings, evaluate_model
+    from gdpo.evaluation import EvalSettings, evaluate_model
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -74,11 +74,7 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(model=args.model, data=args.data, samples_per_prompt=args.samples_per_prompt,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             limit=args.limit, seed=args.seed, base=args.base, pass_ks=ks, lora=args.lora)
-    try:
-        results = evaluate_model(settings, cfg, args.out)
-    except EvalError as err:
-        print(f"gdpo eval: {err}", file=sys.stderr)
-        return 2
+    results = evaluate_model(settings, cfg, args.out)
     print_eval(results, args.out)
     return 0
 
@@ -104,13 +100,9 @@ def print_eval(results: dict, out: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from gdpo.report import ReportError, write_report
+    from gdpo.report import write_report
 
-    try:
-        page = write_report(args.dirs, args.out, title=args.title)
-    except ReportError as err:
-        print(f"gdpo report: {err}", file=sys.stderr)
-        return 2
+    page = write_report(args.dirs, args.out, title=args.title)
     print(f"report: {page} (and report.md, PNGs in {args.out})")
     return 0
 
@@ -131,7 +123,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_compress(args) -> int:
-    from gdpo.compress import CompressError, CompressSettings, results_table, run_compress
+    from gdpo.compress import CompressSettings, results_table, run_compress
 
     cfg = load_config(args.config, args.overrides)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -141,11 +133,7 @@ def cmd_compress(args) -> int:
                                 lm_head=args.lm_head, embedding=args.embedding, seed=args.seed,
                                 grid_points=args.grid_points, grid_act_points=args.grid_act_points,
                                 grid_rounds=args.grid_rounds, rank=args.rank, factor_bits=args.factor_bits)
-    try:
-        results = run_compress(settings, cfg)
-    except CompressError as err:
-        print(f"gdpo compress: {err}", file=sys.stderr)
-        return 2
+    results = run_compress(settings, cfg)
     table = results_table(results)
     widths = [max(len(r[i]) for r in table) + 2 for i in range(len(table[0]))]
     what = results.get("setting") or results["pipeline"]
@@ -172,7 +160,12 @@ def cmd_ofq(args) -> int:
 
 
 def cmd_check_config(args) -> int:
+    """The config resolved and validated, then the preflight ``gdpo train`` runs before any worker starts
+    (model, tokenizer, data, templates, context, rewards' fields)."""
+    from gdpo.preflight import check_run
+
     cfg = load_config(args.config, args.overrides)
+    check_run(cfg, log=lambda msg: print(f"gdpo check-config: {msg}", file=sys.stderr))
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -261,16 +254,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_errors() -> tuple[type, ...]:
+    """Errors that mean bad input (a key, flag, file or sample the message names): exit code 2."""
+    from gdpo.compress import CompressError
+    from gdpo.evaluation import EvalError
+    from gdpo.report import ReportError
+    from rewards import RewardError
+
+    return ConfigError, DataError, RewardError, EvalError, ReportError, CompressError
+
+
+def _run_failures() -> tuple[type, ...]:
+    """A run that started and then stopped for a reason its message gives (exit code 1)."""
+    try:
+        from actors.cluster import LearnerFailed, WorkerFailed
+    except ImportError:  # no Ray installed: no run could have started
+        return ()
+    return LearnerFailed, WorkerFailed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as err:
-        print(f"gdpo: config error: {err}", file=sys.stderr)
+    except _input_errors() as err:
+        kind = {"ConfigError": "config error", "DataError": "data error"}.get(type(err).__name__, "error")
+        print(f"gdpo {args.command}: {kind}: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except DataError as err:
-        print(f"gdpo: data error: {err}", file=sys.stderr)
-        return 2
+    except _run_failures() as err:
+        print(f"gdpo {args.command}: the run stopped: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

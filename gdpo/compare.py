@@ -11,7 +11,9 @@ Layout under OUT: ``runs/{arm}-seed{s}/`` (training runs), ``evals/base/`` and `
 (accuracy, mean tokens, truncation rate, AES, the joint success of ``--joint``, each reward's mean, the
 advantage scale), mean ± sample std over seeds; with a ``gdpo`` arm and several seeds, the paired
 difference of the joint success (GDPO minus each other arm) with its 95% confidence interval.
-Re-running the same command skips finished runs and evaluations and resumes an interrupted run.
+Re-running the same command skips finished runs and evaluations and resumes an interrupted run; a run
+directory of another config is refused (naming the keys), an evaluation of other settings, config or
+run is done again.
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gdpo.config import ConfigError, load_config
+from gdpo.config import ConfigError, load_config, to_dict
 from gdpo.fileio import atomic_write_text
+from gdpo.metrics import read_rows
 
 METRICS = [("accuracy", "accuracy", "{:.1%}", "metrics"), ("mean_tokens", "mean tokens", "{:.1f}", "metrics"),
            ("truncation_rate", "truncation", "{:.1%}", "metrics"), ("aes", "AES", "{:+.3f}", "against_base")]
@@ -99,8 +102,15 @@ def matched_weights(samples: list[dict], cfg) -> list[float]:
     return [r.weight / s if s > 1e-6 else r.weight for r, s in zip(cfg.rewards.functions, spreads)]
 
 
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _mean_adv_std(run: Path) -> float:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(run / "metrics.jsonl", log=lambda msg: None)
     values = [r["adv/std"] for r in rows if "adv/std" in r]
     return statistics.fmean(values) if values else float("nan")
 
@@ -142,7 +152,9 @@ def paired_differences(results: dict[str, list[dict]], key: str = "joint") -> di
 def compare(config: str | None, overrides: list[str], arms: list[Arm], seeds: int, out: str,
             samples_per_prompt: int = 4, joint: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if samples_per_prompt < 1:
+        raise ConfigError(f"--samples-per-prompt must be >= 1, got {samples_per_prompt}")
     import ray
 
     own_ray = not ray.is_initialized()  # an embedded Ray started by the first run is stopped at the end
@@ -175,14 +187,18 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
     model_path = resolve_model_path(base_cfg, log)
     started = time.time()
 
-    def evaluate_once(name: str, model: str, base: str | None, cfg) -> tuple[dict, list[dict]]:
+    def evaluate_once(name: str, model: str, base: str | None, cfg, run: Path | None = None) -> tuple[dict, list[dict]]:
+        """Evaluate unless ``evals/NAME`` holds this very evaluation: the same settings, config and run."""
         target = root / "evals" / name
-        if not (target / "results.json").is_file():
+        settings = EvalSettings(model=model, data=base_cfg.data.eval, samples_per_prompt=samples_per_prompt,
+                                max_new_tokens=base_cfg.rollout.max_new_tokens, seed=base_cfg.data.eval_seed,
+                                base=base)
+        source = {"settings": asdict(settings), "config": to_dict(cfg),
+                  "run": json.loads((run / "run.json").read_text())["run_id"] if run else None}
+        if not (target / "results.json").is_file() or _read(target / "source.json") != json.loads(json.dumps(source)):
             log(f"[compare] evaluating {name}")
-            settings = EvalSettings(model=model, data=base_cfg.data.eval, samples_per_prompt=samples_per_prompt,
-                                    max_new_tokens=base_cfg.rollout.max_new_tokens, seed=base_cfg.data.eval_seed,
-                                    base=base)
             evaluate_model(settings, cfg, str(target), log)
+            atomic_write_text(target / "source.json", json.dumps(source, indent=1))
         samples = [json.loads(line) for line in (target / "samples.jsonl").read_text().splitlines() if line.strip()]
         return json.loads((target / "results.json").read_text()), samples
 
@@ -201,11 +217,9 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
         for arm in arms:
             name, cfg = configs[(arm.name, seed)]
             run = Path(cfg.trainer.output_dir)
-            summary = run / "summary.json"
-            if not (summary.is_file() and "final" in json.loads(summary.read_text())):
-                log(f"[compare] training {name} ({cfg.trainer.steps} steps)")
-                train(cfg, log)
-            res, samples = evaluate_once(name, str(run / "final"), str(root / "evals" / "base"), cfg)
+            log(f"[compare] training {name} ({cfg.trainer.steps} steps)")
+            train(cfg, log)  # a finished run returns at once; a run of another config is refused, naming the keys
+            res, samples = evaluate_once(name, str(run / "final"), str(root / "evals" / "base"), cfg, run)
             results[arm.name].append({**res, "joint": joint_success(samples, joint) if joint else float("nan")})
             adv_scale[arm.name].append(_mean_adv_std(run))
     head, body = arm_table(results, joint, rewards, adv_scale)

@@ -121,7 +121,12 @@ class RewardsConfig:
     functions: tuple[RewardSpec, ...] = doc_factory(lambda: (RewardSpec(),), "the reward functions, in order (K columns of the reward matrix)")
     num_workers: int = doc(1, "reward worker actors")
     verifier_processes: int = doc(2, "math-verify worker processes per reward worker")
-    verifier_timeout_s: float = doc(10.0, "per-item timeout of the math verifier; a hung item scores None")
+    verifier_timeout_s: float = doc(20.0, "per-item limit of the math verifier: math-verify's own parse and verify "
+                                    "limits are a fifth of it (a slow item scores 0, an unparsable gold None); a "
+                                    "verifier process that makes no progress for this long is killed (the item "
+                                    "scores None)")
+    timeout_s: float = doc(600.0, "limit of one reward's call on one reward worker's share of a step; past it the "
+                           "worker is killed and replaced and the share scored again (cluster.max_restarts)")
 
     def specs(self) -> list[tuple[str, dict]]:
         """``(name, kwargs)`` per reward, the verifier settings added to ``accuracy``'s."""
@@ -171,7 +176,12 @@ class TrainerConfig:
     prompts_per_step: int = doc(16, "prompts per step; each gets rollout.samples_per_prompt completions")
     seed: int = doc(0, "global seed (prompt order, sampling, initialization)")
     output_dir: str = doc("runs/tiny_cpu", "metrics, checkpoints, final policy and summary.json go here")
-    resume: Literal["auto", "never"] = doc("auto", "auto: continue from the last checkpoint in output_dir if one exists")
+    resume: Literal["auto", "never"] = doc("auto", "auto: continue the run in output_dir from its newest intact "
+                                           "checkpoint (a finished run is left as it is); never: output_dir must be "
+                                           "new or empty")
+    force_resume: bool = doc(False, "resume although keys that change what the run computes differ from the "
+                             "checkpoint's config (they are listed at start); the checkpoint's optimizer and "
+                             "scheduler state are kept")
     eval_every: int = doc(10, "held-out evaluation every N steps (0 = only before and after)")
     save_every: int = doc(5, "checkpoint every N steps")
     rollout_ahead: Literal[0, 1] = doc(0, "1: the rollout of step t+1 runs while the learners update on step t "
@@ -188,6 +198,13 @@ class ClusterConfig:
         "auto", "how engines get each policy version: auto = a file in /dev/shm for engines on learner rank 0's node, "
         "a broadcast from learner 0 (NCCL on GPUs, gloo on CPUs) for the rest; file = the file only (every rollout "
         "worker must run on learner 0's node); collective = the broadcast for every engine not sharing learner 0's GPU")
+    rollout_timeout_s: float = doc(1800.0, "deadline of one rollout worker's call (its share of a generation, a "
+                                   "sleep or wake); a worker that misses it is killed and replaced, and its share "
+                                   "retried")
+    learner_timeout_s: float = doc(3600.0, "deadline of one learner call (start-up, log-probs, update, checkpoint); "
+                                   "a learner that misses it stops the run, which resubmitting resumes")
+    max_restarts: int = doc(10, "worker restarts allowed per role (rollout, reward) over a run, each after a back-off "
+                            "of 2^(n-1) s (at most 60 s); one more stops the run naming the role and worker")
     sync_timeout_s: float = doc(300.0, "deadline of one weight sync (joining the broadcast group, sending, loading); "
                                 "a receiver that dies or hangs fails the sync within it")
     learner_resources: dict = doc_factory(dict, "Ray resources added to every learner bundle, e.g. {trainer_node: "
@@ -213,20 +230,29 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML preset (the embedded default when None), apply dotted overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = read_yaml(Path(path) if path is not None else DEFAULT_CONFIG)
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(Config, raw)
     validate(cfg)
     return cfg
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file's mapping (YAML ``safe_load``: no tags that build objects); errors name the file."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -245,8 +271,11 @@ def apply_override(raw: dict, item: str) -> None:
     last = parts[-1]
     if isinstance(node, list):
         node[_index(node, last, key)] = value
-    else:
+    elif isinstance(node, dict):
         node[last] = value
+    else:
+        raise ConfigError(f"override key '{key}' goes below '{'.'.join(parts[:-1])}', which is a value "
+                          f"({node!r}), not a section")
 
 
 def _child(node: Any, part: str, where: str) -> Any:
@@ -386,7 +415,17 @@ def validate(cfg: Config) -> None:
          "sleeping frees memory for learners on the engines' devices: it needs cluster.placement=colocated")
     need(cfg.rollout.sleep_level == 0 or cfg.trainer.rollout_ahead == 0, "rollout.sleep_level",
          "with trainer.rollout_ahead=1 the engines generate during the update, so they cannot sleep through it")
-    need(cfg.cluster.sync_timeout_s > 0, "cluster.sync_timeout_s", f"must be > 0, got {cfg.cluster.sync_timeout_s}")
+    for key in ("cluster.sync_timeout_s", "cluster.rollout_timeout_s", "cluster.learner_timeout_s",
+                "rewards.timeout_s", "rewards.verifier_timeout_s"):
+        value = getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+        need(0 < value < math.inf, key, f"must be a positive number of seconds, got {value}")
+    need(cfg.cluster.max_restarts >= 0, "cluster.max_restarts", f"must be >= 0, got {cfg.cluster.max_restarts}")
+    need(cfg.cluster.num_cpus is None or cfg.cluster.num_cpus >= 1, "cluster.num_cpus",
+         f"must be >= 1 or null, got {cfg.cluster.num_cpus}")
+    need(cfg.learner.grad_clip >= 0, "learner.grad_clip", f"must be >= 0 (0 = no clipping), got {cfg.learner.grad_clip}")
+    need(cfg.learner.weight_decay >= 0, "learner.weight_decay", f"must be >= 0, got {cfg.learner.weight_decay}")
+    need(cfg.trainer.output_dir.strip() != "", "trainer.output_dir", "must name a directory (empty would write "
+         "into the current one)")
     for key in ("learner_resources", "rollout_resources"):
         for name, amount in getattr(cfg.cluster, key).items():
             need(isinstance(name, str) and name not in ("CPU", "GPU", "memory"), f"cluster.{key}",
@@ -414,7 +453,7 @@ def _positive_ints(cfg: Config):
 
 def _validate_rewards(cfg: Config, need) -> None:
     from gdpo.data import template_fields
-    from rewards.registry import RewardError, resolve_reward
+    from rewards.registry import BoundReward, RewardError, resolve_reward
 
     specs = cfg.rewards.functions
     need(len(specs) >= 1, "rewards.functions", "needs at least one reward")
@@ -422,10 +461,14 @@ def _validate_rewards(cfg: Config, need) -> None:
     names = [s.name for s in specs]
     for i, spec in enumerate(specs):
         key = f"rewards.functions.{i}"
-        try:
-            fn = resolve_reward(spec.name)
+        try:  # imports a plugin
+            resolve_reward(spec.name)
         except RewardError as err:
-            raise ConfigError(f"config key '{key}.name': {err}") from err
+            raise ConfigError(f"config key '{key}.name': {err}") from None
+        try:  # a reward's signature, and every kwarg names one of its parameters
+            fn = BoundReward.from_name(spec.name, cfg.rewards.specs()[i][1]).fn
+        except RewardError as err:
+            raise ConfigError(f"config key '{key}': {err}") from None
         params = inspect.signature(fn).parameters
         need(names.count(spec.name) == 1, f"{key}.name", f"reward '{spec.name}' is listed twice")
         if spec.condition_on is not None:

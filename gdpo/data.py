@@ -54,17 +54,24 @@ def _jsonl_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"data file {path}: cannot read it ({err.strerror})") from None
+    for lineno, data in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     if not rows:
         raise DataError(f"data file {path} holds no rows")
     return rows
@@ -77,11 +84,44 @@ def _hf_rows(spec: str) -> list[dict]:
     import datasets
 
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-    return list(datasets.load_dataset(name, config, split=split))
+    try:
+        return list(datasets.load_dataset(name, config, split=split))
+    except Exception as err:  # noqa: BLE001 - unreachable hub, unknown name/config/split: the spec is named
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise DataError(f"data source '{spec}': cannot load it ({type(err).__name__}: {first})") from None
 
 
 def template_fields(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    """The ``{column}`` names of a template; a malformed template or a field that is not a plain column
+    name (``{q.attr}``, ``{q[0]}``, a positional ``{}``) is a ``DataError`` naming data.template."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        raise DataError(f"data.template {template!r}: {err} (a literal brace is written {{{{ or }}}})") from None
+    for f in fields:
+        if not f.isidentifier():
+            raise DataError(f"data.template {template!r}: {{{f}}} is not a column name (use {{column}})")
+    return fields
+
+
+def check_golds(golds: list[str], source: str) -> None:
+    """Gold answers the accuracy reward can judge as meant: none empty; GSM8K-style solutions carry
+    their final answer (``#### N``) on every row, since without it math-verify takes the solution's
+    last number (often not the answer); a multi-line solution text needs a marked final answer."""
+    for i, gold in enumerate(golds):
+        if not gold.strip():
+            raise DataError(f"data source '{source}': sample {i} has an empty gold answer")
+    marked = sum("####" in g for g in golds)
+    if 0 < marked < len(golds):
+        i = next(i for i, g in enumerate(golds) if "####" not in g)
+        raise DataError(f"data source '{source}': sample {i}'s gold answer has no '#### N' final answer, while "
+                        f"{marked} of {len(golds)} samples do; without it the accuracy reward would judge against "
+                        "the solution's last number. Fix or drop such rows")
+    for i, gold in enumerate(golds):
+        if "\n" in gold.strip() and "####" not in gold and "\\boxed" not in gold:
+            raise DataError(f"data source '{source}': sample {i}'s gold answer is a multi-line text without a "
+                            "final answer ('#### N' or \\boxed{..}); the accuracy reward would judge against its "
+                            "last number")
 
 
 def build_prompts(rows: list[dict], cfg: DataConfig, source: str, tokenizer=None) -> PromptSet:
@@ -100,6 +140,7 @@ def build_prompts(rows: list[dict], cfg: DataConfig, source: str, tokenizer=None
                                                  add_generation_prompt=True) for p in prompts]
     columns = {k: [row[k] for row in rows] for k in rows[0] if all(k in r for r in rows)}
     columns["answer"] = [str(row[cfg.answer_column]) for row in rows]
+    check_golds(columns["answer"], source)
     return PromptSet(prompts, columns)
 
 

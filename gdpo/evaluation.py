@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -66,8 +67,11 @@ def load_base(path: Optional[str]) -> Optional[dict]:
     file = Path(path) / "results.json"
     if not file.is_file():
         raise EvalError(f"--base {path}: no results.json (run `gdpo eval` on the base model first)")
-    base = json.loads(file.read_text())
-    if "metrics" not in base or "accuracy" not in base["metrics"]:
+    try:
+        base = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise EvalError(f"--base {file}: unreadable ({err})") from None
+    if not isinstance(base, dict) or not isinstance(base.get("metrics"), dict) or "accuracy" not in base["metrics"]:
         raise EvalError(f"--base {file}: not a gdpo eval results file (no metrics.accuracy)")
     return base
 
@@ -81,6 +85,8 @@ def check_settings(s: EvalSettings, cfg: Config) -> None:
         raise EvalError(f"--temperature must be >= 0, got {s.temperature}")
     if s.limit < 0:
         raise EvalError(f"--limit must be >= 0, got {s.limit}")
+    if not 0 < s.top_p <= 1:
+        raise EvalError(f"--top-p must be in (0, 1], got {s.top_p}")
     if "accuracy" not in [r.name for r in cfg.rewards.functions]:
         raise EvalError("rewards.functions must include 'accuracy': it decides which samples are correct")
     if s.lora is not None:
@@ -90,12 +96,34 @@ def check_settings(s: EvalSettings, cfg: Config) -> None:
         raise EvalError(f"--pass-k {bad} must lie in 1..--samples-per-prompt ({s.samples_per_prompt})")
 
 
+def check_out_dir(out_dir: str, flag: str) -> None:
+    """``out_dir`` can be created and written, checked before the work whose results go there (and
+    without creating anything: bad input leaves no trace)."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"{flag} {out_dir}: is a file, not a directory")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EvalError(f"{flag} {out_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalError(f"{flag} {out_dir}: {existing} is not writable")
+
+
 def lora_rank(path: str) -> int:
     """The rank of the LoRA adapter at ``path`` (checked: a peft LORA adapter directory)."""
     file = Path(path) / "adapter_config.json"
     if not file.is_file():
         raise EvalError(f"--lora {path}: no adapter_config.json")
-    conf = json.loads(file.read_text())
+    try:
+        conf = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise EvalError(f"--lora {file}: unreadable ({err})") from None
+    if not isinstance(conf, dict):
+        raise EvalError(f"--lora {file}: expected a JSON object")
+    if not isinstance(conf.get("r"), int) or conf["r"] < 1:
+        raise EvalError(f"--lora {file}: no rank 'r' (a positive integer)")
     if conf.get("peft_type") != "LORA" or conf.get("use_dora"):
         raise EvalError(f"--lora {file}: a plain LoRA adapter is needed (peft_type LORA, no DoRA), got "
                         f"peft_type {conf.get('peft_type')!r}{', use_dora' if conf.get('use_dora') else ''}")
@@ -118,6 +146,7 @@ def check_context(prompts: list[str], tokenizer, model_dir: str, cfg: Config, s:
 def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[str], None] = print) -> dict:
     """Run the evaluation; returns what results.json holds."""
     check_settings(s, cfg)
+    check_out_dir(out_dir, "--out")
     base = load_base(s.base)
     n_prompts = s.limit or (cfg.data.eval_size if s.data.startswith("task:") else 0)
     try:

@@ -282,15 +282,40 @@ def attach_logprobs(model, batch: TrainBatch, cfg: Config) -> TrainBatch:
 
 
 def save_checkpoint(engine, model, directory: str, rank: int, zero_stage: int = 2) -> None:
-    """DeepSpeed state (module, optimizer, scheduler) on every rank; the adapter (peft format) from rank 0."""
-    engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
+    """DeepSpeed state of the trainable parameters (module, optimizer, scheduler) on every rank, without
+    the frozen base model (rebuilt from ``model.path``); the adapter (peft format) from rank 0."""
+    # DeepSpeed drops frozen parameters by ``named_parameters()``, which lists a tied weight once: a tied
+    # lm_head (Qwen2.5's, 233M parameters) would stay in every checkpoint. List every alias instead.
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    own = engine.module_state_dict
+
+    def trainable_state_dict(*args, **kwargs):
+        sd = own(*args, **kwargs)
+        return sd if sd is None else type(sd)((k, v) for k, v in sd.items() if k not in frozen)
+
+    engine.module_state_dict = trainable_state_dict  # this engine, for this save only
+    try:
+        engine.save_checkpoint(os.path.join(directory, "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    finally:
+        del engine.module_state_dict
     with gathered(model, zero_stage):
         if rank == 0:
             dora.save_adapter(model, os.path.join(directory, "adapter"))
 
 
 def load_checkpoint(engine, directory: str) -> None:
-    path, _ = engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state")
+    """Restore what ``save_checkpoint`` wrote into an engine built from the same base model; the
+    checkpoint has no frozen parameters, so the module is loaded non-strictly, then checked: every
+    trainable parameter must have come from it."""
+    def load_trainable(src: dict, dst) -> None:  # ZeRO-2: the module state; ZeRO-3 restores its partitions
+        missing = sorted(n for n, p in dst.named_parameters() if p.requires_grad and n not in src)
+        if missing:
+            raise RuntimeError(f"checkpoint {directory} lacks {len(missing)} trainable parameters of this model, "
+                               f"e.g. {missing[0]} (learner.target_modules or dora_rank changed?)")
+        dst.load_state_dict(src, strict=False)
+
+    path, _ = engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state", load_module_strict=False,
+                                     custom_load_fn=load_trainable)
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/deepspeed")
 

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from typing import Callable
+
+from gdpo.fileio import atomic_write_text
 
 BAR_KEYS = (("reward/accuracy/mean", "acc"), ("tokens/mean", "tok"), ("tokens/p90", "p90"),
             ("clip_ratio", "clip"), ("time/rollout", "roll"), ("time/reward", "rew"), ("time/logprobs", "lp"),
@@ -19,23 +23,45 @@ def token_stats(counts: list[int]) -> dict[str, float]:
     return {"mean": sum(s) / len(s), "p50": pick(0.5), "p90": pick(0.9), "max": float(s[-1])}
 
 
+def read_rows(path: Path, log: Callable[[str], None] = print) -> list[dict]:
+    """The rows of a ``metrics.jsonl``. A last line that is not whole JSON (a write cut short by a full
+    disk or a lost machine) is dropped with a warning; a damaged line before it is an error that names
+    the file and line, since the rows after it cannot be trusted either."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row (no integer 'step')")
+        except ValueError as err:
+            if all(not rest.strip() for rest in lines[n:]):
+                log(f"warning: {path}:{n}: dropping a torn last row ({err})")
+                break
+            raise ValueError(f"{path}:{n}: damaged metrics row ({err})") from None
+        rows.append(row)
+    return rows
+
+
 class MetricsLogger:
-    def __init__(self, out: Path, total_steps: int, initial: int = 0):
-        """Appends to ``metrics.jsonl``, first dropping rows past ``initial`` (steps a resume redoes)."""
+    def __init__(self, out: Path, total_steps: int, initial: int = 0, log: Callable[[str], None] = print):
+        """Appends to ``metrics.jsonl``, first dropping rows past ``initial`` (steps a resume redoes) and a
+        torn last row; TensorBoard drops its events past ``initial`` too."""
         from tqdm import tqdm
 
         path = out / "metrics.jsonl"
         if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            kept = [line for line in rows if json.loads(line)["step"] <= initial]
-            if len(kept) != len(rows):
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                tmp.replace(path)
-        self.file = path.open("a")
+            text = path.read_text(encoding="utf-8", errors="replace")
+            kept = [row for row in read_rows(path, log) if row["step"] <= initial]
+            rewritten = "".join(json.dumps(row) + "\n" for row in kept)
+            if rewritten != text:
+                atomic_write_text(path, rewritten)
+        self.file = path.open("a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=initial + 1 if initial else None)
         except ImportError:  # tensorboard is a dependency; a broken install only loses the TB view
             self.tb = None
         self.bar = tqdm(total=total_steps, initial=initial, desc="gdpo", dynamic_ncols=True)
@@ -43,6 +69,7 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        os.fsync(self.file.fileno())  # a row is on disk before the step's checkpoint refers to it
         if self.tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):

@@ -21,9 +21,8 @@ from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from gdpo.config import ConfigError, apply_override, doc, doc_factory, from_dict, to_dict
+from gdpo.config import ConfigError, apply_override, doc, doc_factory, from_dict, read_yaml, to_dict
 from gdpo.fileio import atomic_write_text
 
 
@@ -105,10 +104,7 @@ def validate(cfg: OFQConfig) -> None:
 
 
 def load_ofq_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> OFQConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(Path(path))
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(OFQConfig, raw)

@@ -43,6 +43,10 @@ def check_prompt_lengths(prompts: list[str], tokenizer, context: int, max_new_to
                          new_tokens_key: str = "rollout.max_new_tokens") -> int:
     """The longest prompt in tokens; an error naming the sample when a prompt plus ``max_new_tokens``
     does not fit ``context`` (vLLM would refuse that request in the middle of a run)."""
+    for i, p in enumerate(prompts):  # tokens are seldom 64 characters long: refused without tokenizing it
+        if len(p) > 64 * context:
+            raise ConfigError(f"data source '{source}': sample {i} has a prompt of {len(p):,} characters, far past "
+                              f"the engines' context of {context} tokens; filter the data")
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     worst = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[worst] + max_new_tokens > context:
@@ -97,7 +101,29 @@ def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunInputs:
     """Resolve and check everything above; the trainer hands the result to the workers."""
     from gdpo.policy import resolve_model_path
 
-    model_path = resolve_model_path(cfg, log)
+    return _prepare(cfg, resolve_model_path(cfg, log))
+
+
+def check_run(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """``gdpo check-config``: the same checks as ``prepare_run`` without building the builtin tiny
+    policy (minutes) when it is not cached yet; then only what needs no model is checked (the data,
+    the templates, the rewards' fields)."""
+    from gdpo.config import BUILTIN_TINY_POLICY
+    from gdpo.tasks.tiny_policy import policy_dir
+
+    if cfg.model.path == BUILTIN_TINY_POLICY and not (policy_dir(cfg.sft) / "build.json").is_file():
+        log("the builtin tiny policy is not built yet (gdpo train builds it): model and context checks skipped")
+        for role, seed in (("train", cfg.trainer.seed), ("eval", cfg.data.eval_seed)):
+            try:
+                data = load_prompts(cfg.data, role, seed=seed)
+            except DataError as err:
+                raise DataError(f"data.{role}: {err}") from None
+            check_reward_fields(cfg, data, role)
+        return
+    _prepare(cfg, str(policy_dir(cfg.sft)) if cfg.model.path == BUILTIN_TINY_POLICY else cfg.model.path)
+
+
+def _prepare(cfg: Config, model_path: str) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg)
     context = model_context(model_path, cfg)
     sets, longest = {}, 0
@@ -109,4 +135,17 @@ def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunInputs:
         longest = max(longest, check_prompt_lengths(sets[role].prompts, tokenizer, context,
                                                     cfg.rollout.max_new_tokens, source))
         add_floor_column(sets[role], tokenizer, model_path)
+        check_reward_fields(cfg, sets[role], role)
     return RunInputs(model_path, sets["train"], sets["eval"], context, longest)
+
+
+def check_reward_fields(cfg: Config, data: PromptSet, role: str) -> None:
+    """Every reward's required fields are among the data's columns and the scorer's own fields."""
+    from rewards import BoundReward, RewardError
+
+    names = set(data.columns) | {"completion_token_counts", "group_ids", "rewards"}
+    for k, (name, kwargs) in enumerate(cfg.rewards.specs()):
+        try:
+            BoundReward.from_name(name, kwargs).check_fields(names | set(kwargs))
+        except RewardError as err:
+            raise ConfigError(f"config key 'rewards.functions.{k}' with data.{role}: {err}") from None

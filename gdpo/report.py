@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from gdpo.fileio import atomic_write_text
+from gdpo.metrics import read_rows
 
 
 class ReportError(ValueError):
@@ -58,21 +59,41 @@ class RunDir:
         return pts
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ReportError(f"{path}: unreadable ({err})") from None
+    if not isinstance(value, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return value
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return read_rows(path, log=lambda msg: None) if path.is_file() else []
+    except (OSError, ValueError) as err:
+        raise ReportError(str(err)) from None
+
+
 def load_inputs(dirs: list[str]) -> tuple[list[EvalDir], list[RunDir]]:
     evals, runs = [], []
     for d in dirs:
         p = Path(d)
         if (p / "results.json").is_file():
-            results = json.loads((p / "results.json").read_text())
-            if "metrics" not in results:
+            results = _read_json(p / "results.json")
+            if not isinstance(results.get("metrics"), dict):
                 raise ReportError(f"{p / 'results.json'}: not a gdpo eval results file (no 'metrics')")
-            samples = p / "samples.jsonl"
-            tokens = [json.loads(line)["tokens"] for line in samples.open()] if samples.is_file() else []
+            try:
+                tokens = [int(json.loads(line)["tokens"]) for line in
+                          (p / "samples.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()] \
+                    if (p / "samples.jsonl").is_file() else []
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+                raise ReportError(f"{p / 'samples.jsonl'}: unreadable ({type(err).__name__}: {err})") from None
             evals.append(EvalDir(p, results, tokens))
         elif (p / "metrics.jsonl").is_file() or (p / "summary.json").is_file():
-            rows = [json.loads(line) for line in (p / "metrics.jsonl").open()] if (p / "metrics.jsonl").is_file() else []
-            summary = json.loads((p / "summary.json").read_text()) if (p / "summary.json").is_file() else {}
-            runs.append(RunDir(p, rows, summary))
+            summary = _read_json(p / "summary.json") if (p / "summary.json").is_file() else {}
+            runs.append(RunDir(p, _read_jsonl(p / "metrics.jsonl"), summary))
         elif not p.exists():
             raise ReportError(f"{p}: no such directory")
         else:
@@ -245,7 +266,12 @@ def write_report(dirs: list[str], out: str, title: str = "gdpo token-efficiency 
     """Write OUT/report.md, OUT/report.html and the PNGs; ``tables`` adds (heading, head, body, note) first."""
     evals, runs = load_inputs(dirs)
     o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
+    if o.exists() and not o.is_dir():
+        raise ReportError(f"--out {out}: is a file, not a directory")
+    try:
+        o.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ReportError(f"--out {out}: cannot create it ({err.strerror})") from None
     images = []
     plot_pareto(evals, runs, o / "pareto.png")
     images.append(("pareto.png", "Accuracy vs mean completion tokens"))

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from gdpo.advantages import apply_conditions, gdpo_advantages, grpo_advantages, zero_variance_groups
+from gdpo.checkpoints import (RunPlan, commit_checkpoint, new_checkpoint_dir, open_run, prune_checkpoints,
+                              set_rng_state)
 from gdpo.config import Config, to_dict
 from gdpo.data import PromptSet
 from gdpo.fileio import atomic_write_text
@@ -35,18 +36,26 @@ class RunState:
 
 
 class PromptStream:
-    """Prompts in a seeded order, reshuffled each epoch; position = ``cursor`` (resumable)."""
+    """Prompts in a seeded order, reshuffled each epoch; position = ``cursor`` (resumable). Each epoch's
+    order is computed once (a 50,000-row set costs tens of milliseconds to shuffle, not per prompt)."""
 
     def __init__(self, data: PromptSet, seed: int):
         self.data, self.seed = data, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.data)))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # the last two epochs
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
     def take(self, cursor: int, n: int) -> PromptSet:
         idx = []
         for pos in range(cursor, cursor + n):
             epoch, offset = divmod(pos, len(self.data))
-            order = list(range(len(self.data)))
-            random.Random(f"{self.seed}/{epoch}").shuffle(order)
-            idx.append(order[offset])
+            idx.append(self.order(epoch)[offset])
         return self.data.take(idx)
 
 
@@ -138,26 +147,19 @@ def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
     return out
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    done = sorted((output_dir / "checkpoints").glob("step-*/trainer_state.json"))
-    return done[-1].parent if done else None
-
-
-def save_checkpoint(cluster, state: RunState, output_dir: Path, keep: int = 2) -> Path:
-    """Write to a temporary directory, then rename: a killed run never leaves a half checkpoint."""
-    root = output_dir / "checkpoints"
-    final = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-step-{state.step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def save_checkpoint(cluster, state: RunState, plan: RunPlan, cfg: Config, keep: int = 2,
+                    log: Callable[[str], None] = print) -> Path:
+    """The learners write into a fresh temporary directory; the driver adds its files and the manifest,
+    fsyncs and renames it (``gdpo/checkpoints.py``): a killed run never leaves a half checkpoint."""
+    tmp = new_checkpoint_dir(plan.out, state.step)
     cluster.save(str(tmp))
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=2))  # written last: marks complete
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    final = commit_checkpoint(tmp, dict(state.__dict__), cfg, plan.run_id)
+    prune_checkpoints(plan.out, plan.run_id, keep, log)
+    size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
+    free = shutil.disk_usage(final).free
+    if free < 2 * size:  # the next save writes a whole checkpoint before the oldest is pruned
+        log(f"warning: {plan.out} has {free / 2**20:.0f} MiB free and a checkpoint takes {size / 2**20:.0f} MiB; "
+            "the next save may fill the disk (the previous checkpoints stay intact if it does)")
     return final
 
 
@@ -166,38 +168,37 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     from actors.cluster import Cluster, ray_init
 
     inputs = prepare_run(cfg, log)  # model, tokenizer, data, templates, context: checked before Ray starts
-    out = Path(cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", to_dict(cfg))
+    plan = open_run(cfg, log)  # the output directory: a new run, or this run's newest intact checkpoint
+    if plan.finished:
+        log(f"{plan.out} holds this run finished ({cfg.trainer.steps} steps); nothing to do")
+        return plan.summary
+    _write_json(plan.out / "config.json", to_dict(cfg))
     ray_init(cfg)
     cluster = Cluster(cfg, inputs.model_path, log)
     try:
-        return _run(cluster, cfg, inputs, out, log)
+        return _run(cluster, cfg, inputs, plan, log)
     finally:
         cluster.shutdown()
 
 
-def _run(cluster, cfg: Config, inputs: RunInputs, out: Path, log: Callable[[str], None]) -> dict:
+def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[str], None]) -> dict:
     train_data, eval_data = inputs.train, inputs.eval
     stream = PromptStream(train_data, cfg.trainer.seed)
-    state = RunState()
-    ckpt = latest_checkpoint(out) if cfg.trainer.resume == "auto" else None
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if (ckpt and summary_path.is_file()) else {}
-    if ckpt:
-        state = RunState(**{k: v for k, v in json.loads((ckpt / "trainer_state.json").read_text()).items()
-                            if k in RunState.__dataclass_fields__})
+    state, summary, summary_path = RunState(), plan.summary, plan.out / "summary.json"
+    if plan.checkpoint:
+        ckpt = plan.checkpoint
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
         cluster.load(str(ckpt))
-        rng = torch.load(ckpt / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
+        set_rng_state(json.loads((ckpt / "rng.json").read_text()))
         cluster.version = state.version - 1
         cluster.sync()
         log(f"resumed from {ckpt} at step {state.step} (policy version {state.version})")
-    if "baseline" not in summary:
+    if "baseline" not in summary:  # measured on the initial policy only (``open_run`` checks): before any update
         summary["baseline"] = evaluate(cluster, cfg, eval_data)
         log(f"baseline: accuracy {summary['baseline']['accuracy']:.3f}, mean tokens {summary['baseline']['mean_tokens']:.1f}")
-    metrics = MetricsLogger(out, cfg.trainer.steps, initial=state.step)
+    _write_json(summary_path, summary)  # without an earlier final evaluation: this run is not finished
+    metrics = MetricsLogger(plan.out, cfg.trainer.steps, initial=state.step, log=log)
     n_prompts, k = cfg.trainer.prompts_per_step, cfg.rollout.samples_per_prompt
     sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
                 "top_p": cfg.rollout.top_p, "min_new_tokens": cfg.rollout.min_new_tokens}
@@ -258,12 +259,11 @@ def _run(cluster, cfg: Config, inputs: RunInputs, out: Path, log: Callable[[str]
             row.update({f"eval/{k_}": v for k_, v in evaluate(cluster, cfg, eval_data).items()})
         metrics.log(row)
         if state.step % cfg.trainer.save_every == 0 or state.step == cfg.trainer.steps:
-            save_checkpoint(cluster, state, out)
-            _write_json(summary_path, summary)
+            save_checkpoint(cluster, state, plan, cfg, log=log)
     metrics.close()
     summary["final"] = evaluate(cluster, cfg, eval_data)
     summary["steps"] = state.step
-    cluster.save_final(str(out / "final"))
+    cluster.save_final(str(plan.out / "final"))
     _write_json(summary_path, summary)
     return summary
 

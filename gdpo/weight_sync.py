@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ import torch
 
 from gdpo import dora
 from gdpo.records import SyncGroup, WeightUpdate
+
+log = logging.getLogger(__name__)
 
 MAGIC = 0x6764706F  # "gdpo"
 PROTOCOL = 1
@@ -364,6 +367,8 @@ def publish(tensors: list[SyncTensor], version: int, bucket_bytes: int, *, direc
         Path(directory).mkdir(parents=True, exist_ok=True)
         final = Path(directory) / f"policy-v{version}.safetensors"
         tmp = final.with_suffix(".tmp")
+    if final is not None:
+        check_free_space(directory, sum(t.nbytes for t in tensors) + (1 << 20))
     writer = _FileWriter(tensors, str(tmp), {"policy_version": str(version)}, bucket_bytes) if final else None
     try:
         caster = _Broadcaster(comm, tensors, version, bucket_bytes, device) if comm is not None else None
@@ -464,8 +469,51 @@ def node_local_dir() -> str:
 
 def make_weights_dir(run_id: str) -> str:
     """A new directory only this user can read, under :func:`node_local_dir` (mkdtemp: never an
-    existing directory or a planted symlink)."""
-    return tempfile.mkdtemp(prefix=f"gdpo-weights-{run_id}-", dir=node_local_dir())
+    existing directory or a planted symlink), marked with its owner (host and pid) so that a later
+    run can remove it if this process dies without cleaning up (SIGKILL, OOM, a lost head)."""
+    remove_stale_weight_dirs(node_local_dir())
+    path = tempfile.mkdtemp(prefix=f"gdpo-weights-{run_id}-", dir=node_local_dir())
+    Path(path, "owner").write_text(f"{socket.gethostname()} {os.getpid()}")
+    return path
+
+
+def remove_stale_weight_dirs(root: str) -> list[str]:
+    """Delete this user's ``gdpo-weights-*`` directories under ``root`` whose owner process, on this
+    host, is gone; a weight file of a 1.5B model is gigabytes of RAM in /dev/shm. Returns them."""
+    removed = []
+    for d in Path(root).glob("gdpo-weights-*"):
+        try:
+            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
+                continue
+            host, pid = (d / "owner").read_text().split()
+        except (OSError, ValueError):
+            continue  # being created, or not ours to judge
+        if host != socket.gethostname() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(str(d))
+        log.warning("removed %s: left by process %s, which is gone", d, pid)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def check_free_space(directory: str, need_bytes: int) -> None:
+    """A version is written whole before the previous one is removed: the directory's file system
+    must have room for it (Docker gives /dev/shm 64 MiB unless --shm-size says more)."""
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise SyncError(f"{directory} has {free / 2**20:.0f} MiB free; a policy version needs "
+                        f"{need_bytes / 2**20:.0f} MiB. Set GDPO_NODE_LOCAL_DIR to a larger node-local directory "
+                        "(a RAM-backed one is fastest), or give the container a larger /dev/shm (--shm-size)")
 
 
 def file_sha256(path: str) -> str:

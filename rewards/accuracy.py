@@ -7,7 +7,6 @@ item that times out; a completion without a parsable answer scores 0.0.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Optional
 
@@ -41,11 +40,13 @@ def check_answer(gold: str, pred: str, timeout_s: float = 5.0) -> Optional[bool]
     """math-verify equality of ``pred`` against ``gold``; None when the gold cannot be parsed.
 
     Runs inside a verifier worker process (its main thread), where math-verify's signal-based
-    timeouts work.
+    timeouts work. Each of math-verify's steps (gold parse, up to twice; prediction parse; verify)
+    gets a fifth of ``timeout_s`` (at least 1 s), so a slow item ends inside math-verify (a slow
+    prediction scores False, a slow gold None) before the pool would kill the process.
     """
     from math_verify import parse, verify
 
-    seconds = max(1, math.ceil(timeout_s))
+    seconds = max(1, int(timeout_s // 5))
     gold_text = normalize_answer_text(gold)
     gold_parsed = []
     if _bare_math(gold_text):  # "\\frac{\\sqrt{3}}{2}", "(3, -1)", "[2, 5)": LaTeX only parses inside delimiters
@@ -62,8 +63,19 @@ def check_answer(gold: str, pred: str, timeout_s: float = 5.0) -> Optional[bool]
 
 @register_reward("accuracy")
 def accuracy(prompts: list[str], completions: list[str], answer: list[str], processes: int = 2,
-             timeout_s: float = 10.0, **_) -> list[Optional[float]]:
+             timeout_s: float = 20.0, **_) -> list[Optional[float]]:
     """Verifiable-answer reward (the rule-based accuracy reward of DeepSeek-R1, Guo et al. 2025, §2.2.2)."""
-    pool = shared_pool(check_answer, processes, timeout_s)
-    verdicts = pool.map([(str(g), c) for g, c in zip(answer, completions)])
+    verdicts = _pool(processes, timeout_s).map([(str(g), c) for g, c in zip(answer, completions)])
     return [None if v is None else float(v) for v in verdicts]
+
+
+def _pool(processes: int, timeout_s: float):
+    return shared_pool(check_answer, processes, timeout_s, warmup=("\\frac{1}{2}", "\\boxed{0.5}"))
+
+
+def _warm_up(processes: int = 2, timeout_s: float = 20.0, **_) -> None:
+    """Start the verifier processes (math-verify imported) before the first step's time limit runs."""
+    _pool(processes, timeout_s).start()
+
+
+accuracy.warmup = _warm_up  # called by ``BoundReward.warm_up`` with the reward's kwargs

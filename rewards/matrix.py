@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,10 +30,11 @@ class RewardMatrix:
 
 def score_rewards(rewards: Sequence[BoundReward], prompts: Sequence[str], completions: Sequence[str],
                   completion_token_counts: Sequence[int], group_ids: Sequence[int],
-                  columns: dict[str, Sequence]) -> RewardMatrix:
+                  columns: dict[str, Sequence], timeout_s: Optional[float] = None) -> RewardMatrix:
     """Run each reward in order; later rewards see the earlier columns in the ``rewards`` field.
 
-    ``columns`` are the dataset columns of each sample (e.g. ``answer``), each a list of N values.
+    ``columns`` are the dataset columns of each sample (e.g. ``answer``), each a list of N values;
+    ``timeout_s`` bounds each reward's call (``BoundReward.score``).
     """
     n = len(completions)
     if len(prompts) != n or len(completion_token_counts) != n or len(group_ids) != n:
@@ -47,7 +48,7 @@ def score_rewards(rewards: Sequence[BoundReward], prompts: Sequence[str], comple
     fields["group_ids"] = list(group_ids)
     done: dict[str, list] = {}
     for reward in rewards:
-        done[reward.name] = reward.score(prompts, completions, {**fields, "rewards": dict(done)})
+        done[reward.name] = reward.score(prompts, completions, {**fields, "rewards": dict(done)}, timeout_s=timeout_s)
     values = torch.tensor([[math.nan if done[r.name][i] is None else done[r.name][i] for r in rewards]
                            for i in range(n)], dtype=torch.float32).reshape(n, len(rewards))
     return RewardMatrix(names=[r.name for r in rewards], values=values)

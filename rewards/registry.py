@@ -11,12 +11,16 @@ Plugins are found, in order, as: a name registered with ``@register_reward``; ``
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
 import math
 import numbers
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -73,7 +77,12 @@ def resolve_reward(name: str) -> RewardFn:
         return fn
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            return ep.load()
+            try:
+                return ep.load()
+            except BaseException as err:  # noqa: BLE001 - as for a plugin module
+                if isinstance(err, KeyboardInterrupt):
+                    raise
+                raise RewardError(f"reward '{name}': loading entry point {ep.value} failed: {err!r}") from err
     raise RewardError(f"unknown reward '{name}' (registered: {', '.join(registered_rewards())}; "
                       f"or give 'module:function', 'path/to/file.py:function', or an entry point in "
                       f"'{ENTRY_POINT_GROUP}')")
@@ -84,6 +93,10 @@ def _import(module: str, name: str):
         return importlib.import_module(module)
     except ImportError as err:
         raise RewardError(f"reward plugin '{name}': cannot import module '{module}': {err}") from err
+    except BaseException as err:  # noqa: BLE001 - a plugin's import may raise anything, sys.exit included
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        raise RewardError(f"reward plugin '{name}': importing module '{module}' failed: {err!r}") from err
 
 
 def _load_file(path: str, name: str):
@@ -98,8 +111,10 @@ def _load_file(path: str, name: str):
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as err:
+    except BaseException as err:  # noqa: BLE001 - a plugin file may raise anything, sys.exit included
         del sys.modules[mod_name]
+        if isinstance(err, KeyboardInterrupt):
+            raise
         raise RewardError(f"reward plugin '{name}': loading {file} failed: {err!r}") from err
     return module
 
@@ -116,6 +131,15 @@ class BoundReward:
     def from_name(cls, name: str, kwargs: Optional[dict] = None) -> "BoundReward":
         fn = resolve_reward(name)
         kwargs = dict(kwargs or {})
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            raise RewardError(f"reward '{name}' ({_describe(fn)}) has no inspectable signature; a reward is "
+                              "fn(prompts, completions, **fields)") from None
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            raise RewardError(f"reward '{name}' ({_describe(fn)}) takes ({', '.join(p.name for p in params)}); "
+                              "a reward is fn(prompts, completions, **fields)")
         # config kwargs must name a declared parameter: a typo must not vanish into **fields
         named = [p for p in list(inspect.signature(fn).parameters.values())[2:]
                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
@@ -125,39 +149,72 @@ class BoundReward:
                                   f"(parameters: {', '.join(p.name for p in named) or 'none'})")
         return cls(name=name, fn=fn, kwargs=kwargs)
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str], fields: dict[str, list]) -> list[Optional[float]]:
-        """Score a batch; errors name the reward, the plugin and the sample index."""
+    def warm_up(self) -> None:
+        """A reward may carry ``fn.warmup(**kwargs)``: what its first call would load or start (a process
+        pool, a model), done before any call is timed."""
+        warmup = getattr(self.fn, "warmup", None)
+        if callable(warmup):
+            warmup(**self.kwargs)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str], fields: dict[str, list],
+              timeout_s: Optional[float] = None) -> list[Optional[float]]:
+        """Score a batch; errors name the reward, the plugin and, where a quick search finds it, the
+        sample. ``timeout_s``: a call that runs longer raises ``RewardTimeout`` (in a main thread, where
+        a signal can interrupt Python code; elsewhere the caller's deadline is the only bound)."""
         n = len(completions)
         call_fields = {**fields, **self.kwargs}
         self._check_fields(call_fields)
+        start = time.monotonic()
         try:
-            out = self.fn(list(prompts), list(completions), **call_fields)
+            with _deadline(timeout_s, self.name, n):
+                out = self.fn(list(prompts), list(completions), **call_fields)
+        except RewardTimeout:
+            raise
         except Exception as err:
-            idx = self._find_failing_sample(prompts, completions, call_fields)
+            # Look for the failing sample only after a quick failure (a slow one, e.g. a judge backend that
+            # timed out, is not called again), by halving: at most 2 log2(n) more calls.
+            quick = time.monotonic() - start < 1.0
+            idx = self._find_failing_sample(prompts, completions, call_fields) if quick else None
             where = f"sample {idx}" if idx is not None else f"a batch of {n} samples"
             raise RewardError(f"reward '{self.name}' ({_describe(self.fn)}) raised on {where}: {err!r}") from err
         return self._check_output(out, n)
 
     def _check_fields(self, call_fields: dict) -> None:
+        self.check_fields(call_fields)
+
+    def check_fields(self, names) -> None:
+        """Every parameter without a default must be among ``names`` (data columns, scorer fields, kwargs)."""
         params = inspect.signature(self.fn).parameters
         for pname, p in list(params.items())[2:]:
             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 continue
-            if p.default is p.empty and pname not in call_fields:
+            if p.default is p.empty and pname not in names:
                 raise RewardError(f"reward '{self.name}' needs the field '{pname}', which the data does not "
-                                  f"provide (fields: {', '.join(sorted(call_fields))})")
+                                  f"provide (fields: {', '.join(sorted(names))})")
+
+    def _fails(self, prompts, completions, call_fields, lo: int, hi: int) -> bool:
+        n = len(completions)
+        part = {k: (v[lo:hi] if isinstance(v, list) and len(v) == n else v) for k, v in call_fields.items()}
+        if isinstance(part.get("rewards"), dict):
+            part["rewards"] = {k: v[lo:hi] for k, v in part["rewards"].items()}
+        try:
+            with _deadline(5.0, self.name, hi - lo):
+                self.fn(list(prompts[lo:hi]), list(completions[lo:hi]), **part)
+        except Exception:
+            return True
+        return False
 
     def _find_failing_sample(self, prompts, completions, call_fields) -> Optional[int]:
-        n = len(completions)
-        for i in range(n):
-            one = {k: (v[i:i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in call_fields.items()}
-            if "rewards" in one and isinstance(one["rewards"], dict):
-                one["rewards"] = {k: v[i:i + 1] for k, v in one["rewards"].items()}
-            try:
-                self.fn(list(prompts[i:i + 1]), list(completions[i:i + 1]), **one)
-            except Exception:
-                return i
-        return None
+        lo, hi = 0, len(completions)
+        while hi - lo > 1:  # invariant: [lo, hi) fails as a batch
+            mid = (lo + hi) // 2
+            if self._fails(prompts, completions, call_fields, lo, mid):
+                hi = mid
+            elif self._fails(prompts, completions, call_fields, mid, hi):
+                lo = mid
+            else:
+                return None  # fails only together (a batch-level fault)
+        return lo if hi - lo == 1 and self._fails(prompts, completions, call_fields, lo, hi) else None
 
     def _check_output(self, out: Any, n: int) -> list[Optional[float]]:
         if not isinstance(out, (list, tuple)):
@@ -169,10 +226,41 @@ class BoundReward:
         for i, v in enumerate(out):
             if v is None:
                 clean.append(None)
-            elif isinstance(v, numbers.Real) and not (isinstance(v, float) and math.isinf(v)):
-                clean.append(None if math.isnan(float(v)) else float(v))
-            else:
+                continue
+            try:
+                x = float(v) if isinstance(v, numbers.Real) else None
+            except OverflowError:  # an int too large for a float
+                x = math.inf
+            if x is None or math.isinf(x):  # numpy's inf too: one inf makes a whole group's advantages NaN
                 raise RewardError(f"reward '{self.name}' ({_describe(self.fn)}) returned {v!r} for sample {i}; "
                                   f"expected a finite number or None")
+            clean.append(None if math.isnan(x) else x)
         return clean
+
+
+class RewardTimeout(RewardError):
+    """A reward call that ran past its time limit."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: Optional[float], name: str, n: int):
+    """Raise ``RewardTimeout`` in the calling code after ``seconds`` (SIGALRM: main thread only; nested
+    use keeps the outer limit's remaining time as it was)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise RewardTimeout(f"reward '{name}' did not return within {seconds:g} s on {n} samples "
+                            "(rewards.timeout_s)")
+    previous = signal.signal(signal.SIGALRM, expire)
+    outer = signal.setitimer(signal.ITIMER_REAL, seconds)[0]
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - started)))
 

@@ -20,7 +20,13 @@ from typing import Callable, Optional, Sequence
 Item = tuple[str, str]  # (gold, prediction)
 
 
-def _worker_main(conn: Connection, check: Callable[[str, str, float], Optional[bool]], timeout_s: float) -> None:
+def _worker_main(conn: Connection, check: Callable[[str, str, float], Optional[bool]], timeout_s: float,
+                 warmup: Optional[Item] = None) -> None:
+    if warmup is not None:  # imports and first-use set-up (math-verify's grammar) before "ready", not in an item
+        try:
+            check(*warmup, timeout_s)
+        except Exception:  # noqa: BLE001 - a warm-up failure shows again, per item, where it is reported
+            pass
     conn.send("ready")  # start-up (interpreter, imports) must not count against an item's timeout
     while True:
         try:
@@ -38,9 +44,9 @@ def _worker_main(conn: Connection, check: Callable[[str, str, float], Optional[b
 
 
 class _Worker:
-    def __init__(self, ctx, check, timeout_s: float):
+    def __init__(self, ctx, check, timeout_s: float, warmup: Optional[Item] = None):
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, check, timeout_s), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, check, timeout_s, warmup), daemon=True)
         self.proc.start()
         child.close()
         self.pending: deque[tuple[int, str, str]] = deque()
@@ -77,13 +83,16 @@ class _Worker:
 class VerifierPool:
     """Run ``check(gold, pred, timeout_s) -> bool | None`` over many items in worker processes.
 
-    ``check`` must be a module-level function (it is pickled into spawned processes).
+    ``check`` must be a module-level function (it is pickled into spawned processes). ``warmup``: an
+    item each new worker checks before it reports ready, so that what a first check loads (imports,
+    grammars) never counts against an item's timeout (under CPU load it can take longer than that).
     """
 
-    def __init__(self, check: Callable[[str, str, float], Optional[bool]], processes: int = 2, timeout_s: float = 10.0):
+    def __init__(self, check: Callable[[str, str, float], Optional[bool]], processes: int = 2, timeout_s: float = 10.0,
+                 warmup: Optional[Item] = None):
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
-        self.check, self.processes, self.timeout_s = check, processes, timeout_s
+        self.check, self.processes, self.timeout_s, self.warmup = check, processes, timeout_s, warmup
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
@@ -93,15 +102,24 @@ class VerifierPool:
         with self._lock:
             return self._map(items)
 
+    def start(self) -> None:
+        """Start the worker processes now (else the first ``map`` does)."""
+        with self._lock:
+            self._fill()
+
+    def _fill(self) -> None:
+        if len(self._workers) < self.processes:
+            fresh = [_Worker(self._ctx, self.check, self.timeout_s, self.warmup)
+                     for _ in range(self.processes - len(self._workers))]
+            for w in fresh:  # started together, waited for together
+                w.wait_ready()
+            self._workers += fresh
+
     def _map(self, items: Sequence[Item]) -> list[Optional[bool]]:
         results: list[Optional[bool]] = [None] * len(items)
         if not items:
             return results
-        if len(self._workers) < self.processes:
-            fresh = [_Worker(self._ctx, self.check, self.timeout_s) for _ in range(self.processes - len(self._workers))]
-            for w in fresh:  # started together, waited for together
-                w.wait_ready()
-            self._workers += fresh
+        self._fill()
         chunk = max(1, min(32, len(items) // (4 * self.processes)))
         queue = deque((i, g, p) for i, (g, p) in enumerate(items))
         done = 0
@@ -135,7 +153,7 @@ class VerifierPool:
         return results
 
     def _start_worker(self) -> _Worker:
-        w = _Worker(self._ctx, self.check, self.timeout_s)
+        w = _Worker(self._ctx, self.check, self.timeout_s, self.warmup)
         w.wait_ready()
         return w
 
@@ -150,12 +168,12 @@ _POOLS: dict[tuple, VerifierPool] = {}
 _POOLS_LOCK = threading.Lock()
 
 
-def shared_pool(check: Callable, processes: int, timeout_s: float) -> VerifierPool:
+def shared_pool(check: Callable, processes: int, timeout_s: float, warmup: Optional[Item] = None) -> VerifierPool:
     """One pool per (check, processes, timeout) in this process, closed at exit."""
     key = (check.__module__, check.__qualname__, processes, timeout_s)
     with _POOLS_LOCK:
         if key not in _POOLS:
-            _POOLS[key] = VerifierPool(check, processes, timeout_s)
+            _POOLS[key] = VerifierPool(check, processes, timeout_s, warmup)
         return _POOLS[key]
 
 

@@ -29,13 +29,13 @@ def test_every_preset_in_configs_validates():
 
 def test_dotted_overrides_with_types_and_list_indices():
     cfg = load_config(None, ["trainer.prompts_per_step=8", "algorithm.estimator=grpo", "rollout.top_p=0.9",
-                             "rewards.functions.1.kwargs={max_tokens: 40}", "learner.target_modules=[q_proj,v_proj]",
+                             "rewards.functions.1.kwargs={alpha: 0.4}", "learner.target_modules=[q_proj,v_proj]",
                              "cluster.address=null", "learner.lr=2e-3"])
     assert cfg.learner.lr == 2e-3
     assert cfg.trainer.prompts_per_step == 8
     assert cfg.algorithm.estimator == "grpo"
     assert cfg.rollout.top_p == 0.9
-    assert cfg.rewards.functions[1].kwargs == {"max_tokens": 40}
+    assert cfg.rewards.functions[1].kwargs == {"alpha": 0.4}
     assert cfg.learner.target_modules == ("q_proj", "v_proj")
     assert cfg.cluster.address is None
 

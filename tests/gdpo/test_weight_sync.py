@@ -1,5 +1,6 @@
 """The real weight path into vLLM: DoRA learner -> merged weights -> file or gloo broadcast -> reload_weights."""
 import os
+from pathlib import Path
 import threading
 
 import pytest
@@ -149,3 +150,33 @@ def test_after_a_sync_cached_prompt_blocks_are_not_reused(tmp_path):
     worst = _worst(batch.sampling_logprobs, _learner_logprobs(model, batch, tok.pad_token_id))
     assert worst < 1e-3, worst
     del llm
+
+
+# ----------------------------------------------------------------------------- node-local weight files
+
+def test_weight_dirs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("GDPO_NODE_LOCAL_DIR", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    host = socket.gethostname()
+    for name, owner in (("dead", f"{host} {dead_pid}"), ("live", f"{host} {os.getpid()}"),
+                        ("elsewhere", f"other-host {dead_pid}")):
+        d = tmp_path / f"gdpo-weights-{name}-x"
+        d.mkdir()
+        (d / "owner").write_text(owner)
+        (d / "policy-v3.safetensors").write_bytes(b"0" * 100)
+    fresh = weight_sync.make_weights_dir("run1")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "gdpo-weights-dead-x" not in left
+    assert {"gdpo-weights-live-x", "gdpo-weights-elsewhere-x"} <= set(left)
+    assert (os.stat(fresh).st_mode & 0o777) == 0o700
+    assert (Path(fresh) / "owner").read_text() == f"{host} {os.getpid()}"
+
+
+def test_a_full_node_local_dir_is_a_named_error_before_writing(tmp_path):
+    with pytest.raises(weight_sync.SyncError, match="GDPO_NODE_LOCAL_DIR.*--shm-size"):
+        weight_sync.check_free_space(str(tmp_path), 1 << 60)

@@ -105,7 +105,7 @@ def test_publish_replaces_the_previous_version_and_weights_dirs_are_private(tmp_
     tensors = weight_sync.sync_tensors(model, weight_sync.sync_module_names(model, ("q_proj",)))
     first = weight_sync.publish(tensors, 1, 1 << 20, directory=directory)
     second = weight_sync.publish(tensors, 2, 1 << 20, directory=directory)
-    assert sorted(os.listdir(directory)) == ["policy-v2.safetensors"]
+    assert sorted(os.listdir(directory)) == ["owner", "policy-v2.safetensors"]  # owner: host and pid
     assert second[2] == os.path.getsize(second[0]) and second[1] != first[1]  # the header carries the version
     assert len(tensors) == 12  # q and its stack mates k, v: weight + bias, 2 layers
     assert load_file(second[0])["model.layers.1.self_attn.k_proj.weight"].dtype == torch.bfloat16

@@ -1,7 +1,11 @@
+import time
+from pathlib import Path
 
 import pytest
 
-from rewards import BoundReward, RewardError, register_reward, registered_rewards, resolve_reward, score_rewards
+from rewards import (BoundReward, RewardError, RewardTimeout, register_reward, registered_rewards, resolve_reward,
+                     score_rewards)
+from tests.helpers import plugins
 
 
 def test_builtins_are_registered():
@@ -97,3 +101,67 @@ def test_none_and_nan_become_nan_in_the_matrix():
 def test_matrix_checks_column_lengths():
     with pytest.raises(RewardError, match="data column 'answer' has 1 values for 2 samples"):
         score_rewards([BoundReward.from_name("format")], ["p", "p"], ["a", "b"], [1, 1], [0, 0], {"answer": ["1"]})
+
+
+# ----------------------------------------------------------------------------- faults (issue 18)
+
+def test_a_hung_plugin_is_stopped_by_its_timeout_and_named():
+    bound = BoundReward.from_name("tests.helpers.plugins:hangs")
+    t0 = time.monotonic()
+    with pytest.raises(RewardTimeout, match=r"reward 'tests.helpers.plugins:hangs' did not return within 0.5 s"):
+        bound.score(["p"] * 3, ["a", "b", "c"], {}, timeout_s=0.5)
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_timeout_keeps_an_outer_alarm():
+    import signal
+
+    fired = []
+    signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 3.0)
+    try:
+        BoundReward.from_name("tests.helpers.plugins:half").score(["p"], ["a"], {}, timeout_s=1.0)
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 1.0 < remaining <= 3.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("plugin", ["numpy_inf", "huge_int"])
+def test_infinite_outputs_of_any_number_type_are_errors(plugin):
+    bound = BoundReward.from_name(f"tests.helpers.plugins:{plugin}")
+    with pytest.raises(RewardError, match=r"for sample \d+; expected a finite number"):
+        bound.score(["p"] * 3, ["a", "x", "b"], {})
+
+
+def test_the_failing_sample_is_found_in_few_calls():
+    plugins.CALLS.clear()
+    completions = ["ok"] * 37 + ["bad"] + ["ok"] * 26
+    bound = BoundReward.from_name("tests.helpers.plugins:counts_calls_and_raises_on_bad")
+    with pytest.raises(RewardError, match="raised on sample 37"):
+        bound.score(["p"] * 64, completions, {})
+    assert len(plugins.CALLS) <= 1 + 2 * 6 + 1  # the batch, then halving: not one call per sample
+
+
+def test_a_slow_failure_is_not_called_again_per_sample():
+    plugins.CALLS.clear()
+    bound = BoundReward.from_name("tests.helpers.plugins:slow_then_raises")
+    with pytest.raises(RewardError, match="raised on a batch of 8 samples: TimeoutError"):
+        bound.score(["p"] * 8, ["a"] * 8, {})
+    assert plugins.CALLS == [8]
+
+
+@pytest.mark.parametrize("module", ["exits_at_import", "divides_at_import"])
+def test_a_plugin_failing_at_import_is_a_named_error(module):
+    path = Path(__file__).resolve().parents[1] / "helpers" / "bad_plugins" / f"{module}.py"
+    with pytest.raises(RewardError, match=rf"reward plugin '.*{module}.py:reward': loading .* failed"):
+        resolve_reward(f"{path}:reward")
+    with pytest.raises(RewardError, match=rf"importing module 'tests.helpers.bad_plugins.{module}' failed"):
+        resolve_reward(f"tests.helpers.bad_plugins.{module}:reward")
+
+
+@pytest.mark.parametrize("name", ["os:system", "builtins:len", "math:sqrt"])
+def test_a_callable_that_is_not_a_reward_is_refused(name):
+    with pytest.raises(RewardError, match="a reward is fn\\(prompts, completions, \\*\\*fields\\)"):
+        BoundReward.from_name(name)
