@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/gdpo demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 clean:

@@ -89,7 +89,7 @@ def dora_layers(device, dtype, tiny: bool, cfg) -> list[dict]:
         dy = torch.randn(tokens, out_f, device=device, dtype=dtype)
         for variant in ("peft-lora", "peft-dora", "gdpo-dora"):
             model = build(variant, in_f, out_f, rank, device, dtype)
-            times = _timed(lambda: step(model, x, dy), device, 2 if tiny else 5)
+            times = _timed(lambda m=model: step(m, x, dy), device, 2 if tiny else 5)
             peak = (peak_bytes_cuda if device.type == "cuda" else peak_bytes_cpu)(model, x, dy, True)
             rows.append({"shape": f"{in_f}x{out_f}", "tokens": tokens, "rank": rank, "variant": variant,
                          "median_s": statistics.median(times), "peak_mib": peak / 2**20})
