@@ -9,6 +9,7 @@ Nothing here assumes one node: learners meet on learner rank 0's node (its IP, a
 each engine gets the weights by the transport its node allows (``actors/sync.py``), and
 ``cluster.learner_resources`` / ``cluster.rollout_resources`` pin roles to nodes.
 """
+
 from __future__ import annotations
 
 import os
@@ -80,26 +81,35 @@ class Cluster:
         cfg = self.cfg
         self._make_placement()
         m = cfg.learner.num_workers
-        self.learners = [LearnerWorker.options(name=f"gdpo-learner-{self.run_id}-{i}", **self._learner_opts(i))
-                         .remote(i, m, self.model_path, cfg, self.run_id) for i in range(m)]
+        self.learners = [
+            LearnerWorker.options(name=f"gdpo-learner-{self.run_id}-{i}", **self._learner_opts(i)).remote(
+                i, m, self.model_path, cfg, self.run_id
+            )
+            for i in range(m)
+        ]
         self.rendezvous = self._learner_call([self.learners[0].rendezvous_endpoint.remote()], "start")[0]
         started = [w.start.remote(*self.rendezvous) for w in self.learners]
         self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]  # start meanwhile
         self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
         manifest = self._learner_call(started, "start")[0]  # DeepSpeed's init: the first run JIT-builds an op
-        self.weights = EngineSync(cfg, self.learners, manifest, self.run_id, "nccl" if self.use_gpu else "gloo",
-                                  self.tp, self.log)
+        self.weights = EngineSync(
+            cfg, self.learners, manifest, self.run_id, "nccl" if self.use_gpu else "gloo", self.tp, self.log
+        )
         for i, actor in enumerate(self.rollouts):
             self.weights.place(i, actor, self._shares_learner0_device(i))
         try:
             ray.get([w.pid.remote() for w in self.reward_workers], timeout=cfg.cluster.rollout_timeout_s)
         except GetTimeoutError:
-            raise RuntimeError(f"the reward workers did not start within cluster.rollout_timeout_s="
-                               f"{cfg.cluster.rollout_timeout_s:g} s (a reward plugin hanging at import?)") from None
+            raise RuntimeError(
+                f"the reward workers did not start within cluster.rollout_timeout_s="
+                f"{cfg.cluster.rollout_timeout_s:g} s (a reward plugin hanging at import?)"
+            ) from None
         self.pad_id = self._learner_call([self.learners[0].pad_token_id.remote()], "start")[0]
         files, members = self.weights.file_engines(), self.weights.members()
-        self.log(f"weight sync: {len(files)} engine(s) by file on learner 0's node, {len(members)} by "
-                 f"{'nccl' if self.use_gpu else 'gloo'} broadcast")
+        self.log(
+            f"weight sync: {len(files)} engine(s) by file on learner 0's node, {len(members)} by "
+            f"{'nccl' if self.use_gpu else 'gloo'} broadcast"
+        )
 
     # ------------------------------------------------------------------ placement
     def _make_placement(self) -> None:
@@ -112,8 +122,14 @@ class Cluster:
             n = max(cfg.learner.num_workers, cfg.rollout.num_workers * self.tp)
             self.learner_bundle = list(range(cfg.learner.num_workers))
             self.rollout_bundle = [i * self.tp for i in range(cfg.rollout.num_workers)]
-            bundles = [{**unit, **(lres if i < cfg.learner.num_workers else {}),
-                        **(rres if i < cfg.rollout.num_workers * self.tp else {})} for i in range(n)]
+            bundles = [
+                {
+                    **unit,
+                    **(lres if i < cfg.learner.num_workers else {}),
+                    **(rres if i < cfg.rollout.num_workers * self.tp else {}),
+                }
+                for i in range(n)
+            ]
         else:
             n = cfg.learner.num_workers + cfg.rollout.num_workers * self.tp
             self.learner_bundle = list(range(cfg.learner.num_workers))
@@ -123,9 +139,11 @@ class Cluster:
         try:
             ray.get(self.pg.ready(), timeout=120)
         except GetTimeoutError:
-            raise RuntimeError(f"Ray could not place the run's {n} bundles {bundles} within 120 s: the cluster "
-                               f"lacks those resources ({ray.available_resources()} free). Check "
-                               "cluster.learner_resources / rollout_resources and the nodes' --resources") from None
+            raise RuntimeError(
+                f"Ray could not place the run's {n} bundles {bundles} within 120 s: the cluster "
+                f"lacks those resources ({ray.available_resources()} free). Check "
+                "cluster.learner_resources / rollout_resources and the nodes' --resources"
+            ) from None
 
     def _strategy(self, bundle: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
@@ -133,7 +151,9 @@ class Cluster:
     def _shares_learner0_device(self, i: int) -> bool:
         """Whether rollout i's engine runs on learner 0's GPU (NCCL cannot put both in one group)."""
         lo = self.rollout_bundle[i]
-        return self.use_gpu and self.cfg.cluster.placement == "colocated" and lo <= self.learner_bundle[0] < lo + self.tp
+        return (
+            self.use_gpu and self.cfg.cluster.placement == "colocated" and lo <= self.learner_bundle[0] < lo + self.tp
+        )
 
     def _learner_opts(self, i: int) -> dict:
         share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
@@ -144,18 +164,21 @@ class Cluster:
         share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
         res = {"num_gpus": share} if self.use_gpu else {}
         name = f"gdpo-rollout-{self.run_id}-{i}-{self.restarts['rollout']}"
-        return RolloutWorker.options(num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]),
-                                     name=name, **res).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
+        return RolloutWorker.options(
+            num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]), name=name, **res
+        ).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
 
     def _count_restart(self, kind: str, i: int, why: str) -> None:
         """One more restart of a ``kind`` worker: past ``cluster.max_restarts`` over the run the run stops
         (a worker that dies every step would be rebuilt forever); else back off 2^(n-1) s, at most 60."""
         n, limit = self.restarts[kind] + 1, self.cfg.cluster.max_restarts
         if n > limit:
-            raise WorkerFailed(f"{kind} worker {i} {why}, and the run's {kind} workers have been restarted "
-                               f"{limit} times already (cluster.max_restarts={limit}). The run stopped; fix the "
-                               "cause (the worker's log above), then resubmit to resume from the last checkpoint, "
-                               "or raise cluster.max_restarts")
+            raise WorkerFailed(
+                f"{kind} worker {i} {why}, and the run's {kind} workers have been restarted "
+                f"{limit} times already (cluster.max_restarts={limit}). The run stopped; fix the "
+                "cause (the worker's log above), then resubmit to resume from the last checkpoint, "
+                "or raise cluster.max_restarts"
+            )
         self.restarts[kind] = n
         delay = min(60.0, 2.0 ** (n - 1))
         self.log(f"{kind} worker {i} {why}; restarting it in {delay:g} s (restart {n} of at most {limit})")
@@ -178,9 +201,11 @@ class Cluster:
             except WORKER_DIED as err:
                 if attempt == attempts - 1:
                     raise RuntimeError(f"rollout worker {i} could not be restarted ({attempts} tries): {err}") from err
-                self.log(f"the replacement of rollout worker {i} died before it started (its node lost?); "
-                         f"trying again in {2 ** attempt * 2} s")
-                time.sleep(2 ** attempt * 2)
+                self.log(
+                    f"the replacement of rollout worker {i} died before it started (its node lost?); "
+                    f"trying again in {2**attempt * 2} s"
+                )
+                time.sleep(2**attempt * 2)
         if catch_up and self.version > 0:
             self.weights.catch_up(i, self.rollouts[i], self.version, self.update_msg)
         self.log(f"rollout worker {i} restarted on node {self.weights.nodes[i][:12]} ({transport} sync)")
@@ -202,14 +227,18 @@ class Cluster:
         """Split prompts over the rollout workers; a worker that dies is replaced and its share retried."""
         return self.collect(self.submit_generate(prompts, samples_per_prompt, sampling, seed))
 
-    def submit_generate(self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int) -> "PendingRollout":
+    def submit_generate(
+        self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int
+    ) -> "PendingRollout":
         """Start a rollout on the engines' current policy version and return at once (``collect`` gets it)."""
         shares = _split(len(prompts), len(self.rollouts))
 
         def call(i: int):
             lo, hi = shares[i]
-            return self.rollouts[i].generate.remote(self.version, prompts[lo:hi], samples_per_prompt,
-                                                    {**sampling, "seed": seed + lo})
+            return self.rollouts[i].generate.remote(
+                self.version, prompts[lo:hi], samples_per_prompt, {**sampling, "seed": seed + lo}
+            )
+
         indices = [i for i, (lo, hi) in enumerate(shares) if hi > lo]
         return PendingRollout(call, indices, {i: call(i) for i in indices})
 
@@ -236,8 +265,13 @@ class Cluster:
         def call(i: int):
             lo, hi = shares[i]
             return self.reward_workers[i].score.remote(
-                prompts[lo:hi], batch.completions[lo:hi], counts[lo:hi], batch.group_ids[lo:hi],
-                {c: v[lo:hi] for c, v in columns.items()})
+                prompts[lo:hi],
+                batch.completions[lo:hi],
+                counts[lo:hi],
+                batch.group_ids[lo:hi],
+                {c: v[lo:hi] for c, v in columns.items()},
+            )
+
         parts = self._gather_with_restarts(call, [i for i, (lo, hi) in enumerate(shares) if hi > lo], "reward")
         return RewardMatrix(names=parts[0].names, values=torch.cat([p.values for p in parts]))
 
@@ -248,8 +282,9 @@ class Cluster:
         # a signal cannot reach it (inside C code)
         return self.cfg.rewards.timeout_s * len(self.cfg.rewards.functions) + 30.0
 
-    def _gather_with_restarts(self, call, indices: list[int], kind: str, attempts: int = 3,
-                              first: Optional[dict] = None) -> list:
+    def _gather_with_restarts(
+        self, call, indices: list[int], kind: str, attempts: int = 3, first: Optional[dict] = None
+    ) -> list:
         """``call(i)`` for each worker i; a worker that dies, misses its deadline, or whose reward timed
         out is killed, replaced (``cluster.max_restarts``) and its share retried, up to ``attempts``."""
         results: dict[int, object] = {}
@@ -271,8 +306,10 @@ class Cluster:
                 except RewardTimeout as err:  # raised in the worker: the reward, not the actor, is named
                     why = "timed out: " + str(getattr(err, "cause", None) or err).strip().splitlines()[-1]
                 if attempt == attempts - 1:
-                    raise WorkerFailed(f"{kind} worker {i} {why}, on {attempts} tries in one step; the run stopped. "
-                                       "Resubmit to resume from the last checkpoint once the cause is fixed")
+                    raise WorkerFailed(
+                        f"{kind} worker {i} {why}, on {attempts} tries in one step; the run stopped. "
+                        "Resubmit to resume from the last checkpoint once the cause is fixed"
+                    )
                 if kind == "rollout":
                     self._replace_rollout(i, why=why)
                 else:
@@ -291,14 +328,22 @@ class Cluster:
         except RayTaskError as err:  # e.g. a full disk under a checkpoint: one line, the worker's log has the rest
             cause = err.cause if getattr(err, "cause", None) is not None else err
             first = (str(cause).strip().splitlines() or [""])[-1]
-            raise LearnerFailed(f"a learner's {what} raised {type(cause).__name__}: {first} (the traceback is in "
-                                "the worker's log above); the run stopped") from err
+            raise LearnerFailed(
+                f"a learner's {what} raised {type(cause).__name__}: {first} (the traceback is in "
+                "the worker's log above); the run stopped"
+            ) from err
         except GetTimeoutError:
-            hint = (" (a first start JIT-builds DeepSpeed's CPU op under ~/.cache/torch_extensions: a start killed "
-                    "during that build leaves a lock file there that makes every later start wait)") \
-                if what == "start" else ""
-            raise learner_failed(f"a learner's {what} did not finish within cluster.learner_timeout_s={limit:g} s"
-                                 f"{hint}") from None
+            hint = (
+                (
+                    " (a first start JIT-builds DeepSpeed's CPU op under ~/.cache/torch_extensions: a start killed "
+                    "during that build leaves a lock file there that makes every later start wait)"
+                )
+                if what == "start"
+                else ""
+            )
+            raise learner_failed(
+                f"a learner's {what} did not finish within cluster.learner_timeout_s={limit:g} s{hint}"
+            ) from None
 
     def logprobs(self, batch: TrainBatch) -> TrainBatch:
         """Old log-probs where the update needs a pass for them, and the reference's when KL is on;
@@ -306,8 +351,11 @@ class Cluster:
         if not learner_fns.needs_logprob_pass(self.cfg):
             return batch
         shares = _split(len(batch), len(self.learners))
-        return TrainBatch.concat(self._learner_call(
-            [w.logprobs.remote(batch.slice(lo, hi)) for w, (lo, hi) in zip(self.learners, shares)], "log-prob pass"))
+        return TrainBatch.concat(
+            self._learner_call(
+                [w.logprobs.remote(batch.slice(lo, hi)) for w, (lo, hi) in zip(self.learners, shares)], "log-prob pass"
+            )
+        )
 
     def update(self, batch: TrainBatch) -> dict[str, float]:
         """``learner.updates_per_step`` optimizer steps over the batch, data parallel."""
@@ -317,8 +365,13 @@ class Cluster:
         for ulo, uhi in _split(len(batch), self.cfg.learner.updates_per_step):
             mini = batch.slice(ulo, uhi)
             tokens = float(mini.loss_mask[:, 1:].sum())
-            parts = self._learner_call([w.update.remote(mini.slice(lo, hi), tokens, float(len(mini)))
-                                        for w, (lo, hi) in zip(self.learners, _split(len(mini), m))], "update")
+            parts = self._learner_call(
+                [
+                    w.update.remote(mini.slice(lo, hi), tokens, float(len(mini)))
+                    for w, (lo, hi) in zip(self.learners, _split(len(mini), m))
+                ],
+                "update",
+            )
             grad_norms.append(parts[0].pop("grad_norm"))  # the clipped global norm, the same on every rank
             for p in parts:
                 p.pop("grad_norm", None)
@@ -327,29 +380,40 @@ class Cluster:
             if first_drift is None:  # before any optimizer step: the learner's policy against the sampler's
                 first_drift = sums["drift_tokens"] / max(sums["tokens"], 1.0)
         tok = max(sums["tokens"], 1.0)
-        return {"loss": sums["loss"] / len(grad_norms), "kl": sums["kl_tokens"] / tok,
-                "clip_ratio": sums["clipped_tokens"] / tok, "entropy": sums["entropy_tokens"] / tok,
-                "grad_norm": sum(grad_norms) / len(grad_norms), "logprob_drift": float(first_drift or 0.0),
-                "forward_tokens": sums["forward_tokens"]}
+        return {
+            "loss": sums["loss"] / len(grad_norms),
+            "kl": sums["kl_tokens"] / tok,
+            "clip_ratio": sums["clipped_tokens"] / tok,
+            "entropy": sums["entropy_tokens"] / tok,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "logprob_drift": float(first_drift or 0.0),
+            "forward_tokens": sums["forward_tokens"],
+        }
 
     def sleep_engines(self) -> None:
         """``rollout.sleep_level`` > 0: engines give their GPU memory to the learners' update."""
         if self.cfg.rollout.sleep_level:
             level = self.cfg.rollout.sleep_level
-            self._gather_with_restarts(lambda i: self.rollouts[i].sleep.remote(level), list(range(len(self.rollouts))),
-                                       "rollout")
+            self._gather_with_restarts(
+                lambda i: self.rollouts[i].sleep.remote(level), list(range(len(self.rollouts))), "rollout"
+            )
 
     def wake_engines(self) -> None:
         """Undo ``sleep_engines`` before the sync (a replaced engine is awake already; waking it is harmless)."""
         if self.cfg.rollout.sleep_level:
             level = self.cfg.rollout.sleep_level
-            self._gather_with_restarts(lambda i: self.rollouts[i].wake.remote(level), list(range(len(self.rollouts))),
-                                       "rollout")
+            self._gather_with_restarts(
+                lambda i: self.rollouts[i].wake.remote(level), list(range(len(self.rollouts))), "rollout"
+            )
 
     def sync(self) -> SyncReport:
         """Publish the merged DoRA weights as the next policy version and load them into every engine."""
         t0 = time.perf_counter()
-        msg = self.weights.publish(self.version + 1, self.rollouts, lambda i: self._replace_rollout(i, catch_up=False, why="failed the weight sync"))
+        msg = self.weights.publish(
+            self.version + 1,
+            self.rollouts,
+            lambda i: self._replace_rollout(i, catch_up=False, why="failed the weight sync"),
+        )
         self.version, self.update_msg = msg.version, msg
         t1 = time.perf_counter()
 
@@ -357,11 +421,17 @@ class Cluster:
             if self.weights.transport[i] == "file":
                 return self.rollouts[i].load_file.remote(msg)
             return self.rollouts[i].policy_version.remote()
+
         files = self.weights.file_engines()
         self._gather_with_restarts(call, files, "rollout")
-        return SyncReport(version=msg.version, num_bytes=msg.num_bytes, publish_s=t1 - t0,
-                          load_s=time.perf_counter() - t1, file_engines=len(files),
-                          collective_engines=len(self.weights.members()))
+        return SyncReport(
+            version=msg.version,
+            num_bytes=msg.num_bytes,
+            publish_s=t1 - t0,
+            load_s=time.perf_counter() - t1,
+            file_engines=len(files),
+            collective_engines=len(self.weights.members()),
+        )
 
     def save_final(self, directory: str) -> None:
         self._learner_call([w.save_final.remote(directory) for w in self.learners], "final save")
@@ -399,6 +469,12 @@ def ray_init(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # "local": a new Ray of its own, even where `ray start` runs on this machine (None would join it)
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.kv_cache_gib),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(
+            address="local",
+            num_cpus=cfg.cluster.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={
+                "env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(cfg.rollout.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+            },
+        )

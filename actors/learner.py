@@ -3,6 +3,7 @@
 Started in two calls so that the ranks meet on learner rank 0's node: ``rendezvous_endpoint`` on
 rank 0 (its node IP and a port free there), then ``start`` on every rank.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,9 @@ class LearnerWorker:
     def start(self, master_addr: str, master_port: int) -> list:
         """Join the DeepSpeed world, build the policy and its engine; returns the sync manifest."""
         sock, self.rendezvous_sock = self.rendezvous_sock, None
-        learner.init_distributed(self.rank, self.world_size, master_addr, master_port,
-                                 listen_fd=sock.detach() if sock is not None else None)
+        learner.init_distributed(
+            self.rank, self.world_size, master_addr, master_port, listen_fd=sock.detach() if sock is not None else None
+        )
         self.model, self.tokenizer = learner.build_policy(self.model_path, self.cfg)
         self.engine = learner.make_engine(self.model, self.cfg)
         self.sync_names = weight_sync.sync_module_names(self.model, self.cfg.learner.target_modules)
@@ -51,8 +53,14 @@ class LearnerWorker:
 
     def update(self, batch: TrainBatch, global_tokens: float, global_seqs: float) -> dict:
         self.dirty = True
-        return learner.train_step(self.engine, batch, self.cfg, global_tokens=global_tokens,
-                                  global_seqs=global_seqs, world_size=self.world_size)
+        return learner.train_step(
+            self.engine,
+            batch,
+            self.cfg,
+            global_tokens=global_tokens,
+            global_seqs=global_seqs,
+            world_size=self.world_size,
+        )
 
     # ------------------------------------------------------------------ weight sync
     def sync_endpoint(self) -> tuple[str, int]:
@@ -74,14 +82,22 @@ class LearnerWorker:
     def publish(self, version: int, to_file: bool, broadcast: bool, resend: bool = False) -> WeightUpdate | None:
         """Publish ``version`` (``resend``: the version already published, for an engine catching up)."""
         if resend and (self.dirty or version != self.published):
-            raise RuntimeError(f"learner {self.rank} cannot re-send policy version {version}: it holds version "
-                               f"{self.published}{' with updates since' if self.dirty else ''}")
+            raise RuntimeError(
+                f"learner {self.rank} cannot re-send policy version {version}: it holds version "
+                f"{self.published}{' with updates since' if self.dirty else ''}"
+            )
         if to_file and self.rank == 0 and self.weights_dir is None:
             self.weights_dir = weight_sync.make_weights_dir(self.run_id)
-        msg = learner.publish_weights(self.model, self.sync_names, version, rank=self.rank,
-                                      zero_stage=self.cfg.learner.zero_stage, bucket_mb=self.cfg.learner.sync_bucket_mb,
-                                      directory=self.weights_dir if to_file else None,
-                                      comm=self.comm if broadcast else None)
+        msg = learner.publish_weights(
+            self.model,
+            self.sync_names,
+            version,
+            rank=self.rank,
+            zero_stage=self.cfg.learner.zero_stage,
+            bucket_mb=self.cfg.learner.sync_bucket_mb,
+            directory=self.weights_dir if to_file else None,
+            comm=self.comm if broadcast else None,
+        )
         self.published, self.dirty = version, False
         return msg
 

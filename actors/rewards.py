@@ -1,4 +1,5 @@
 """RewardWorker: a Ray actor that scores a share of the completions with every configured reward."""
+
 from __future__ import annotations
 
 import ray
@@ -15,9 +16,11 @@ class RewardWorker:
         self.timeout_s = timeout_s  # per reward call; the actor's tasks run on its main thread, where it can fire
 
     def score(self, prompts, completions, completion_token_counts, group_ids, columns) -> RewardMatrix:
-        return score_rewards(self.rewards, prompts, completions, completion_token_counts, group_ids, columns,
-                             timeout_s=self.timeout_s)
+        return score_rewards(
+            self.rewards, prompts, completions, completion_token_counts, group_ids, columns, timeout_s=self.timeout_s
+        )
 
     def pid(self) -> int:
         import os
+
         return os.getpid()

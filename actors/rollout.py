@@ -1,4 +1,5 @@
 """RolloutWorker: a Ray actor that owns one vLLM engine."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,9 @@ class RolloutWorker:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def generate(self, expected_version: int, prompts: list[str], samples_per_prompt: int, sampling: dict) -> RolloutBatch:
+    def generate(
+        self, expected_version: int, prompts: list[str], samples_per_prompt: int, sampling: dict
+    ) -> RolloutBatch:
         return rollout.generate_checked(self.llm, expected_version, prompts, samples_per_prompt, **sampling)
 
     def load_file(self, update: WeightUpdate) -> int:

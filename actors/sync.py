@@ -8,6 +8,7 @@ learner 0's node, else through a group of just learner 0 and itself. Every wait 
 ``cluster.sync_timeout_s``; the gloo group's own calls share it, so a dead or hung receiver fails
 the sender first, with the receiver named.
 """
+
 from __future__ import annotations
 
 import time
@@ -29,13 +30,22 @@ class LearnerFailed(RuntimeError):
 
 
 def learner_failed(what: str) -> LearnerFailed:
-    return LearnerFailed(f"{what}; its optimizer state is lost. Restart with trainer.resume=auto to continue "
-                         "from the last checkpoint")
+    return LearnerFailed(
+        f"{what}; its optimizer state is lost. Restart with trainer.resume=auto to continue from the last checkpoint"
+    )
 
 
 class EngineSync:
-    def __init__(self, cfg: Config, learners: list, manifest: list, run_id: str, backend: str,
-                 workers_per_engine: int, log: Callable[[str], None]):
+    def __init__(
+        self,
+        cfg: Config,
+        learners: list,
+        manifest: list,
+        run_id: str,
+        backend: str,
+        workers_per_engine: int,
+        log: Callable[[str], None],
+    ):
         self.cfg, self.learners, self.manifest, self.run_id, self.log = cfg, learners, manifest, run_id, log
         self.backend, self.workers_per_engine = backend, workers_per_engine
         self.timeout_s = cfg.cluster.sync_timeout_s
@@ -49,8 +59,9 @@ class EngineSync:
         """Choose engine i's transport from the node it runs on (raises for ``file`` on another node)."""
         node = ray.get(actor.node.remote(), timeout=max(self.timeout_s, 600))  # waits for the engine to start
         self.nodes[i] = node
-        self.transport[i] = weight_sync.choose_transports(self.cfg.cluster.weight_sync, self.learner0_node, [node],
-                                                          [shares_learner0_device])[0]
+        self.transport[i] = weight_sync.choose_transports(
+            self.cfg.cluster.weight_sync, self.learner0_node, [node], [shares_learner0_device]
+        )[0]
         if self.transport[i] == "collective":
             self.stale = True
         return self.transport[i]
@@ -73,8 +84,10 @@ class EngineSync:
                 self.stale = bool(failed)
             if not failed:
                 to_file = bool(self.file_engines())
-                refs = {("learner", j): w.publish.remote(version, to_file, bool(members))
-                        for j, w in enumerate(self.learners)}
+                refs = {
+                    ("learner", j): w.publish.remote(version, to_file, bool(members))
+                    for j, w in enumerate(self.learners)
+                }
                 refs.update({("engine", i): rollouts[i].receive_weights.remote(version) for i in members})
                 out = self._settle(refs, f"the weight sync of policy version {version}")
                 failed = {i: err for (kind, i), (ok, err) in out.items() if kind == "engine" and not ok}
@@ -87,13 +100,17 @@ class EngineSync:
             if attempt == 1:
                 break
             for i, err in failed.items():
-                self.log(f"rollout worker {i} (node {self.nodes.get(i, '?')[:12]}) failed the weight sync of "
-                         f"version {version} ({err}); replacing it and sending the version again")
+                self.log(
+                    f"rollout worker {i} (node {self.nodes.get(i, '?')[:12]}) failed the weight sync of "
+                    f"version {version} ({err}); replacing it and sending the version again"
+                )
                 if err != "error":  # died or hung: a new engine; one that raised keeps its place and is re-sent
                     replace(i)
-        raise SyncError(f"the weight sync of policy version {version} failed twice; rollout workers "
-                        f"{sorted(failed)}: {failed}. Check the network between the nodes (GLOO_SOCKET_IFNAME / "
-                        f"NCCL_SOCKET_IFNAME) or raise cluster.sync_timeout_s ({self.timeout_s:g}s)")
+        raise SyncError(
+            f"the weight sync of policy version {version} failed twice; rollout workers "
+            f"{sorted(failed)}: {failed}. Check the network between the nodes (GLOO_SOCKET_IFNAME / "
+            f"NCCL_SOCKET_IFNAME) or raise cluster.sync_timeout_s ({self.timeout_s:g}s)"
+        )
 
     def catch_up(self, i: int, actor, version: int, update: Optional[WeightUpdate]) -> None:
         """Bring a new engine to ``version`` before it samples: learners re-send what they published."""
@@ -111,8 +128,10 @@ class EngineSync:
             out = self._settle(refs, f"the catch-up of rollout worker {i} to policy version {version}")
             failed = {key: err for key, (ok, err) in out.items() if not ok}
         if failed:
-            raise SyncError(f"rollout worker {i} (node {self.nodes[i][:12]}) could not catch up on policy version "
-                            f"{version}: {failed}")
+            raise SyncError(
+                f"rollout worker {i} (node {self.nodes[i][:12]}) could not catch up on policy version "
+                f"{version}: {failed}"
+            )
 
     def close(self, rollouts: list) -> None:
         """Leave the groups and remove learner 0's weight files (best effort: the run is ending)."""
@@ -124,12 +143,23 @@ class EngineSync:
         """A new group of learner 0 and ``members``; returns the engines that failed to join."""
         self.epoch += 1
         ip, port = ray.get(self.learners[0].sync_endpoint.remote(), timeout=self.timeout_s)
-        spec = SyncGroup(backend=self.backend, host=ip, port=port, world_size=1 + len(members) * self.workers_per_engine,
-                         tag=f"gdpo-sync-{self.run_id}-{self.epoch}", timeout_s=self.timeout_s,
-                         bucket_bytes=self.cfg.learner.sync_bucket_mb << 20, manifest=self.manifest)
+        spec = SyncGroup(
+            backend=self.backend,
+            host=ip,
+            port=port,
+            world_size=1 + len(members) * self.workers_per_engine,
+            tag=f"gdpo-sync-{self.run_id}-{self.epoch}",
+            timeout_s=self.timeout_s,
+            bucket_bytes=self.cfg.learner.sync_bucket_mb << 20,
+            manifest=self.manifest,
+        )
         refs = {("learner", 0): self.learners[0].open_sync_group.remote(spec)}
-        refs.update({("engine", i): rollouts[i].sync_open.remote(spec, 1 + k * self.workers_per_engine)
-                     for k, i in enumerate(members)})
+        refs.update(
+            {
+                ("engine", i): rollouts[i].sync_open.remote(spec, 1 + k * self.workers_per_engine)
+                for k, i in enumerate(members)
+            }
+        )
         out = self._settle(refs, f"opening weight-sync group {spec.tag} at {ip}:{port}")
         return {i: err for (kind, i), (ok, err) in out.items() if kind == "engine" and not ok}
 
@@ -157,8 +187,10 @@ class EngineSync:
                         told = True
         for ref, key in pending.items():
             if key[0] == "learner":
-                raise learner_failed(f"learner {key[1]} did not finish {what} within cluster.sync_timeout_s="
-                                     f"{self.timeout_s:g}s (a receiver that died under NCCL leaves the sender waiting)")
+                raise learner_failed(
+                    f"learner {key[1]} did not finish {what} within cluster.sync_timeout_s="
+                    f"{self.timeout_s:g}s (a receiver that died under NCCL leaves the sender waiting)"
+                )
             out[key] = (False, "hung")  # the caller replaces it (killing the hung actor first)
         return out
 

@@ -9,6 +9,7 @@ held at once during one forward + backward, counting the weights and input alrea
 CPU it is counted over live tensor storages (a dispatch mode that sees every op's outputs), on a GPU from ``torch.cuda.max_memory_allocated``.
 fp32 on the CPU, bf16 on a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def build(variant: str, in_f: int, out_f: int, rank: int, device, dtype) -> nn.M
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"],
-                                                use_dora=variant == "peft-dora"), autocast_adapter_dtype=False)
+        model = get_peft_model(
+            base,
+            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["0"], use_dora=variant == "peft-dora"),
+            autocast_adapter_dtype=False,
+        )
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and p.dim() == 2 and not p.any():
@@ -74,6 +78,7 @@ class LiveBytes(TorchDispatchMode):
         def free(_, key=key, n=n):
             self.refs.pop(key, None)
             self.live -= n
+
         self.refs[key] = weakref.ref(st, free)
         self.live += n
         self.peak = max(self.peak, self.live)
@@ -133,9 +138,15 @@ def main(argv=None) -> None:
                     times[v].append(time.perf_counter() - t0)
         peak_fn = peak_bytes_cuda if device.type == "cuda" else peak_bytes_cpu
         for v in variants:
-            rows.append({"shape": shape, "variant": v, "median_s": statistics.median(times[v]),
-                         "peak_mib": peak_fn(models[v], x, dy, True) / 2**20,
-                         "peak_mib_output_freed": peak_fn(models[v], x, dy, False) / 2**20})
+            rows.append(
+                {
+                    "shape": shape,
+                    "variant": v,
+                    "median_s": statistics.median(times[v]),
+                    "peak_mib": peak_fn(models[v], x, dy, True) / 2**20,
+                    "peak_mib_output_freed": peak_fn(models[v], x, dy, False) / 2**20,
+                }
+            )
         lora = {r["shape"] + r["variant"]: r for r in rows}[shape + "peft-lora"]
         for r in rows:
             if r["shape"] == shape:
@@ -146,12 +157,16 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}, dtype {dtype}, tokens {args.tokens}, rank {args.rank}, repeats {args.repeats}")
     print("peak: y held by the caller through backward | y dropped after the forward")
-    print(f"{'in x out':>10} {'variant':>10} {'median s':>9} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} "
-          f"{'peak MiB':>9} {'x LoRA':>7}")
+    print(
+        f"{'in x out':>10} {'variant':>10} {'median s':>9} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} "
+        f"{'peak MiB':>9} {'x LoRA':>7}"
+    )
     for r in rows:
-        print(f"{r['shape']:>10} {r['variant']:>10} {r['median_s']:9.3f} {r['time_vs_lora']:7.2f} "
-              f"{r['peak_mib']:9.1f} {r['peak_vs_lora']:7.2f} {r['peak_mib_output_freed']:9.1f} "
-              f"{r['peak_vs_lora_output_freed']:7.2f}")
+        print(
+            f"{r['shape']:>10} {r['variant']:>10} {r['median_s']:9.3f} {r['time_vs_lora']:7.2f} "
+            f"{r['peak_mib']:9.1f} {r['peak_vs_lora']:7.2f} {r['peak_mib_output_freed']:9.1f} "
+            f"{r['peak_vs_lora_output_freed']:7.2f}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "dtype": str(dtype), "rows": rows}, indent=2))
 

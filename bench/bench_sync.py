@@ -18,6 +18,7 @@ learner rank 0. Each repeat measures, interleaved:
 Seconds run from the learner's first merge to the engine's prefix-cache reset; MiB/s is the payload
 over those seconds. Medians over the repeats after one warm-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,9 @@ def main() -> None:
     directory = tempfile.mkdtemp(prefix="gdpo-bench-sync-", dir=weight_sync.node_local_dir())
 
     listen = weight_sync.listen_socket("127.0.0.1")
-    spec = SyncGroup("gloo", "127.0.0.1", listen.getsockname()[1], 2, "bench", 300.0, bucket,
-                     weight_sync.manifest_of(tensors))
+    spec = SyncGroup(
+        "gloo", "127.0.0.1", listen.getsockname()[1], 2, "bench", 300.0, bucket, weight_sync.manifest_of(tensors)
+    )
     opening = _in_thread(weight_sync.engine_open, llm, spec, 1)
     comm = weight_sync.open_comm(spec, 0, "cpu", listen)
     opening.join()
@@ -100,8 +102,13 @@ def main() -> None:
         assert rollout.engine_version(llm) == version + 1, "the broadcast did not land"
         if rep == 0:
             continue  # warm-up
-        for key, seconds in (("memcpy", t1 - t0), ("merge", t2 - t1), ("file", t4 - t2), ("file_publish", t3 - t2),
-                             ("broadcast", t5 - t4)):
+        for key, seconds in (
+            ("memcpy", t1 - t0),
+            ("merge", t2 - t1),
+            ("file", t4 - t2),
+            ("file_publish", t3 - t2),
+            ("broadcast", t5 - t4),
+        ):
             times[key].append(seconds)
     weight_sync.engine_close(llm)
     comm.close()
@@ -109,19 +116,38 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     mib = payload / 2**20
     import platform
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"\n{info['parameters'] / 1e6:.1f}M-parameter policy, {len(tensors)} tensors, {mib:.1f} MiB per version, "
-          f"{args.bucket_mb} MiB buckets; {cpu}, {os.cpu_count()} cores; median of {args.repeats}")
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    print(
+        f"\n{info['parameters'] / 1e6:.1f}M-parameter policy, {len(tensors)} tensors, {mib:.1f} MiB per version, "
+        f"{args.bucket_mb} MiB buckets; {cpu}, {os.cpu_count()} cores; median of {args.repeats}"
+    )
     print(f"{'transfer':<42}{'seconds':>10}{'MiB/s':>10}{'x memcpy':>10}")
-    labels = {"memcpy": "memory copy of the payload (floor)", "merge": "DoRA merge alone (learner compute)",
-              "file": "file: publish + engine reload", "broadcast": "gloo broadcast + engine reload"}
+    labels = {
+        "memcpy": "memory copy of the payload (floor)",
+        "merge": "DoRA merge alone (learner compute)",
+        "file": "file: publish + engine reload",
+        "broadcast": "gloo broadcast + engine reload",
+    }
     for key, label in labels.items():
         print(f"{label:<42}{med[key]:>10.3f}{mib / med[key]:>10.0f}{med[key] / med['memcpy']:>10.1f}")
     print(f"(file: {med['file_publish']:.3f} s of it is the learner writing and hashing the file)")
-    (args.out / "results.json").write_text(json.dumps({"payload_bytes": payload, "tensors": len(tensors),
-                                                       "bucket_mb": args.bucket_mb, "cpu": cpu, "seconds": times,
-                                                       "median_s": med}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "payload_bytes": payload,
+                "tensors": len(tensors),
+                "bucket_mb": args.bucket_mb,
+                "cpu": cpu,
+                "seconds": times,
+                "median_s": med,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ that process and all its descendants together (Ray's own processes included), sa
 Held-out reward: after training, each final policy is sampled greedily on the same held-out prompts
 by one vLLM engine and scored with the same two rewards (sum of the conditioned rewards, per prompt).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,24 @@ REWARDS = "[{name: accuracy}, {name: length_budget, kwargs: {max_tokens: 48}, co
 
 def settings(args) -> list[str]:
     """gdpo config overrides shared by every run (TRL's arguments are derived from the same values)."""
-    return [f"model.path={args.out / 'policy'}", f"rollout.max_new_tokens={args.tokens}",
-            f"rollout.min_new_tokens={args.tokens}", f"rollout.samples_per_prompt={args.samples}",
-            f"trainer.prompts_per_step={args.prompts}", f"trainer.steps={args.steps}", "trainer.eval_every=0",
-            f"trainer.save_every={args.steps}", "trainer.resume=never", f"learner.lr={args.lr}",
-            "learner.lr_schedule=constant", f"learner.micro_batch_per_worker={args.micro}",
-            f"data.eval_size={args.heldout}", f"rewards.functions={REWARDS}", "rewards.verifier_processes=1",
-            f"rollout.cpu_reserved_cores={args.vllm_reserved_cores}"]
+    return [
+        f"model.path={args.out / 'policy'}",
+        f"rollout.max_new_tokens={args.tokens}",
+        f"rollout.min_new_tokens={args.tokens}",
+        f"rollout.samples_per_prompt={args.samples}",
+        f"trainer.prompts_per_step={args.prompts}",
+        f"trainer.steps={args.steps}",
+        "trainer.eval_every=0",
+        f"trainer.save_every={args.steps}",
+        "trainer.resume=never",
+        f"learner.lr={args.lr}",
+        "learner.lr_schedule=constant",
+        f"learner.micro_batch_per_worker={args.micro}",
+        f"data.eval_size={args.heldout}",
+        f"rewards.functions={REWARDS}",
+        "rewards.verifier_processes=1",
+        f"rollout.cpu_reserved_cores={args.vllm_reserved_cores}",
+    ]
 
 
 def load_cfg(args, *extra):
@@ -64,6 +76,7 @@ def load_cfg(args, *extra):
 
 
 # ----------------------------------------------------------------------------- the policy
+
 
 def build_policy(out: Path) -> dict:
     """A 24M-parameter Qwen2-shaped model, random init (seed 0), with the chain-arithmetic tokenizer."""
@@ -76,10 +89,21 @@ def build_policy(out: Path) -> dict:
         return json.loads((out / "bench_policy.json").read_text())
     tok = build_tokenizer(0)
     tok.model_max_length = 512
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.eos_token_id, use_sliding_window=False)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id,
+        use_sliding_window=False,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
     tmp = out.with_name(out.name + ".tmp")
@@ -93,6 +117,7 @@ def build_policy(out: Path) -> dict:
 
 # ----------------------------------------------------------------------------- runs (each in its own process)
 
+
 def run_vllm(args) -> dict:
     """One step's batch (prompts x samples, exactly --tokens each) from the trainer's own engine setup."""
     from gdpo import rollout
@@ -103,14 +128,18 @@ def run_vllm(args) -> dict:
     llm = rollout.make_engine(cfg.model.path, cfg)
     prompts = load_prompts(cfg.data, "train", seed=0).prompts
     sampling = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, temperature=1.0, top_p=1.0)
-    rollout.generate(llm, prompts[:args.prompts], args.samples, seed=1, **sampling)  # warm-up
+    rollout.generate(llm, prompts[: args.prompts], args.samples, seed=1, **sampling)  # warm-up
     rates = []
     for rep in range(args.vllm_repeats):
-        batch = rollout.generate(llm, prompts[(rep + 1) * args.prompts:(rep + 2) * args.prompts], args.samples,
-                                 seed=rep + 2, **sampling)
+        batch = rollout.generate(
+            llm, prompts[(rep + 1) * args.prompts : (rep + 2) * args.prompts], args.samples, seed=rep + 2, **sampling
+        )
         rates.append(sum(batch.completion_token_counts) / batch.seconds)
-    return {"rollout_tokens_per_s": statistics.median(rates), "rollout_tokens_per_s_all": rates,
-            "tokens_per_step": sum(batch.completion_token_counts)}
+    return {
+        "rollout_tokens_per_s": statistics.median(rates),
+        "rollout_tokens_per_s_all": rates,
+        "tokens_per_step": sum(batch.completion_token_counts),
+    }
 
 
 def run_gdpo(args, ahead: int) -> dict:
@@ -122,16 +151,24 @@ def run_gdpo(args, ahead: int) -> dict:
     train(cfg, log=print)
     wall = time.time() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    timed = rows[args.warmup:len(rows) - ahead]  # ahead: the last step has no next rollout to overlap
+    timed = rows[args.warmup : len(rows) - ahead]  # ahead: the last step has no next rollout to overlap
     med = lambda key: statistics.median(r[key] for r in timed)  # noqa: E731
-    return {"seconds_per_step": med("time/step"), "step_seconds_all": [r["time/step"] for r in rows],
-            "rollout_tokens_per_s": med("perf/rollout_tokens_per_s"),
-            "learner_tokens_per_s": med("perf/learner_tokens_per_s"), "overhead_frac": med("time/overhead_frac"),
-            "stages": {k: med(k) for k in timed[0] if k.startswith("time/")},
-            "sync_bytes": timed[0]["sync/bytes"], "sync_MB_per_s": med("sync/MB_per_s"),
-            "sync_publish_s": med("sync/publish_s"), "sync_load_s": med("sync/load_s"),
-            "staleness": med("staleness"), "tokens_per_step": med("tokens/mean") * args.prompts * args.samples,
-            "final_model": str(out / "final" / "merged"), "wall_s": wall}
+    return {
+        "seconds_per_step": med("time/step"),
+        "step_seconds_all": [r["time/step"] for r in rows],
+        "rollout_tokens_per_s": med("perf/rollout_tokens_per_s"),
+        "learner_tokens_per_s": med("perf/learner_tokens_per_s"),
+        "overhead_frac": med("time/overhead_frac"),
+        "stages": {k: med(k) for k in timed[0] if k.startswith("time/")},
+        "sync_bytes": timed[0]["sync/bytes"],
+        "sync_MB_per_s": med("sync/MB_per_s"),
+        "sync_publish_s": med("sync/publish_s"),
+        "sync_load_s": med("sync/load_s"),
+        "staleness": med("staleness"),
+        "tokens_per_step": med("tokens/mean") * args.prompts * args.samples,
+        "final_model": str(out / "final" / "merged"),
+        "wall_s": wall,
+    }
 
 
 def run_trl(args, dora: bool = True) -> dict:
@@ -159,8 +196,14 @@ def run_trl(args, dora: bool = True) -> dict:
         key = (tuple(prompts), tuple(completions))
         if key not in cache:
             cache.clear()
-            m = score_rewards(bound, prompts, completions, [len(c) for c in completion_ids],
-                              [0] * len(completions), {"answer": list(answer)})
+            m = score_rewards(
+                bound,
+                prompts,
+                completions,
+                [len(c) for c in completion_ids],
+                [0] * len(completions),
+                {"answer": list(answer)},
+            )
             cache[key] = apply_conditions(m.values, conditions)
         return cache[key]
 
@@ -195,19 +238,52 @@ def run_trl(args, dora: bool = True) -> dict:
 
     total = args.prompts * args.samples
     targs = GRPOConfig(
-        output_dir=str(args.out / name), per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=total // args.micro, num_generations=args.samples,
-        max_completion_length=args.tokens, generation_kwargs={"min_new_tokens": args.tokens},
-        temperature=1.0, top_p=1.0, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=cfg.learner.grad_clip, max_steps=args.steps, beta=0.0, loss_type="dapo",
-        epsilon=cfg.algorithm.clip_eps_low, epsilon_high=cfg.algorithm.clip_eps_high,
-        multi_objective_aggregation="normalize_then_sum", scale_rewards="group", use_cpu=True, bf16=False,
-        logging_steps=1, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0)
-    peft_cfg = LoraConfig(r=cfg.learner.dora_rank, lora_alpha=cfg.learner.dora_alpha, use_dora=dora,
-                          target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+        output_dir=str(args.out / name),
+        per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=total // args.micro,
+        num_generations=args.samples,
+        max_completion_length=args.tokens,
+        generation_kwargs={"min_new_tokens": args.tokens},
+        temperature=1.0,
+        top_p=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=cfg.learner.grad_clip,
+        max_steps=args.steps,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=cfg.algorithm.clip_eps_low,
+        epsilon_high=cfg.algorithm.clip_eps_high,
+        multi_objective_aggregation="normalize_then_sum",
+        scale_rewards="group",
+        use_cpu=True,
+        bf16=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    peft_cfg = LoraConfig(
+        r=cfg.learner.dora_rank,
+        lora_alpha=cfg.learner.dora_alpha,
+        use_dora=dora,
+        target_modules=TARGETS,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
-    trainer = GRPOTrainer(model=cfg.model.path, reward_funcs=[accuracy, length_budget], args=targs, train_dataset=ds,
-                          processing_class=tok, peft_config=peft_cfg, callbacks=[StepTimer()])
+    trainer = GRPOTrainer(
+        model=cfg.model.path,
+        reward_funcs=[accuracy, length_budget],
+        args=targs,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_cfg,
+        callbacks=[StepTimer()],
+    )
     t0 = time.perf_counter()
     trainer.train()
     steps = [b - a for a, b in zip([t0] + step_ends[:-1], step_ends)]
@@ -215,10 +291,15 @@ def run_trl(args, dora: bool = True) -> dict:
     final = args.out / name / "merged"
     merged.save_pretrained(final, safe_serialization=True)
     tok.save_pretrained(final)
-    timed_steps, timed_gen = steps[args.warmup:], gen_times[args.warmup:]
-    return {"seconds_per_step": statistics.median(timed_steps), "step_seconds_all": steps,
-            "rollout_tokens_per_s": total * args.tokens / statistics.median(timed_gen),
-            "generate_seconds_all": gen_times, "threads": torch.get_num_threads(), "final_model": str(final)}
+    timed_steps, timed_gen = steps[args.warmup :], gen_times[args.warmup :]
+    return {
+        "seconds_per_step": statistics.median(timed_steps),
+        "step_seconds_all": steps,
+        "rollout_tokens_per_s": total * args.tokens / statistics.median(timed_gen),
+        "generate_seconds_all": gen_times,
+        "threads": torch.get_num_threads(),
+        "final_model": str(final),
+    }
 
 
 def run_heldout(args, models: dict[str, str]) -> dict:
@@ -237,16 +318,21 @@ def run_heldout(args, models: dict[str, str]) -> dict:
     for name, path in models.items():
         llm = rollout.make_engine(path, cfg)
         batch = rollout.generate(llm, data.prompts, 1, max_new_tokens=args.tokens, temperature=0.0, seed=0)
-        m = score_rewards(bound, data.prompts, batch.completions, batch.completion_token_counts,
-                          list(range(len(batch))), data.columns)
+        m = score_rewards(
+            bound, data.prompts, batch.completions, batch.completion_token_counts, list(range(len(batch))), data.columns
+        )
         raw = apply_conditions(m.values, reward_conditions(cfg))
-        out[name] = {"reward": float(raw.nan_to_num(0.0).sum(1).mean()), "accuracy": float(raw[:, 0].nan_to_num(0.0).mean()),
-                     "mean_tokens": sum(batch.completion_token_counts) / len(batch)}
+        out[name] = {
+            "reward": float(raw.nan_to_num(0.0).sum(1).mean()),
+            "accuracy": float(raw[:, 0].nan_to_num(0.0).mean()),
+            "mean_tokens": sum(batch.completion_token_counts) / len(batch),
+        }
         del llm
     return out
 
 
 # ----------------------------------------------------------------------------- the driver
+
 
 def memcpy_gb_per_s(mib: int = 512, repeats: int = 5) -> float:
     """This machine's memory-copy bandwidth (one large tensor copy, median), the yardstick for the sync."""
@@ -291,6 +377,7 @@ def spawn(args, run: str, extra: list[str] = ()) -> dict:
         while not done.is_set():
             peak[0] = max(peak[0], _tree_rss(proc.pid))
             done.wait(0.2)
+
     threading.Thread(target=sample, daemon=True).start()
     rc = proc.wait()
     done.set()
@@ -312,8 +399,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--heldout", type=int, default=32, help="held-out prompts for the final reward")
     ap.add_argument("--vllm-repeats", type=int, default=3)
-    ap.add_argument("--vllm-reserved-cores", default="null",
-                    help="rollout.cpu_reserved_cores for every vLLM engine (null = vLLM's default)")
+    ap.add_argument(
+        "--vllm-reserved-cores",
+        default="null",
+        help="rollout.cpu_reserved_cores for every vLLM engine (null = vLLM's default)",
+    )
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -321,18 +411,24 @@ def main() -> None:
         ap.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
 
     if args.phase:  # a child process: one run, result as JSON
-        phases = {"vllm": lambda: run_vllm(args), "gdpo": lambda: run_gdpo(args, 0),
-                  "gdpo-ahead": lambda: run_gdpo(args, 1), "trl": lambda: run_trl(args),
-                  "trl-lora": lambda: run_trl(args, dora=False),
-                  "heldout": lambda: run_heldout(args, json.loads((args.out / "models.json").read_text()))}
+        phases = {
+            "vllm": lambda: run_vllm(args),
+            "gdpo": lambda: run_gdpo(args, 0),
+            "gdpo-ahead": lambda: run_gdpo(args, 1),
+            "trl": lambda: run_trl(args),
+            "trl-lora": lambda: run_trl(args, dora=False),
+            "heldout": lambda: run_heldout(args, json.loads((args.out / "models.json").read_text())),
+        }
         result = phases[args.phase]()
         (args.out / f"{args.phase}.json").write_text(json.dumps(result, indent=2))
         return
 
     info = build_policy(args.out / "policy")
     info["memcpy_GB_per_s"] = memcpy_gb_per_s()
-    print(f"policy: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab']}; "
-          f"memory copy {info['memcpy_GB_per_s']:.1f} GB/s")
+    print(
+        f"policy: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab']}; "
+        f"memory copy {info['memcpy_GB_per_s']:.1f} GB/s"
+    )
     results = {}
     for run in args.runs.split(","):
         print(f"=== {run}", flush=True)
@@ -343,8 +439,9 @@ def main() -> None:
         held = spawn(args, "heldout")
         for r in models:
             results[r]["heldout"] = held[r]
-    (args.out / "results.json").write_text(json.dumps({"policy": info, "args": {k: str(v) for k, v in vars(args).items()},
-                                                       "results": results}, indent=2))
+    (args.out / "results.json").write_text(
+        json.dumps({"policy": info, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+    )
     print_table(results, args)
 
 
@@ -353,34 +450,45 @@ def info_memcpy(args) -> float:
 
 
 def print_table(results: dict, args) -> None:
-    print(f"\n{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens per step, {args.steps} steps "
-          f"(median over the last {args.steps - args.warmup})")
+    print(
+        f"\n{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens per step, {args.steps} steps "
+        f"(median over the last {args.steps - args.warmup})"
+    )
     print("| run | s/step | rollout tok/s | overhead | peak RSS GiB | held-out reward | held-out tokens |")
     print("|---|---|---|---|---|---|---|")
     for run, r in results.items():
         held = r.get("heldout", {})
-        cells = [f"{r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "-",
-                 f"{r['rollout_tokens_per_s']:.0f}",
-                 f"{100 * r['overhead_frac']:.1f}%" if "overhead_frac" in r else "-",
-                 f"{r['peak_rss_gib']:.2f}",
-                 f"{held['reward']:.3f}" if held else "-", f"{held['mean_tokens']:.0f}" if held else "-"]
+        cells = [
+            f"{r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "-",
+            f"{r['rollout_tokens_per_s']:.0f}",
+            f"{100 * r['overhead_frac']:.1f}%" if "overhead_frac" in r else "-",
+            f"{r['peak_rss_gib']:.2f}",
+            f"{held['reward']:.3f}" if held else "-",
+            f"{held['mean_tokens']:.0f}" if held else "-",
+        ]
         print(f"| {run} | " + " | ".join(cells) + " |")
     for base in ("trl", "trl-lora"):
         for run in ("gdpo", "gdpo-ahead"):
             if run in results and base in results:
-                print(f"{run} / {base} median step time: "
-                      f"{results[run]['seconds_per_step'] / results[base]['seconds_per_step']:.2f}")
+                print(
+                    f"{run} / {base} median step time: "
+                    f"{results[run]['seconds_per_step'] / results[base]['seconds_per_step']:.2f}"
+                )
     for run in ("gdpo", "gdpo-ahead"):
         if "sync_publish_s" in results.get(run, {}):
             r = results[run]
-            print(f"{run} weight sync: {r['sync_bytes'] / 2**20:.1f} MiB, publish {r['sync_publish_s']:.2f} s + "
-                  f"load {r['sync_load_s']:.2f} s; memory copy alone would take "
-                  f"{r['sync_bytes'] / 1e9 / info_memcpy(args):.3f} s")
+            print(
+                f"{run} weight sync: {r['sync_bytes'] / 2**20:.1f} MiB, publish {r['sync_publish_s']:.2f} s + "
+                f"load {r['sync_load_s']:.2f} s; memory copy alone would take "
+                f"{r['sync_bytes'] / 1e9 / info_memcpy(args):.3f} s"
+            )
     if "vllm" in results:
         for run in ("gdpo", "gdpo-ahead"):
             if run in results:
-                print(f"{run} rollout tok/s / standalone vLLM: "
-                      f"{results[run]['rollout_tokens_per_s'] / results['vllm']['rollout_tokens_per_s']:.2f}")
+                print(
+                    f"{run} rollout tok/s / standalone vLLM: "
+                    f"{results[run]['rollout_tokens_per_s'] / results['vllm']['rollout_tokens_per_s']:.2f}"
+                )
 
 
 if __name__ == "__main__":

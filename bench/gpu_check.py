@@ -23,6 +23,7 @@ warm-up:
 
 Writes ``OUT/results.json`` and prints one line per figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,8 +92,16 @@ def dora_layers(device, dtype, tiny: bool, cfg) -> list[dict]:
             model = build(variant, in_f, out_f, rank, device, dtype)
             times = _timed(lambda m=model: step(m, x, dy), device, 2 if tiny else 5)
             peak = (peak_bytes_cuda if device.type == "cuda" else peak_bytes_cpu)(model, x, dy, True)
-            rows.append({"shape": f"{in_f}x{out_f}", "tokens": tokens, "rank": rank, "variant": variant,
-                         "median_s": statistics.median(times), "peak_mib": peak / 2**20})
+            rows.append(
+                {
+                    "shape": f"{in_f}x{out_f}",
+                    "tokens": tokens,
+                    "rank": rank,
+                    "variant": variant,
+                    "median_s": statistics.median(times),
+                    "peak_mib": peak / 2**20,
+                }
+            )
             del model
     return rows
 
@@ -102,8 +111,16 @@ def _model(device, dtype, tiny: bool):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if tiny:
-        config = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True)
+        config = Qwen2Config(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            tie_word_embeddings=True,
+        )
     else:
         config = Qwen2Config(**json.loads(MODEL_CONFIG.read_text()))
     torch.manual_seed(0)
@@ -130,17 +147,26 @@ def update_step(device, dtype, tiny: bool, cfg) -> dict:
     completion = 16 if tiny else cfg.rollout.max_new_tokens
     width = (8 if tiny else PROMPT_TOKENS) + completion
     micro = cfg.learner.micro_batch_per_worker
-    out = {"parameters": sum(p.numel() for p in model.parameters()),
-           "adapter_parameters": sum(p.numel() for p in engine.params), "sequence_tokens": width}
+    out = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "adapter_parameters": sum(p.numel() for p in engine.params),
+        "sequence_tokens": width,
+    }
     while micro >= 1:
         g = torch.Generator(device="cpu").manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (micro, width), generator=g).to(device)
         mask = torch.zeros(micro, width, device=device)
-        mask[:, width - completion:] = 1
+        mask[:, width - completion :] = 1
         batch = TrainBatch(ids, torch.ones_like(ids), mask, torch.randn(micro, generator=g).to(device))
         tokens = float(mask[:, 1:].sum())
-        run = lambda: learner.train_step(engine, batch, cfg, global_tokens=tokens, global_seqs=float(micro),  # noqa: E731
-                                         world_size=1)
+        run = lambda: learner.train_step(
+            engine,
+            batch,
+            cfg,
+            global_tokens=tokens,
+            global_seqs=float(micro),  # noqa: E731
+            world_size=1,
+        )
         try:
             _peak_reset(device)
             times = _timed(run, device, 2 if tiny else 3)
@@ -150,8 +176,12 @@ def update_step(device, dtype, tiny: bool, cfg) -> dict:
             engine.optimizer.zero_grad(set_to_none=True)
             micro //= 2
             continue
-        out.update(micro_batch=micro, median_s=statistics.median(times), peak_gib=_peak_gib(device),
-                   tokens_per_s=micro * width / statistics.median(times))
+        out.update(
+            micro_batch=micro,
+            median_s=statistics.median(times),
+            peak_gib=_peak_gib(device),
+            tokens_per_s=micro * width / statistics.median(times),
+        )
         break
     names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
     tensors = weight_sync.sync_tensors(model, names)
@@ -161,14 +191,25 @@ def update_step(device, dtype, tiny: bool, cfg) -> dict:
         with torch.no_grad():
             for t in tensors:
                 t.make()
+
     with tempfile.TemporaryDirectory(prefix="gdpo-gpu-check-") as tmp:
         version = iter(range(1, 100))
-        publish = _timed(lambda: weight_sync.publish(tensors, next(version), cfg.learner.sync_bucket_mb << 20,
-                                                     directory=tmp, device=device), device, 2)
+        publish = _timed(
+            lambda: weight_sync.publish(
+                tensors, next(version), cfg.learner.sync_bucket_mb << 20, directory=tmp, device=device
+            ),
+            device,
+            2,
+        )
     merge_s = statistics.median(_timed(merge, device, 3))
-    out["publish"] = {"tensors": len(tensors), "bytes": payload, "merge_s": merge_s,
-                      "merge_GB_per_s": payload / merge_s / 1e9, "file_s": statistics.median(publish),
-                      "file_GB_per_s": payload / statistics.median(publish) / 1e9}
+    out["publish"] = {
+        "tensors": len(tensors),
+        "bytes": payload,
+        "merge_s": merge_s,
+        "merge_GB_per_s": payload / merge_s / 1e9,
+        "file_s": statistics.median(publish),
+        "file_GB_per_s": payload / statistics.median(publish) / 1e9,
+    }
     return out
 
 
@@ -188,18 +229,30 @@ def kernels(device, tiny: bool) -> dict:
     x = (torch.randn(rows, cols, generator=g) * 3).to(device)
     bias = (torch.rand(rows, generator=g) * 2).to(device)
     shift = torch.randint(0, 3, (cols,), generator=g).to(device)
-    out["fake_quant_exact"] = bool(torch.equal(fp4.fake_quant_rows_triton(x, 2, 1, bias, shift),
-                                               fp4.fake_quant_rows_reference(x, 2, 1, bias, shift)))
+    out["fake_quant_exact"] = bool(
+        torch.equal(
+            fp4.fake_quant_rows_triton(x, 2, 1, bias, shift), fp4.fake_quant_rows_reference(x, 2, 1, bias, shift)
+        )
+    )
     reps = 1 if tiny else 20
-    out["fake_quant_triton_s"] = statistics.median(_timed(lambda: fp4.fake_quant_rows_triton(x, 2, 1, bias, shift), device, reps))
-    out["fake_quant_reference_s"] = statistics.median(_timed(lambda: fp4.fake_quant_rows_reference(x, 2, 1, bias, shift), device, reps))
+    out["fake_quant_triton_s"] = statistics.median(
+        _timed(lambda: fp4.fake_quant_rows_triton(x, 2, 1, bias, shift), device, reps)
+    )
+    out["fake_quant_reference_s"] = statistics.median(
+        _timed(lambda: fp4.fake_quant_rows_reference(x, 2, 1, bias, shift), device, reps)
+    )
     w0 = torch.randn(rows, cols, generator=g).to(device)
-    a, b = (torch.randn(16, cols, generator=g) * 0.05).to(device), (torch.randn(rows, 16, generator=g) * 0.05).to(device)
+    a, b = (
+        (torch.randn(16, cols, generator=g) * 0.05).to(device),
+        (torch.randn(rows, 16, generator=g) * 0.05).to(device),
+    )
     ref = dora_row_norm_reference(w0, a, b, 2.0)
     got = dora_row_norm_triton(w0, a, b, 2.0)
     out["dora_norm_max_rel_err"] = float(((got - ref).abs() / ref).max())
     out["dora_norm_triton_s"] = statistics.median(_timed(lambda: dora_row_norm_triton(w0, a, b, 2.0), device, reps))
-    out["dora_norm_reference_s"] = statistics.median(_timed(lambda: dora_row_norm_reference(w0, a, b, 2.0), device, reps))
+    out["dora_norm_reference_s"] = statistics.median(
+        _timed(lambda: dora_row_norm_reference(w0, a, b, 2.0), device, reps)
+    )
     return out
 
 
@@ -218,13 +271,19 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = load_config(PRESET, ["model.dtype=" + str(dtype).removeprefix("torch.")])
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-               "dtype": str(dtype), "torch": torch.__version__, "tiny": args.tiny}
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+    }
     for name in args.sections.split(","):
         t0 = time.perf_counter()
-        section = {"kernels": lambda: kernels(device, args.tiny),
-                   "dora_layers": lambda: dora_layers(device, dtype, args.tiny, cfg),
-                   "update_step": lambda: update_step(device, dtype, args.tiny, cfg)}[name]
+        section = {
+            "kernels": lambda: kernels(device, args.tiny),
+            "dora_layers": lambda: dora_layers(device, dtype, args.tiny, cfg),
+            "update_step": lambda: update_step(device, dtype, args.tiny, cfg),
+        }[name]
         results[name] = section()
         results[name + "_wall_s"] = time.perf_counter() - t0
         print(f"{name}: {json.dumps(results[name])}", flush=True)

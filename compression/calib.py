@@ -6,6 +6,7 @@ e.g. ``lm_head``, last), and each block's inputs are captured with the blocks be
 compressed, so a layer is calibrated on what it will read at inference. Only real tokens are kept
 (padding dropped), at most ``max_tokens`` rows per layer (an evenly strided subset).
 """
+
 from __future__ import annotations
 
 import re
@@ -14,8 +15,15 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CalibrationError", "target_linears", "block_groups", "count_tokens", "capture_inputs",
-           "set_module", "MIN_CALIB_TOKENS"]
+__all__ = [
+    "CalibrationError",
+    "target_linears",
+    "block_groups",
+    "count_tokens",
+    "capture_inputs",
+    "set_module",
+    "MIN_CALIB_TOKENS",
+]
 
 MIN_CALIB_TOKENS = 256  # below this a per-tensor max (and so an exponent bias) is a guess
 
@@ -42,8 +50,10 @@ def target_linears(model: nn.Module, targets: Optional[Sequence[str]] = None, lm
             names.append(name)
     if not names:
         have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise CalibrationError(f"no linear layer matches the targets {list(targets) if targets else 'all'} "
-                               f"(the model's linear layers: {', '.join(have) or 'none'})")
+        raise CalibrationError(
+            f"no linear layer matches the targets {list(targets) if targets else 'all'} "
+            f"(the model's linear layers: {', '.join(have) or 'none'})"
+        )
     return names
 
 
@@ -73,8 +83,9 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, names: Sequence[str], batches: Sequence[dict],
-                   max_tokens: int = 4096) -> dict[str, Tensor]:
+def capture_inputs(
+    model: nn.Module, names: Sequence[str], batches: Sequence[dict], max_tokens: int = 4096
+) -> dict[str, Tensor]:
     """Run the calibration batches; return each named module's input over real tokens, ``[N, in]`` float32."""
     store: dict[str, list[Tensor]] = {n: [] for n in names}
     mask_now: list[Tensor] = []
@@ -83,6 +94,7 @@ def capture_inputs(model: nn.Module, names: Sequence[str], batches: Sequence[dic
         def fn(_mod, args):
             x = args[0]
             store[name].append(x[mask_now[0].bool()].float().cpu())  # [tokens, in]
+
         return fn
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]

@@ -21,6 +21,7 @@ projection back), so directions the calibration data never excites neither blow 
 of the rank; on a full-rank covariance with the floor below every eigenvalue the result is the exact
 optimum. All linear algebra runs in float64; the factors come back in float32.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,8 +31,15 @@ from torch import Tensor
 
 from compression.intq import int_fake_quant_symmetric, minmax_symmetric_scale
 
-__all__ = ["eora_compensation", "svd_compensation", "output_error", "quantize_factors", "input_covariance",
-           "activation_aware_delta", "regression_error"]
+__all__ = [
+    "eora_compensation",
+    "svd_compensation",
+    "output_error",
+    "quantize_factors",
+    "input_covariance",
+    "activation_aware_delta",
+    "regression_error",
+]
 
 
 def _check(delta_w: Tensor, rank: int, cov: Optional[Tensor] = None) -> None:
@@ -78,8 +86,10 @@ def output_error(delta_w: Tensor, cov: Tensor, b: Optional[Tensor] = None, a: Op
 
 def quantize_factors(b: Tensor, a: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Symmetric round-to-nearest INT quantization of the factors (per output row of B and of A)."""
-    return (int_fake_quant_symmetric(b, bits, minmax_symmetric_scale(b, bits, 1)),
-            int_fake_quant_symmetric(a, bits, minmax_symmetric_scale(a, bits, 1)))
+    return (
+        int_fake_quant_symmetric(b, bits, minmax_symmetric_scale(b, bits, 1)),
+        int_fake_quant_symmetric(a, bits, minmax_symmetric_scale(a, bits, 1)),
+    )
 
 
 def _floored_inverse(cov: Tensor, eig_floor: float) -> Tensor:
@@ -98,11 +108,12 @@ def activation_aware_delta(w: Tensor, w_c: Tensor, x: Tensor, x_q: Tensor, eig_f
     return (w.double() - w_c.double() @ cross @ _floored_inverse(cov, eig_floor)).float()
 
 
-def regression_error(w: Tensor, w_c: Tensor, x: Tensor, x_q: Tensor, b: Optional[Tensor] = None,
-                     a: Optional[Tensor] = None) -> float:
+def regression_error(
+    w: Tensor, w_c: Tensor, x: Tensor, x_q: Tensor, b: Optional[Tensor] = None, a: Optional[Tensor] = None
+) -> float:
     """``‖X Wᵀ - Q(X) W_cᵀ - X (BA)ᵀ‖² / n``: the compensated layer's output error on ``x`` [n, in]."""
     x64 = x.double()
     t = x64 @ w.double().T - x_q.double() @ w_c.double().T  # [n, out]
     if b is not None:
         t = t - (x64 @ a.double().T) @ b.double().T
-    return float((t ** 2).sum() / x64.shape[0])
+    return float((t**2).sum() / x64.shape[0])

@@ -6,6 +6,7 @@ EoRA's low-rank factors. Pure torch.
 - ``int_fake_quant_asymmetric``: ``(clamp(round(x/s) + z, 0, 2^b - 1) - z) · s`` with a zero point;
   ``minmax_asymmetric`` maps [min, max] (widened to contain 0) onto the 2^b levels.
 """
+
 from __future__ import annotations
 
 from typing import Union
@@ -44,7 +45,7 @@ def minmax_asymmetric(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     _check_bits(bits)
     lo = torch.clamp(x.min().float(), max=0.0)
     hi = torch.clamp(x.max().float(), min=0.0)
-    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(_TINY)
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(_TINY)
     return scale, torch.round(-lo / scale)
 
 
@@ -52,5 +53,5 @@ def int_fake_quant_asymmetric(x: Tensor, bits: int, scale: Scale, zero: Scale) -
     _check_bits(bits)
     s = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     z = torch.as_tensor(zero, dtype=torch.float32, device=x.device)
-    q = torch.clamp(torch.round(x.float() / s) + z, 0, 2 ** bits - 1)
+    q = torch.clamp(torch.round(x.float() / s) + z, 0, 2**bits - 1)
     return ((q - z) * s).to(x.dtype)

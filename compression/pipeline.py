@@ -12,6 +12,7 @@ Exports:
 - ``save_lora``: the compensation as a standard LoRA adapter (peft layout: ``lora_A`` = A [r, in],
   ``lora_B`` = B [out, r], ``lora_alpha`` = r so the scaling is 1), served by vLLM with LoRA enabled.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compression.calib import block_groups, capture_inputs, set_module
-from compression.eora import (activation_aware_delta, eora_compensation, input_covariance, quantize_factors,
-                              regression_error, svd_compensation)
+from compression.eora import (
+    activation_aware_delta,
+    eora_compensation,
+    input_covariance,
+    quantize_factors,
+    regression_error,
+    svd_compensation,
+)
 from compression.fp4.qlinear import QuantEmbedding, QuantLinear
 from compression.fp4.search import quantize_input
 from gdpo.fileio import atomic_dir
 
-__all__ = ["Compensated", "effective_weight", "compensate_model", "save_dense", "save_lora", "storage_bytes",
-           "LayerCompensation"]
+__all__ = [
+    "Compensated",
+    "effective_weight",
+    "compensate_model",
+    "save_dense",
+    "save_lora",
+    "storage_bytes",
+    "LayerCompensation",
+]
 
 
 class Compensated(nn.Module):
@@ -67,10 +81,18 @@ class LayerCompensation:
 
 
 @torch.no_grad()
-def compensate_model(model: nn.Module, reference: dict[str, Tensor], batches: Sequence[dict], rank: int,
-                     method: str = "eora", factor_bits: Optional[int] = None, max_tokens: int = 4096,
-                     eig_floor: float = 1e-6, activation_aware: bool = False,
-                     log: Callable[[str], None] = print) -> dict[str, LayerCompensation]:
+def compensate_model(
+    model: nn.Module,
+    reference: dict[str, Tensor],
+    batches: Sequence[dict],
+    rank: int,
+    method: str = "eora",
+    factor_bits: Optional[int] = None,
+    max_tokens: int = 4096,
+    eig_floor: float = 1e-6,
+    activation_aware: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, LayerCompensation]:
     """Compensate each named compressed layer of ``model`` in place; ``reference`` maps its names to the
     original weights [out, in]. ``method``: "eora" or "svd" (plain SVD of ΔW). With
     ``activation_aware``, EoRA on a layer with quantized activations targets the whole output error
@@ -97,11 +119,14 @@ def compensate_model(model: nn.Module, reference: dict[str, Tensor], batches: Se
                 b, a = svd_compensation(delta, r)
             if factor_bits:
                 b, a = quantize_factors(b, a, factor_bits)
-            out[name] = LayerCompensation(b, a, regression_error(w, w_c, x, x_q),
-                                          regression_error(w, w_c, x, x_q, b, a))
+            out[name] = LayerCompensation(
+                b, a, regression_error(w, w_c, x, x_q), regression_error(w, w_c, x, x_q, b, a)
+            )
             set_module(model, name, Compensated(mod, b, a))
-        log(f"  {method} block {group[0].rsplit('.', 2)[0]}: output error "
-            f"{sum(out[n].error_before for n in group):.4g} -> {sum(out[n].error_after for n in group):.4g}")
+        log(
+            f"  {method} block {group[0].rsplit('.', 2)[0]}: output error "
+            f"{sum(out[n].error_before for n in group):.4g} -> {sum(out[n].error_after for n in group):.4g}"
+        )
     return out
 
 
@@ -146,10 +171,21 @@ def save_lora(factors: dict[str, LayerCompensation], out_dir: str, base_model: s
         targets.add(name.rsplit(".", 1)[-1])
         if c.a.shape[0] != r:  # a layer narrower than the rank got a smaller one
             rank_pattern[name] = c.a.shape[0]
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "target_modules": sorted(targets),
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-              "base_model_name_or_path": base_model, "rank_pattern": rank_pattern,
-              "alpha_pattern": dict(rank_pattern)}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": r,
+        "target_modules": sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "base_model_name_or_path": base_model,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+    }
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -168,8 +204,11 @@ def storage_bytes(model: nn.Module, pruned: Sequence[str] = (), dense_bytes: int
             parts["compensation"] += (mod.lora_a.numel() + mod.lora_b.numel()) * factor_bits // 8
             continue
         if isinstance(mod, QuantLinear):
-            parts["quantized"] += (mod.weight.numel() * mod.lq.w_bits + 7) // 8 + 4 * mod.out_features \
+            parts["quantized"] += (
+                (mod.weight.numel() * mod.lq.w_bits + 7) // 8
+                + 4 * mod.out_features
                 + (mod.in_features if mod.lq.a_shift is not None else 0)
+            )
             parts["dense"] += (mod.bias.numel() * dense_bytes) if mod.bias is not None else 0
         elif isinstance(mod, QuantEmbedding):
             parts["quantized"] += (mod.weight.numel() * mod.fmt.bits + 7) // 8 + 4 * mod.weight.shape[0]

@@ -5,6 +5,7 @@
 - ``two_four_mask(w)``: 2:4 semi-structured sparsity (the NVIDIA sparse tensor core pattern): in every
   group of 4 consecutive input weights of a row, the 2 largest |w| stay. Needs ``in % 4 == 0``.
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ GDPO is invariant to a positive rescaling of any one reward exactly when eps = 0
 O(eps / std) otherwise; in a batch whose summed z-scores all but cancel (every group's rewards
 trade off exactly), the final batch normalization magnifies that O(eps) residue.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional, Sequence
@@ -58,8 +59,13 @@ def _normalize(x: Tensor, valid: Tensor, dim: int, eps: float, scale: bool = Tru
     return torch.where(valid & ~constant, centered, torch.zeros_like(centered))
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, weights=None,
-                    scale: Literal["group", "batch", "none"] = "group", eps: float = 1e-4) -> Tensor:
+def grpo_advantages(
+    rewards: Tensor,
+    group_size: int,
+    weights=None,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+) -> Tensor:
     """GRPO (DeepSeekMath, Shao et al. 2024, Eq. 3 outcome supervision): ``A = (r - mean_g)/(std + eps)``
     on the weighted reward sum ``r = Σ_k w_k r_k``.
 

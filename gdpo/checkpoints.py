@@ -19,6 +19,7 @@ resuming runs any code that whoever can write the directory put there. The run d
 mode 0700; the checksums catch damage (a torn or truncated file), not an attacker who can rewrite
 the manifest too. Nothing else here unpickles (``rng.json`` is JSON).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,15 +40,34 @@ from gdpo.fileio import atomic_write_text, fsync_dir, fsync_tree
 MANIFEST = "manifest.json"
 # Keys a resume may change without changing what the run computes: how long it runs, how often it
 # evaluates and saves, and how the work is placed and sized on the machines.
-RESUME_SAFE = ("trainer.steps", "trainer.eval_every", "trainer.save_every", "trainer.resume",
-               "trainer.force_resume", "trainer.output_dir", "rollout.num_workers", "rollout.gpu_memory_utilization",
-               "rollout.kv_cache_gib", "rollout.cpu_reserved_cores", "rollout.enforce_eager", "rollout.sleep_level",
-               "rollout.tensor_parallel_size", "rollout.max_model_len", "rewards.num_workers",
-               "rewards.verifier_processes", "learner.cpu_threads", "learner.sync_bucket_mb",
-               "learner.micro_batch_per_worker", "sft.cache_dir", "sft.threads", "cluster.")
+RESUME_SAFE = (
+    "trainer.steps",
+    "trainer.eval_every",
+    "trainer.save_every",
+    "trainer.resume",
+    "trainer.force_resume",
+    "trainer.output_dir",
+    "rollout.num_workers",
+    "rollout.gpu_memory_utilization",
+    "rollout.kv_cache_gib",
+    "rollout.cpu_reserved_cores",
+    "rollout.enforce_eager",
+    "rollout.sleep_level",
+    "rollout.tensor_parallel_size",
+    "rollout.max_model_len",
+    "rewards.num_workers",
+    "rewards.verifier_processes",
+    "learner.cpu_threads",
+    "learner.sync_bucket_mb",
+    "learner.micro_batch_per_worker",
+    "sft.cache_dir",
+    "sft.threads",
+    "cluster.",
+)
 
 
 # ----------------------------------------------------------------------------- files
+
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -90,6 +110,7 @@ def verify_checkpoint(directory: Path) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- RNG (no pickle)
 
+
 def rng_state() -> dict:
     version, internal, gauss = random.getstate()
     return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
@@ -102,6 +123,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- config changes
+
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}, "l": [{"x": 2}]}`` -> ``{"a.b": 1, "l.0.x": 2}`` (the override syntax's keys)."""
@@ -128,14 +150,17 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 def unsafe_changes(changes: dict[str, tuple[Any, Any]], cfg: Config) -> dict[str, tuple[Any, Any]]:
     """The changes that alter what the run computes. ``trainer.steps`` is safe unless a cosine schedule
     spans it (the remaining learning rates would change)."""
+
     def safe(key: str) -> bool:
         if key == "trainer.steps":
             return cfg.learner.lr_schedule == "constant"
         return any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE)
+
     return {k: v for k, v in changes.items() if not safe(k)}
 
 
 # ----------------------------------------------------------------------------- the run directory
+
 
 @dataclass
 class RunPlan:
@@ -167,26 +192,36 @@ def open_run(cfg: Config, log: Callable[[str], None] = print) -> RunPlan:
         return _new_run(out, cfg)
     run_file = out / "run.json"
     if not run_file.is_file() and (out / "config.json").is_file():
-        raise ConfigError(f"trainer.output_dir: {out} holds a run written by an older gdpo (no run.json, "
-                          "checkpoints without manifests) that cannot be resumed safely; choose a new directory")
+        raise ConfigError(
+            f"trainer.output_dir: {out} holds a run written by an older gdpo (no run.json, "
+            "checkpoints without manifests) that cannot be resumed safely; choose a new directory"
+        )
     if not run_file.is_file():
-        raise ConfigError(f"trainer.output_dir: {out} is not empty ({_describe(out)}) and holds no gdpo run "
-                          "(no run.json); choose a new or empty directory")
+        raise ConfigError(
+            f"trainer.output_dir: {out} is not empty ({_describe(out)}) and holds no gdpo run "
+            "(no run.json); choose a new or empty directory"
+        )
     if cfg.trainer.resume == "never":
-        raise ConfigError(f"trainer.output_dir: {out} holds a run already; continue it with trainer.resume=auto, "
-                          "or choose a new directory (nothing was changed)")
+        raise ConfigError(
+            f"trainer.output_dir: {out} holds a run already; continue it with trainer.resume=auto, "
+            "or choose a new directory (nothing was changed)"
+        )
     try:
         run_id = json.loads(run_file.read_text())["run_id"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"trainer.output_dir: {run_file} is unreadable ({err}); the directory cannot be resumed "
-                          "safely, choose a new one") from None
+        raise ConfigError(
+            f"trainer.output_dir: {run_file} is unreadable ({err}); the directory cannot be resumed "
+            "safely, choose a new one"
+        ) from None
     for stale in (out / "checkpoints").glob(".tmp-*"):  # a save that was killed before its rename
         shutil.rmtree(stale, ignore_errors=True)
     summary = _read_summary(out / "summary.json", log)
     checkpoint = newest_checkpoint(out, run_id, log)
     if checkpoint is None and run_checkpoints(out, run_id):
-        raise ConfigError(f"trainer.output_dir: none of {out}'s checkpoints is intact (reasons above); the run "
-                          "cannot be resumed. Choose a new directory")
+        raise ConfigError(
+            f"trainer.output_dir: none of {out}'s checkpoints is intact (reasons above); the run "
+            "cannot be resumed. Choose a new directory"
+        )
     if checkpoint is None and "final" not in summary:
         # nothing trained is kept: the run starts again from step 0, with this config
         if config_changes(_read_config(out / "config.json"), to_dict(cfg)):
@@ -194,8 +229,10 @@ def open_run(cfg: Config, log: Callable[[str], None] = print) -> RunPlan:
             summary = {}
         return RunPlan(out, run_id, None, summary)
     if "baseline" not in summary:
-        raise ConfigError(f"trainer.output_dir: {out}/summary.json has no baseline, and the run has trained since; "
-                          "the baseline cannot be measured on a trained policy. Choose a new directory")
+        raise ConfigError(
+            f"trainer.output_dir: {out}/summary.json has no baseline, and the run has trained since; "
+            "the baseline cannot be measured on a trained policy. Choose a new directory"
+        )
     stored = checkpoint / "config.json" if checkpoint else out / "config.json"
     _check_changes(_read_config(stored), cfg, log)
     plan = RunPlan(out, run_id, checkpoint, summary)
@@ -203,9 +240,11 @@ def open_run(cfg: Config, log: Callable[[str], None] = print) -> RunPlan:
         plan.finished = True
         return plan
     if checkpoint is None and summary.get("steps"):
-        raise ConfigError(f"trainer.output_dir: {out} holds a finished run of {summary['steps']} steps whose "
-                          "checkpoints are gone; it cannot be continued to trainer.steps="
-                          f"{cfg.trainer.steps}. Choose a new directory")
+        raise ConfigError(
+            f"trainer.output_dir: {out} holds a finished run of {summary['steps']} steps whose "
+            "checkpoints are gone; it cannot be continued to trainer.steps="
+            f"{cfg.trainer.steps}. Choose a new directory"
+        )
     if checkpoint is not None:
         step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         if step > cfg.trainer.steps:
@@ -236,8 +275,9 @@ def _read_config(stored: Path) -> dict:
     try:
         return json.loads(stored.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"trainer.output_dir: cannot read the run's config {stored} ({err}); "
-                          "choose a new directory") from None
+        raise ConfigError(
+            f"trainer.output_dir: cannot read the run's config {stored} ({err}); choose a new directory"
+        ) from None
 
 
 def _check_changes(old: dict, cfg: Config, log: Callable[[str], None]) -> None:
@@ -245,9 +285,11 @@ def _check_changes(old: dict, cfg: Config, log: Callable[[str], None]) -> None:
     unsafe = unsafe_changes(changes, cfg)
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in unsafe.items()))
     if unsafe and not cfg.trainer.force_resume:
-        raise ConfigError(f"resuming {cfg.trainer.output_dir} with a changed config: {listed}. These change what "
-                          "the run computes; restore them, use a new trainer.output_dir, or set "
-                          "trainer.force_resume=true (the checkpoint's optimizer and scheduler state are kept)")
+        raise ConfigError(
+            f"resuming {cfg.trainer.output_dir} with a changed config: {listed}. These change what "
+            "the run computes; restore them, use a new trainer.output_dir, or set "
+            "trainer.force_resume=true (the checkpoint's optimizer and scheduler state are kept)"
+        )
     if unsafe:
         log(f"warning: trainer.force_resume: resuming with changed {listed}")
     safe = {k: v for k, v in changes.items() if k not in unsafe}

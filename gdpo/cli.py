@@ -1,4 +1,5 @@
 """The ``gdpo`` command line: ``gdpo <command> [--config FILE] [key=value ...]``."""
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,19 @@ def cmd_eval(args) -> int:
     except ValueError:
         print(f"gdpo eval: --pass-k must be comma-separated integers, got {args.pass_k!r}", file=sys.stderr)
         return 2
-    settings = EvalSettings(model=args.model, data=args.data, samples_per_prompt=args.samples_per_prompt,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            limit=args.limit, seed=args.seed, base=args.base, pass_ks=ks, lora=args.lora)
+    settings = EvalSettings(
+        model=args.model,
+        data=args.data,
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        limit=args.limit,
+        seed=args.seed,
+        base=args.base,
+        pass_ks=ks,
+        lora=args.lora,
+    )
     results = evaluate_model(settings, cfg, args.out)
     print_eval(results, args.out)
     return 0
@@ -83,15 +94,19 @@ def print_eval(results: dict, out: str) -> None:
     m, vs = results["metrics"], results["against_base"]
     rows = [("pass@1 (accuracy)", f"{m['accuracy']:.1%}")]
     rows += [(k, f"{v:.1%}") for k, v in m.items() if k.startswith("pass@") and k != "pass@1"]
-    rows += [("mean / median / p90 tokens", f"{m['mean_tokens']:.1f} / {m['median_tokens']:.1f} / {m['p90_tokens']:.1f}"),
-             ("tokens correct / incorrect", f"{m['mean_tokens_correct']:.1f} / {m['mean_tokens_incorrect']:.1f}"),
-             ("truncation rate", f"{m['truncation_rate']:.1%}"),
-             ("accuracy per 1k tokens", f"{m['accuracy_per_1k_tokens']:.2f}")]
+    rows += [
+        ("mean / median / p90 tokens", f"{m['mean_tokens']:.1f} / {m['median_tokens']:.1f} / {m['p90_tokens']:.1f}"),
+        ("tokens correct / incorrect", f"{m['mean_tokens_correct']:.1f} / {m['mean_tokens_incorrect']:.1f}"),
+        ("truncation rate", f"{m['truncation_rate']:.1%}"),
+        ("accuracy per 1k tokens", f"{m['accuracy_per_1k_tokens']:.2f}"),
+    ]
     if vs:
         c = vs["aes_coefficients"]
-        rows += [("token reduction vs base", f"{vs['token_reduction_pct']:+.1f}%"),
-                 ("accuracy change vs base", f"{vs['accuracy_change_pt']:+.1f}pt"),
-                 (f"AES (a={c['alpha']:g}, b={c['beta']:g}, g={c['gamma']:g})", f"{vs['aes']:+.3f}")]
+        rows += [
+            ("token reduction vs base", f"{vs['token_reduction_pct']:+.1f}%"),
+            ("accuracy change vs base", f"{vs['accuracy_change_pt']:+.1f}pt"),
+            (f"AES (a={c['alpha']:g}, b={c['beta']:g}, g={c['gamma']:g})", f"{vs['aes']:+.3f}"),
+        ]
     width = max(len(r[0]) for r in rows) + 2
     print(f"\n{m['prompts']} prompts x {m['samples_per_prompt']} samples of {results['data']}")
     for name, value in rows:
@@ -112,8 +127,15 @@ def cmd_compare(args) -> int:
 
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     joint = [j.strip() for j in args.joint.split(",") if j.strip()] if args.joint else []
-    summary = compare(args.config, args.overrides, parse_arms(estimators, args.arm or []), args.seeds, args.out,
-                      args.samples_per_prompt, joint)
+    summary = compare(
+        args.config,
+        args.overrides,
+        parse_arms(estimators, args.arm or []),
+        args.seeds,
+        args.out,
+        args.samples_per_prompt,
+        joint,
+    )
     head, body = summary["table"]["head"], summary["table"]["body"]
     widths = [max(len(r[i]) for r in [head, *body]) + 2 for i in range(len(head))]
     for row in [head, *body]:
@@ -127,12 +149,26 @@ def cmd_compress(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    settings = CompressSettings(model=args.model, out=args.out, pipeline=args.pipeline, bits=args.bits,
-                                calib=args.calib, calib_samples=args.calib_samples, eval_data=args.eval_data,
-                                eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens, methods=methods,
-                                lm_head=args.lm_head, embedding=args.embedding, seed=args.seed,
-                                grid_points=args.grid_points, grid_act_points=args.grid_act_points,
-                                grid_rounds=args.grid_rounds, rank=args.rank, factor_bits=args.factor_bits)
+    settings = CompressSettings(
+        model=args.model,
+        out=args.out,
+        pipeline=args.pipeline,
+        bits=args.bits,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        eval_data=args.eval_data,
+        eval_limit=args.eval_limit,
+        max_new_tokens=args.max_new_tokens,
+        methods=methods,
+        lm_head=args.lm_head,
+        embedding=args.embedding,
+        seed=args.seed,
+        grid_points=args.grid_points,
+        grid_act_points=args.grid_act_points,
+        grid_rounds=args.grid_rounds,
+        rank=args.rank,
+        factor_bits=args.factor_bits,
+    )
     results = run_compress(settings, cfg)
     table = results_table(results)
     widths = [max(len(r[i]) for r in table) + 2 for i in range(len(table[0]))]
@@ -140,8 +176,11 @@ def cmd_compress(args) -> int:
     print(f"\n{what} on {results['held_out']['prompts']} held-out prompts of {results['held_out']['data']}")
     for row in table:
         print("".join(c.rjust(w) for c, w in zip(row, widths)))
-    outputs = "results.json, report/, evals/, compressed/, adapters/" if "variants" in results else \
-        "results.json, samples.jsonl, model/"
+    outputs = (
+        "results.json, report/, evals/, compressed/, adapters/"
+        if "variants" in results
+        else "results.json, samples.jsonl, model/"
+    )
     print(f"{results['seconds'] / 60:.1f} min; outputs: {args.out} ({outputs})")
     return 0
 
@@ -154,7 +193,9 @@ def cmd_ofq(args) -> int:
     print(f"\nfull precision: {results['full_precision']['test_accuracy']:.1%} test accuracy")
     print(f"{'run':>12}{'accuracy':>10}{'oscillation rate':>18}{'near boundary':>15}")
     for name, r in results["runs"].items():
-        print(f"{name:>12}{r['test_accuracy']:>10.1%}{r['final_oscillation_rate']:>18.2e}{r['final_near_boundary']:>15.1%}")
+        print(
+            f"{name:>12}{r['test_accuracy']:>10.1%}{r['final_oscillation_rate']:>18.2e}{r['final_near_boundary']:>15.1%}"
+        )
     print(f"{results['seconds'] / 60:.1f} min; outputs: {args.out} (results.json, ofq.png, fp/)")
     return 0
 
@@ -187,19 +228,29 @@ def cmd_config_doc(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gdpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _with_config(sub.add_parser("train", help="GDPO/GRPO training on Ray (embedded Ray unless cluster.address)")).set_defaults(fn=cmd_train)
+    _with_config(
+        sub.add_parser("train", help="GDPO/GRPO training on Ray (embedded Ray unless cluster.address)")
+    ).set_defaults(fn=cmd_train)
     _with_config(sub.add_parser("sft", help="build (or reuse) the tiny SFT policy")).set_defaults(fn=cmd_sft)
     _with_config(sub.add_parser("demo", help="the main job on the embedded default config")).set_defaults(fn=cmd_demo)
-    _with_config(sub.add_parser("check-config", help="validate a config and print it resolved")).set_defaults(fn=cmd_check_config)
+    _with_config(sub.add_parser("check-config", help="validate a config and print it resolved")).set_defaults(
+        fn=cmd_check_config
+    )
     ev = _with_config(sub.add_parser("eval", help="token-efficiency evaluation of a model on vLLM"))
     ev.add_argument("--model", required=True, help="HF model dir, a run dir or its final/, or builtin:tiny-chain-arith")
-    ev.add_argument("--data", required=True, help="task:chain_arith, a JSONL file (e.g. GSM8K's), or hf:NAME[:CONFIG]:SPLIT")
+    ev.add_argument(
+        "--data", required=True, help="task:chain_arith, a JSONL file (e.g. GSM8K's), or hf:NAME[:CONFIG]:SPLIT"
+    )
     ev.add_argument("--samples-per-prompt", type=int, default=1, help="n samples per prompt (pass@1 is their mean)")
     ev.add_argument("--max-new-tokens", type=int, default=128)
     ev.add_argument("--out", required=True, help="output directory (results.json, samples.jsonl)")
     ev.add_argument("--base", default=None, help="eval directory of the base model, to report changes against")
-    ev.add_argument("--temperature", type=float, default=None,
-                    help="default: rollout.eval_temperature for 1 sample, rollout.temperature for more")
+    ev.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default: rollout.eval_temperature for 1 sample, rollout.temperature for more",
+    )
     ev.add_argument("--top-p", type=float, default=1.0)
     ev.add_argument("--limit", type=int, default=0, help="prompts to use (0 = all; a task gives data.eval_size)")
     ev.add_argument("--seed", type=int, default=0)
@@ -212,29 +263,47 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--title", default="gdpo token-efficiency report")
     rep.set_defaults(fn=cmd_report)
     cmp_ = _with_config(sub.add_parser("compare", help="train and evaluate each estimator over seeds, then report"))
-    cmp_.add_argument("--estimators", default="grpo,gdpo",
-                      help="arms: grpo, gdpo, grpo-matched (GRPO with reward weights divided by their spread on the base)")
+    cmp_.add_argument(
+        "--estimators",
+        default="grpo,gdpo",
+        help="arms: grpo, gdpo, grpo-matched (GRPO with reward weights divided by their spread on the base)",
+    )
     cmp_.add_argument("--arm", action="append", help="another arm: 'NAME: key=value ...' (repeatable)")
     cmp_.add_argument("--joint", default="", help="comma-separated rewards that must all reach 1 for a joint success")
     cmp_.add_argument("--seeds", type=int, default=3)
     cmp_.add_argument("--samples-per-prompt", type=int, default=4, help="samples per held-out prompt in the evals")
     cmp_.add_argument("--out", required=True)
     cmp_.set_defaults(fn=cmd_compare)
-    cp = _with_config(sub.add_parser("compress", help="post-training compression (LLM-FP4, pruning, EoRA) against full precision"))
-    cp.add_argument("--model", "--policy", dest="model", required=True,
-                    help="HF model dir, a run dir or its final/, or builtin:tiny-chain-arith")
-    cp.add_argument("--pipeline", default="fp4",
-                    help="fp4 (compare quantizers), or a compressor (fp4, prune24, prune50) followed by eora")
+    cp = _with_config(
+        sub.add_parser("compress", help="post-training compression (LLM-FP4, pruning, EoRA) against full precision")
+    )
+    cp.add_argument(
+        "--model",
+        "--policy",
+        dest="model",
+        required=True,
+        help="HF model dir, a run dir or its final/, or builtin:tiny-chain-arith",
+    )
+    cp.add_argument(
+        "--pipeline",
+        default="fp4",
+        help="fp4 (compare quantizers), or a compressor (fp4, prune24, prune50) followed by eora",
+    )
     cp.add_argument("--rank", type=int, default=32, help="EoRA / SVD compensation rank")
     cp.add_argument("--factor-bits", type=int, default=None, help="quantize compensation factors to 4 or 8 bits")
     cp.add_argument("--bits", default="w4a4", help="w4a4, w4a8, w8a8, or weight-only w4 / w8")
     cp.add_argument("--calib", default="task:chain_arith", help="calibration data spec (its train split)")
     cp.add_argument("--calib-samples", type=int, default=128)
     cp.add_argument("--eval-data", default=None, help="held-out data spec (its eval split); default: --calib's")
-    cp.add_argument("--eval-limit", type=int, default=0, help="held-out prompts (0 = data.eval_size for a task, else all)")
+    cp.add_argument(
+        "--eval-limit", type=int, default=0, help="held-out prompts (0 = data.eval_size for a task, else all)"
+    )
     cp.add_argument("--max-new-tokens", type=int, default=128)
-    cp.add_argument("--methods", default="minmax_int,minmax_fp,search",
-                    help="quantizers to compare: minmax_int, minmax_fp, search, search_pertensor")
+    cp.add_argument(
+        "--methods",
+        default="minmax_int,minmax_fp,search",
+        help="quantizers to compare: minmax_int, minmax_fp, search, search_pertensor",
+    )
     cp.add_argument("--lm-head", action="store_true", help="quantize the output head too")
     cp.add_argument("--embedding", action="store_true", help="quantize the input embedding (weight-only)")
     cp.add_argument("--grid-points", type=int, default=100, help="search: weight max-value candidates per format")

@@ -15,6 +15,7 @@ Re-running the same command skips finished runs and evaluations and resumes an i
 directory of another config is refused (naming the keys), an evaluation of other settings, config or
 run is done again.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,12 @@ from gdpo.config import ConfigError, load_config, to_dict
 from gdpo.fileio import atomic_write_text
 from gdpo.metrics import read_rows
 
-METRICS = [("accuracy", "accuracy", "{:.1%}", "metrics"), ("mean_tokens", "mean tokens", "{:.1f}", "metrics"),
-           ("truncation_rate", "truncation", "{:.1%}", "metrics"), ("aes", "AES", "{:+.3f}", "against_base")]
+METRICS = [
+    ("accuracy", "accuracy", "{:.1%}", "metrics"),
+    ("mean_tokens", "mean tokens", "{:.1f}", "metrics"),
+    ("truncation_rate", "truncation", "{:.1%}", "metrics"),
+    ("aes", "AES", "{:+.3f}", "against_base"),
+]
 ESTIMATORS = ("grpo", "gdpo", "grpo-matched")
 # two-sided 95% quantiles of Student's t for 1..10 degrees of freedom
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -89,7 +94,8 @@ def matched_weights(samples: list[dict], cfg) -> list[float]:
     by_prompt: dict[int, list[list[float]]] = {}
     for row in samples:
         by_prompt.setdefault(row["prompt_index"], []).append(
-            [math.nan if row["rewards"].get(n) is None else row["rewards"][n] for n in names])
+            [math.nan if row["rewards"].get(n) is None else row["rewards"][n] for n in names]
+        )
     spreads = []
     for k in range(len(names)):
         per_prompt = []
@@ -115,11 +121,17 @@ def _mean_adv_std(run: Path) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def arm_table(results: dict[str, list[dict]], joint: Sequence[str], reward_names: Sequence[str],
-              adv_scale: dict[str, list[float]]) -> tuple[list[str], list[list[str]]]:
+def arm_table(
+    results: dict[str, list[dict]], joint: Sequence[str], reward_names: Sequence[str], adv_scale: dict[str, list[float]]
+) -> tuple[list[str], list[list[str]]]:
     """``{arm: [per-seed dicts of results.json + 'joint']}`` -> rows: mean ± sample std over seeds."""
-    head = ["arm", "seeds"] + [label for _, label, _, _ in METRICS] + (["joint success"] if joint else []) \
-        + [f"{n} mean" for n in reward_names] + ["adv std"]
+    head = (
+        ["arm", "seeds"]
+        + [label for _, label, _, _ in METRICS]
+        + (["joint success"] if joint else [])
+        + [f"{n} mean" for n in reward_names]
+        + ["adv std"]
+    )
     body = []
     for arm, runs in results.items():
         row = [arm, str(len(runs))]
@@ -149,8 +161,16 @@ def paired_differences(results: dict[str, list[dict]], key: str = "joint") -> di
     return out
 
 
-def compare(config: str | None, overrides: list[str], arms: list[Arm], seeds: int, out: str,
-            samples_per_prompt: int = 4, joint: Sequence[str] = (), log: Callable[[str], None] = print) -> dict:
+def compare(
+    config: str | None,
+    overrides: list[str],
+    arms: list[Arm],
+    seeds: int,
+    out: str,
+    samples_per_prompt: int = 4,
+    joint: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     if samples_per_prompt < 1:
@@ -175,8 +195,10 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
 
     def arm_config(arm: Arm, seed: int, extra: Sequence[str] = ()):
         name = f"{arm.name}-seed{seed}"
-        return name, load_config(config, [*overrides, *arm.overrides, *extra, f"trainer.seed={seed}",
-                                          f"trainer.output_dir={root / 'runs' / name}"])
+        return name, load_config(
+            config,
+            [*overrides, *arm.overrides, *extra, f"trainer.seed={seed}", f"trainer.output_dir={root / 'runs' / name}"],
+        )
 
     base_cfg = arm_config(arms[0], 0)[1]  # every arm's config is validated before any work starts
     configs = {(arm.name, seed): arm_config(arm, seed) for arm in arms for seed in range(seeds)}
@@ -190,11 +212,19 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
     def evaluate_once(name: str, model: str, base: str | None, cfg, run: Path | None = None) -> tuple[dict, list[dict]]:
         """Evaluate unless ``evals/NAME`` holds this very evaluation: the same settings, config and run."""
         target = root / "evals" / name
-        settings = EvalSettings(model=model, data=base_cfg.data.eval, samples_per_prompt=samples_per_prompt,
-                                max_new_tokens=base_cfg.rollout.max_new_tokens, seed=base_cfg.data.eval_seed,
-                                base=base)
-        source = {"settings": asdict(settings), "config": to_dict(cfg),
-                  "run": json.loads((run / "run.json").read_text())["run_id"] if run else None}
+        settings = EvalSettings(
+            model=model,
+            data=base_cfg.data.eval,
+            samples_per_prompt=samples_per_prompt,
+            max_new_tokens=base_cfg.rollout.max_new_tokens,
+            seed=base_cfg.data.eval_seed,
+            base=base,
+        )
+        source = {
+            "settings": asdict(settings),
+            "config": to_dict(cfg),
+            "run": json.loads((run / "run.json").read_text())["run_id"] if run else None,
+        }
         if not (target / "results.json").is_file() or _read(target / "source.json") != json.loads(json.dumps(source)):
             log(f"[compare] evaluating {name}")
             evaluate_model(settings, cfg, str(target), log)
@@ -224,24 +254,48 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
             adv_scale[arm.name].append(_mean_adv_std(run))
     head, body = arm_table(results, joint, rewards, adv_scale)
     paired = paired_differences(results) if joint else {}
-    note = (f"{seeds} paired seed(s) per arm, the same policy, rewards and held-out problems (data.eval_seed "
-            f"{base_cfg.data.eval_seed}); each final policy sampled {samples_per_prompt}x per prompt (temperature "
-            f"{base_cfg.rollout.temperature}); mean ± sample standard deviation over seeds; AES against the base "
-            "policy (O1-Pruner: a=1, b=3, g=5)" + (f"; joint success: {' and '.join(joint)} all reach 1" if joint else "")
-            + "; adv std: the mean over steps of the advantages' standard deviation.")
+    note = (
+        f"{seeds} paired seed(s) per arm, the same policy, rewards and held-out problems (data.eval_seed "
+        f"{base_cfg.data.eval_seed}); each final policy sampled {samples_per_prompt}x per prompt (temperature "
+        f"{base_cfg.rollout.temperature}); mean ± sample standard deviation over seeds; AES against the base "
+        "policy (O1-Pruner: a=1, b=3, g=5)"
+        + (f"; joint success: {' and '.join(joint)} all reach 1" if joint else "")
+        + "; adv std: the mean over steps of the advantages' standard deviation."
+    )
     if paired:
-        note += " Joint success, GDPO minus: " + "; ".join(
-            f"{arm} {100 * d['mean']:+.1f} pt (95% CI {100 * d['ci95'][0]:+.1f} .. {100 * d['ci95'][1]:+.1f})"
-            for arm, d in paired.items()) + "."
+        note += (
+            " Joint success, GDPO minus: "
+            + "; ".join(
+                f"{arm} {100 * d['mean']:+.1f} pt (95% CI {100 * d['ci95'][0]:+.1f} .. {100 * d['ci95'][1]:+.1f})"
+                for arm, d in paired.items()
+            )
+            + "."
+        )
     plans = [n for seed in range(seeds) for arm in arms for n in [f"{arm.name}-seed{seed}"]]
-    dirs = [str(root / "evals" / "base")] + [str(root / "evals" / n) for n in plans] + \
-        [str(root / "runs" / n) for n in plans]
-    write_report(dirs, str(root), title="Estimators compared: " + ", ".join(a.name for a in arms),
-                 tables=[("Estimators", head, body, note)])
-    summary = {"table": {"head": head, "body": body}, "arms": [a.__dict__ for a in arms], "seeds": seeds,
-               "joint": list(joint), "matched_weights": weights, "paired_differences": paired,
-               "seconds": time.time() - started,
-               "per_run": {f"{arm}-seed{s}": {**r["metrics"], "joint": r["joint"]}
-                           for arm, runs in results.items() for s, r in enumerate(runs)}}
+    dirs = (
+        [str(root / "evals" / "base")]
+        + [str(root / "evals" / n) for n in plans]
+        + [str(root / "runs" / n) for n in plans]
+    )
+    write_report(
+        dirs,
+        str(root),
+        title="Estimators compared: " + ", ".join(a.name for a in arms),
+        tables=[("Estimators", head, body, note)],
+    )
+    summary = {
+        "table": {"head": head, "body": body},
+        "arms": [a.__dict__ for a in arms],
+        "seeds": seeds,
+        "joint": list(joint),
+        "matched_weights": weights,
+        "paired_differences": paired,
+        "seconds": time.time() - started,
+        "per_run": {
+            f"{arm}-seed{s}": {**r["metrics"], "joint": r["joint"]}
+            for arm, runs in results.items()
+            for s, r in enumerate(runs)
+        },
+    }
     atomic_write_text(root / "compare.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -16,6 +16,7 @@ back from it), ``DIR/results.json`` and ``DIR/samples.jsonl`` (every method's co
 Evaluation runs the quantized modules in transformers (greedy ``generate``), since vLLM cannot run
 fake-quantized activations; the full-precision row is measured the same way.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,9 @@ class CompressSettings:
     factor_bits: Optional[int] = None  # quantize the compensation factors to 4 or 8 bits (None: keep float)
 
 
-def reference_texts(spec: str, role: str, n: int, seed: int, cfg: Config,
-                    tokenizer) -> tuple[list[str], list[str], list[str]]:
+def reference_texts(
+    spec: str, role: str, n: int, seed: int, cfg: Config, tokenizer
+) -> tuple[list[str], list[str], list[str]]:
     """(prompts, reference solutions, gold answers) from a data spec: a task's verbose solutions, or a
     row's ``answer`` column (GSM8K's carries the worked solution)."""
     if spec == "task:chain_arith":
@@ -91,15 +93,19 @@ def _batches(tokenizer, prompts, solutions, batch_size=16):
     out = []
     for lo in range(0, len(prompts), batch_size):
         seqs, labs = [], []
-        for p, s in zip(prompts[lo:lo + batch_size], solutions[lo:lo + batch_size]):
+        for p, s in zip(prompts[lo : lo + batch_size], solutions[lo : lo + batch_size]):
             p_ids = tokenizer(p, add_special_tokens=False)["input_ids"]
             s_ids = tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             seqs.append(p_ids + s_ids)
             labs.append([-100] * len(p_ids) + s_ids)
         width = max(map(len, seqs))
-        out.append({"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in seqs]),
-                    "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs]),
-                    "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labs])})
+        out.append(
+            {
+                "input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in seqs]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs]),
+                "labels": torch.tensor([x + [-100] * (width - len(x)) for x in labs]),
+            }
+        )
     return out
 
 
@@ -125,12 +131,13 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts, counts, reasons = [], [], []
     for lo in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[lo:lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        enc = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
+        )
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
             if tokenizer.eos_token_id in row:
-                row, reason = row[:row.index(tokenizer.eos_token_id)], "stop"
+                row, reason = row[: row.index(tokenizer.eos_token_id)], "stop"
             else:
                 reason = "length"
             texts.append(tokenizer.decode(row, skip_special_tokens=True))
@@ -139,8 +146,9 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     return texts, counts, reasons
 
 
-def evaluate(model, tokenizer, held_out: dict, cfg: Config, s: CompressSettings, label: str,
-             log: Callable[[str], None]) -> tuple[dict, list[dict]]:
+def evaluate(
+    model, tokenizer, held_out: dict, cfg: Config, s: CompressSettings, label: str, log: Callable[[str], None]
+) -> tuple[dict, list[dict]]:
     from gdpo.eval_metrics import summarize
     from rewards import BoundReward, score_rewards
 
@@ -153,11 +161,18 @@ def evaluate(model, tokenizer, held_out: dict, cfg: Config, s: CompressSettings,
     matrix = score_rewards(rewards, prompts, texts, counts, list(range(len(prompts))), {"answer": answers})
     correct = [v[0] == 1.0 for v in matrix.values.tolist()]
     m = summarize(correct, counts, [r == "length" for r in reasons], list(range(len(prompts))))
-    metrics = {"perplexity": ppl, "accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"],
-               "truncation_rate": m["truncation_rate"], "eval_seconds": time.time() - t0}
+    metrics = {
+        "perplexity": ppl,
+        "accuracy": m["accuracy"],
+        "mean_tokens": m["mean_tokens"],
+        "truncation_rate": m["truncation_rate"],
+        "eval_seconds": time.time() - t0,
+    }
     log(f"{label:>12}: perplexity {ppl:.3f}, accuracy {m['accuracy']:.1%}, mean tokens {m['mean_tokens']:.1f}")
-    samples = [{"method": label, "prompt_index": i, "completion": t, "tokens": c, "correct": ok}
-               for i, (t, c, ok) in enumerate(zip(texts, counts, correct))]
+    samples = [
+        {"method": label, "prompt_index": i, "completion": t, "tokens": c, "correct": ok}
+        for i, (t, c, ok) in enumerate(zip(texts, counts, correct))
+    ]
     return metrics, samples
 
 
@@ -172,12 +187,16 @@ def stages_of(pipeline: str) -> list[str]:
     if not stages:
         raise CompressError("--pipeline is empty")
     if stages[0] not in COMPRESSORS:
-        raise CompressError(f"--pipeline {pipeline!r}: unknown stage {stages[0]!r} first; it must be a compressor: "
-                            f"{', '.join(COMPRESSORS)} (then optionally {', '.join(COMPENSATORS)})")
+        raise CompressError(
+            f"--pipeline {pipeline!r}: unknown stage {stages[0]!r} first; it must be a compressor: "
+            f"{', '.join(COMPRESSORS)} (then optionally {', '.join(COMPENSATORS)})"
+        )
     rest = stages[1:]
     if len(rest) > 1 or (rest and rest[0] not in COMPENSATORS):
-        raise CompressError(f"--pipeline {pipeline!r}: unknown stage {rest[-1]!r} after {stages[0]}; only "
-                            f"{', '.join(COMPENSATORS)} may follow the compressor")
+        raise CompressError(
+            f"--pipeline {pipeline!r}: unknown stage {rest[-1]!r} after {stages[0]}; only "
+            f"{', '.join(COMPENSATORS)} may follow the compressor"
+        )
     return stages
 
 
@@ -191,10 +210,17 @@ def check_settings(s: CompressSettings) -> None:
         raise CompressError(f"--bits: {err}") from None
     bad = [m for m in s.methods if m not in METHODS]
     if bad or not s.methods:
-        raise CompressError(f"--methods: unknown method {bad[0] if bad else '(empty)'}; choose from {', '.join(METHODS)}")
-    for flag, v in (("--calib-samples", s.calib_samples), ("--max-new-tokens", s.max_new_tokens),
-                    ("--grid-points", s.grid_points), ("--grid-act-points", s.grid_act_points),
-                    ("--grid-rounds", s.grid_rounds), ("--rank", s.rank)):
+        raise CompressError(
+            f"--methods: unknown method {bad[0] if bad else '(empty)'}; choose from {', '.join(METHODS)}"
+        )
+    for flag, v in (
+        ("--calib-samples", s.calib_samples),
+        ("--max-new-tokens", s.max_new_tokens),
+        ("--grid-points", s.grid_points),
+        ("--grid-act-points", s.grid_act_points),
+        ("--grid-rounds", s.grid_rounds),
+        ("--rank", s.rank),
+    ):
         if v < 1:
             raise CompressError(f"{flag} must be >= 1, got {v}")
     if s.factor_bits not in (None, 4, 8):
@@ -204,6 +230,7 @@ def check_settings(s: CompressSettings) -> None:
 @dataclass
 class _Job:
     """Everything checked and loaded before any compression starts."""
+
     s: CompressSettings
     cfg: Config
     model_dir: str
@@ -251,8 +278,10 @@ def prepare(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print
     if stages_of(s.pipeline)[0] == "prune24":
         odd = [n for n in names if full.get_submodule(n).in_features % 4]
         if odd:
-            raise CompressError(f"--pipeline prune24: {odd[0]} has {full.get_submodule(odd[0]).in_features} inputs, "
-                                f"not a multiple of 4 (2:4 sparsity needs groups of 4)")
+            raise CompressError(
+                f"--pipeline prune24: {odd[0]} has {full.get_submodule(odd[0]).in_features} inputs, "
+                f"not a multiple of 4 (2:4 sparsity needs groups of 4)"
+            )
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     return _Job(s, cfg, model_dir, tokenizer, full, calib, held_out, eval_spec, n_eval, out, log)
@@ -286,11 +315,13 @@ def compare_quantizers(job: _Job) -> dict:
     for method in s.methods:
         model = copy.deepcopy(job.full)
         log(f"quantizing: {method} {setting.name}")
-        quant = quantize_model(model, job.calib, setting, method, _grid(s), lm_head=s.lm_head, embedding=s.embedding,
-                               log=lambda m: None)
+        quant = quantize_model(
+            model, job.calib, setting, method, _grid(s), lm_head=s.lm_head, embedding=s.embedding, log=lambda m: None
+        )
         if method == "search":
-            save_quantized(model, {**quant, "source_model": str(Path(job.model_dir).resolve())}, str(out / "model"),
-                           job.tokenizer)
+            save_quantized(
+                model, {**quant, "source_model": str(Path(job.model_dir).resolve())}, str(out / "model"), job.tokenizer
+            )
             model = load_quantized(str(out / "model"))
         metrics, smp = evaluate(model, job.tokenizer, job.held_out, job.cfg, s, method, log)
         layer_mse = [v["mse"]["final"] for v in quant["layers"].values()]
@@ -302,13 +333,19 @@ def compare_quantizers(job: _Job) -> dict:
         for method, m in rows.items():
             if method in ("full", "minmax_fp"):
                 continue
-            m["gap_recovered"] = {k: gap_recovered(rows["full"][k], rows["minmax_fp"][k], m[k])
-                                  for k in ("accuracy", "perplexity")}
+            m["gap_recovered"] = {
+                k: gap_recovered(rows["full"][k], rows["minmax_fp"][k], m[k]) for k in ("accuracy", "perplexity")
+            }
     results = {
-        "pipeline": s.pipeline, "setting": setting.name, "model": str(Path(job.model_dir).resolve()),
-        "calibration": _calib_info(job), "held_out": _held_out_info(job),
-        "methods": rows, "checkpoint": str((out / "model").resolve()) if "search" in s.methods else None,
-        "settings": asdict(s), "seconds": time.time() - t_start,
+        "pipeline": s.pipeline,
+        "setting": setting.name,
+        "model": str(Path(job.model_dir).resolve()),
+        "calibration": _calib_info(job),
+        "held_out": _held_out_info(job),
+        "methods": rows,
+        "checkpoint": str((out / "model").resolve()) if "search" in s.methods else None,
+        "settings": asdict(s),
+        "seconds": time.time() - t_start,
     }
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
@@ -316,13 +353,20 @@ def compare_quantizers(job: _Job) -> dict:
 
 
 def _calib_info(job: _Job) -> dict:
-    return {"data": job.s.calib, "samples": job.s.calib_samples,
-            "tokens": int(sum(int(b["attention_mask"].sum()) for b in job.calib))}
+    return {
+        "data": job.s.calib,
+        "samples": job.s.calib_samples,
+        "tokens": int(sum(int(b["attention_mask"].sum()) for b in job.calib)),
+    }
 
 
 def _held_out_info(job: _Job) -> dict:
-    return {"data": job.eval_spec, "prompts": len(job.held_out["prompts"]), "max_new_tokens": job.s.max_new_tokens,
-            "decoding": "greedy"}
+    return {
+        "data": job.eval_spec,
+        "prompts": len(job.held_out["prompts"]),
+        "max_new_tokens": job.s.max_new_tokens,
+        "decoding": "greedy",
+    }
 
 
 def run_pipeline(job: _Job) -> dict:
@@ -356,10 +400,19 @@ def run_pipeline(job: _Job) -> dict:
     setting = QuantSetting.parse(s.bits)
     if compressor == "fp4":
         log(f"compressing: LLM-FP4 search, {setting.name}")
-        quant = quantize_model(compressed, job.calib, setting, "search", _grid(s), lm_head=s.lm_head,
-                               embedding=s.embedding, log=lambda m: None)
-        save_quantized(compressed, {**quant, "source_model": str(Path(job.model_dir).resolve())},
-                       str(out / "model"), job.tokenizer)
+        quant = quantize_model(
+            compressed,
+            job.calib,
+            setting,
+            "search",
+            _grid(s),
+            lm_head=s.lm_head,
+            embedding=s.embedding,
+            log=lambda m: None,
+        )
+        save_quantized(
+            compressed, {**quant, "source_model": str(Path(job.model_dir).resolve())}, str(out / "model"), job.tokenizer
+        )
         detail = {"setting": setting.name, "quantize_seconds": quant["seconds"]}
     else:
         pattern = "2:4" if compressor == "prune24" else "unstructured"
@@ -384,21 +437,30 @@ def run_pipeline(job: _Job) -> dict:
             compensation[label] = {
                 "output_error_before": sum(f.error_before for f in factors.values()),
                 "output_error_after": sum(f.error_after for f in factors.values()),
-                "seconds": time.time() - t0}
+                "seconds": time.time() - t0,
+            }
 
     rows: dict = {}
     for label, (model_path, lora) in served.items():
         log(f"evaluating on vLLM: {label}")
-        settings = EvalSettings(model=model_path, data=job.eval_spec, max_new_tokens=s.max_new_tokens,
-                                limit=job.n_eval, seed=s.seed, lora=lora,
-                                base=None if label == "full" else str(out / "evals" / "full"))
+        settings = EvalSettings(
+            model=model_path,
+            data=job.eval_spec,
+            max_new_tokens=s.max_new_tokens,
+            limit=job.n_eval,
+            seed=s.seed,
+            lora=lora,
+            base=None if label == "full" else str(out / "evals" / "full"),
+        )
         res = evaluate_model(settings, job.cfg, str(out / "evals" / label), log)
         m = res["metrics"]
-        rows[label] = {"accuracy": m["accuracy"], "mean_tokens": m["mean_tokens"],
-                       "truncation_rate": m["truncation_rate"],
-                       "bytes": storage_bytes(models[label], pruned if label != "full" else (),
-                                              factor_bits=s.factor_bits or 16),
-                       **compensation.get(label, {})}
+        rows[label] = {
+            "accuracy": m["accuracy"],
+            "mean_tokens": m["mean_tokens"],
+            "truncation_rate": m["truncation_rate"],
+            "bytes": storage_bytes(models[label], pruned if label != "full" else (), factor_bits=s.factor_bits or 16),
+            **compensation.get(label, {}),
+        }
     if compressor == "fp4" and setting.a_bits:
         for label, model in models.items():
             if label == "full":
@@ -412,17 +474,28 @@ def run_pipeline(job: _Job) -> dict:
             if "with_quantized_activations" in row:
                 acts = {k: v["with_quantized_activations"]["accuracy"] for k, v in rows.items() if k != "full"}
                 row["with_quantized_activations"]["recovered"] = gap_recovered(full_acc, acts[compressor], acts[label])
-    write_report([str(out / "evals" / k) for k in served], str(out / "report"),
-                 title=f"gdpo compress: {s.pipeline} ({setting.name if compressor == 'fp4' else detail['pattern']}), "
-                       f"rank {s.rank}")
+    write_report(
+        [str(out / "evals" / k) for k in served],
+        str(out / "report"),
+        title=f"gdpo compress: {s.pipeline} ({setting.name if compressor == 'fp4' else detail['pattern']}), "
+        f"rank {s.rank}",
+    )
     results = {
-        "pipeline": s.pipeline, "compressor": {"stage": compressor, **detail}, "rank": s.rank,
-        "factor_bits": s.factor_bits, "model": str(Path(job.model_dir).resolve()),
-        "calibration": _calib_info(job), "held_out": _held_out_info(job), "variants": rows,
-        "outputs": {"compressed": str((out / "compressed").resolve()),
-                    "adapters": {m: str((out / "adapters" / m).resolve()) for m in ("svd", "eora") if len(stages) > 1},
-                    "report": str((out / "report" / "report.html").resolve())},
-        "settings": asdict(s), "seconds": time.time() - t_start,
+        "pipeline": s.pipeline,
+        "compressor": {"stage": compressor, **detail},
+        "rank": s.rank,
+        "factor_bits": s.factor_bits,
+        "model": str(Path(job.model_dir).resolve()),
+        "calibration": _calib_info(job),
+        "held_out": _held_out_info(job),
+        "variants": rows,
+        "outputs": {
+            "compressed": str((out / "compressed").resolve()),
+            "adapters": {m: str((out / "adapters" / m).resolve()) for m in ("svd", "eora") if len(stages) > 1},
+            "report": str((out / "report" / "report.html").resolve()),
+        },
+        "settings": asdict(s),
+        "seconds": time.time() - t_start,
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
@@ -437,8 +510,13 @@ def results_table(results: dict) -> list[list[str]]:
         head += ["accuracy (acts)", "recovered (acts)"] if acts else []
         body = []
         for name, r in results["variants"].items():
-            row = [name, f"{r['accuracy']:.1%}", f"{r['mean_tokens']:.1f}", f"{r['bytes']['total'] / 1e6:.3f}",
-                   pct(r["recovered"]) if "recovered" in r else "-"]
+            row = [
+                name,
+                f"{r['accuracy']:.1%}",
+                f"{r['mean_tokens']:.1f}",
+                f"{r['bytes']['total'] / 1e6:.3f}",
+                pct(r["recovered"]) if "recovered" in r else "-",
+            ]
             if acts:
                 q = r.get("with_quantized_activations")
                 row += [f"{q['accuracy']:.1%}" if q else "-", pct(q["recovered"]) if q and "recovered" in q else "-"]
@@ -448,7 +526,14 @@ def results_table(results: dict) -> list[list[str]]:
     body = []
     for name, m in results["methods"].items():
         rec = m.get("gap_recovered")
-        body.append([name, f"{m['perplexity']:.3f}", f"{m['accuracy']:.1%}", f"{m['mean_tokens']:.1f}",
-                     f"{m['calib_output_mse_mean']:.3g}" if "calib_output_mse_mean" in m else "-",
-                     f"{pct(rec['accuracy'])} / {pct(rec['perplexity'])}" if rec else "-"])
+        body.append(
+            [
+                name,
+                f"{m['perplexity']:.3f}",
+                f"{m['accuracy']:.1%}",
+                f"{m['mean_tokens']:.1f}",
+                f"{m['calib_output_mse_mean']:.3g}" if "calib_output_mse_mean" in m else "-",
+                f"{pct(rec['accuracy'])} / {pct(rec['perplexity'])}" if rec else "-",
+            ]
+        )
     return [head, *body]

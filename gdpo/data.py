@@ -5,6 +5,7 @@ Source specs (``data.train`` / ``data.eval``):
 - ``path/to/file.jsonl``: one JSON object per line.
 - ``hf:NAME[:CONFIG]:SPLIT``: ``datasets.load_dataset`` (a hub id or a local dataset directory).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def load_rows(spec: str, role: str, limit: int = 0, seed: int = 0) -> list[dict]
     if spec.startswith("task:"):
         n = limit or TASK_DEFAULT_SIZE[role]
         try:
-            return task_rows(spec[len("task:"):], role, n, seed)
+            return task_rows(spec[len("task:") :], role, n, seed)
         except ValueError as err:
             raise DataError(f"data source '{spec}': {err}") from err
     if spec.startswith("hf:"):
@@ -78,7 +79,7 @@ def _jsonl_rows(path: Path) -> list[dict]:
 
 
 def _hf_rows(spec: str) -> list[dict]:
-    parts = spec[len("hf:"):].split(":")
+    parts = spec[len("hf:") :].split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise DataError(f"data source '{spec}' must look like 'hf:NAME:SPLIT' or 'hf:NAME:CONFIG:SPLIT'")
     import datasets
@@ -114,14 +115,18 @@ def check_golds(golds: list[str], source: str) -> None:
     marked = sum("####" in g for g in golds)
     if 0 < marked < len(golds):
         i = next(i for i, g in enumerate(golds) if "####" not in g)
-        raise DataError(f"data source '{source}': sample {i}'s gold answer has no '#### N' final answer, while "
-                        f"{marked} of {len(golds)} samples do; without it the accuracy reward would judge against "
-                        "the solution's last number. Fix or drop such rows")
+        raise DataError(
+            f"data source '{source}': sample {i}'s gold answer has no '#### N' final answer, while "
+            f"{marked} of {len(golds)} samples do; without it the accuracy reward would judge against "
+            "the solution's last number. Fix or drop such rows"
+        )
     for i, gold in enumerate(golds):
         if "\n" in gold.strip() and "####" not in gold and "\\boxed" not in gold:
-            raise DataError(f"data source '{source}': sample {i}'s gold answer is a multi-line text without a "
-                            "final answer ('#### N' or \\boxed{..}); the accuracy reward would judge against its "
-                            "last number")
+            raise DataError(
+                f"data source '{source}': sample {i}'s gold answer is a multi-line text without a "
+                "final answer ('#### N' or \\boxed{..}); the accuracy reward would judge against its "
+                "last number"
+            )
 
 
 def build_prompts(rows: list[dict], cfg: DataConfig, source: str, tokenizer=None) -> PromptSet:
@@ -130,14 +135,18 @@ def build_prompts(rows: list[dict], cfg: DataConfig, source: str, tokenizer=None
     for i, row in enumerate(rows):
         missing = sorted(needed - set(row))
         if missing:
-            raise DataError(f"data source '{source}': sample {i} has no column {missing[0]!r} "
-                            f"(columns: {', '.join(sorted(row))}; see data.template / data.answer_column)")
+            raise DataError(
+                f"data source '{source}': sample {i} has no column {missing[0]!r} "
+                f"(columns: {', '.join(sorted(row))}; see data.template / data.answer_column)"
+            )
     prompts = [cfg.template.format(**{k: row[k] for k in template_fields(cfg.template)}) for row in rows]
     if cfg.use_chat_template:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise DataError("data.use_chat_template is true but the tokenizer has no chat template")
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
     columns = {k: [row[k] for row in rows] for k in rows[0] if all(k in r for r in rows)}
     columns["answer"] = [str(row[cfg.answer_column]) for row in rows]
     check_golds(columns["answer"], source)

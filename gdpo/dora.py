@@ -25,6 +25,7 @@ Files: ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's layout 
 peft's DoRA adapters. Under DeepSpeed ZeRO-3 mark :class:`DoraLinear` as a leaf module so its base weight
 is gathered for the fused forward (``gdpo.learner`` does).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,7 +135,9 @@ class DoraLinear(nn.Module):
         return self.base_layer.weight
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}, merged={self.merged}"
+        return (
+            f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}, merged={self.merged}"
+        )
 
     def merged_weight(self) -> Tensor:
         """W' (paper Eq. 5), in W0's dtype: what merge_dora writes and the weight sync sends."""
@@ -173,8 +176,14 @@ def dora_layers(model: nn.Module) -> Iterator[tuple[str, DoraLinear]]:
             yield name, mod
 
 
-def apply_dora(model: nn.Module, target_modules: Union[str, Sequence[str]], rank: int, alpha: float,
-               dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
+def apply_dora(
+    model: nn.Module,
+    target_modules: Union[str, Sequence[str]],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+) -> nn.Module:
     """Wrap every ``nn.Linear`` whose name matches in place and freeze all other parameters.
 
     ``target_modules`` follows peft: a list of names matches a module named exactly so or ending in
@@ -188,17 +197,24 @@ def apply_dora(model: nn.Module, target_modules: Union[str, Sequence[str]], rank
     linear = [n for n in names if type(model.get_submodule(n)) is nn.Linear]
     if not linear:
         others = sorted({type(model.get_submodule(n)).__name__ for n in names})
-        raise ValueError(f"target_modules {target_modules!r}: no nn.Linear module matches"
-                         + (f" (matched only {others})" if others else ""))
+        raise ValueError(
+            f"target_modules {target_modules!r}: no nn.Linear module matches"
+            + (f" (matched only {others})" if others else "")
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     for name in linear:
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf,
-                DoraLinear(model.get_submodule(name), rank, alpha, dropout, use_rslora))
-    model.gdpo_dora_config = {"r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
-                              "target_modules": target_modules if isinstance(target_modules, str)
-                              else sorted(set(target_modules))}
+        setattr(
+            model.get_submodule(parent), leaf, DoraLinear(model.get_submodule(name), rank, alpha, dropout, use_rslora)
+        )
+    model.gdpo_dora_config = {
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": use_rslora,
+        "target_modules": target_modules if isinstance(target_modules, str) else sorted(set(target_modules)),
+    }
     return model
 
 
@@ -248,7 +264,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if owner is None:
             out[key] = value
             continue
-        rest = key[len(owner) + 1:]
+        rest = key[len(owner) + 1 :]
         if rest == "base_layer.weight":
             out[f"{owner}.weight"] = layers[owner].merged_weight()
         elif rest == "base_layer.bias":
@@ -275,10 +291,20 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     cfg = dict(model.gdpo_dora_config)
     config = {
-        "peft_type": "LORA", "use_dora": True, "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-        "lora_dropout": cfg["lora_dropout"], "use_rslora": cfg["use_rslora"], "target_modules": cfg["target_modules"],
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "use_dora": True,
+        "r": cfg["r"],
+        "lora_alpha": cfg["lora_alpha"],
+        "lora_dropout": cfg["lora_dropout"],
+        "use_rslora": cfg["use_rslora"],
+        "target_modules": cfg["target_modules"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     }
@@ -322,21 +348,34 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     if not file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {path}")
     if not any(True for _ in dora_layers(model)):
-        apply_dora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0),
-                   cfg.get("use_rslora", False))
+        apply_dora(
+            model,
+            cfg["target_modules"],
+            cfg["r"],
+            cfg["lora_alpha"],
+            cfg.get("lora_dropout", 0.0),
+            cfg.get("use_rslora", False),
+        )
     tensors = load_file(str(file))
-    tensors = {k.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight", ".lora_B.weight")
-               .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector"): v for k, v in tensors.items()}
+    tensors = {
+        k.replace(".lora_A.default.weight", ".lora_A.weight")
+        .replace(".lora_B.default.weight", ".lora_B.weight")
+        .replace(".lora_magnitude_vector.default.weight", ".lora_magnitude_vector"): v
+        for k, v in tensors.items()
+    }
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{file}: adapter does not fit the model: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{file}: adapter does not fit the model: missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{' ...' if len(unexpected) > 5 else ''}"
+        )
     for key, param in expected.items():
         if tensors[key].shape != param.shape:
-            raise ValueError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, the model needs "
-                             f"{tuple(param.shape)}")
+            raise ValueError(
+                f"{file}: {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(param.shape)}"
+            )
         param.copy_(tensors[key])
     return model

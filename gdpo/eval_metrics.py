@@ -16,6 +16,7 @@ Pure functions over per-sample records (no model, no vLLM), so they are tested i
   ``AES = α·ΔL + β·ΔA`` when ``ΔA >= 0`` and ``α·ΔL + γ·ΔA`` (a loss weighs more) otherwise;
   α = 1, β = 3, γ = 5 as in the paper. Higher is better; 0 is the base itself.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,13 +50,19 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize(correct: Sequence[bool], tokens: Sequence[int], truncated: Sequence[bool], group_ids: Sequence[int],
-              ks: Sequence[int] = ()) -> dict[str, float]:
+def summarize(
+    correct: Sequence[bool],
+    tokens: Sequence[int],
+    truncated: Sequence[bool],
+    group_ids: Sequence[int],
+    ks: Sequence[int] = (),
+) -> dict[str, float]:
     """Metrics over N samples (``group_ids`` says which prompt each belongs to; groups are the same size)."""
     n = len(correct)
     if not (n == len(tokens) == len(truncated) == len(group_ids)) or n == 0:
-        raise ValueError(f"summarize needs equal, non-empty lists; got {n}, {len(tokens)}, {len(truncated)}, "
-                         f"{len(group_ids)}")
+        raise ValueError(
+            f"summarize needs equal, non-empty lists; got {n}, {len(tokens)}, {len(truncated)}, {len(group_ids)}"
+        )
     groups: dict[int, list[bool]] = {}
     for g, c in zip(group_ids, correct):
         groups.setdefault(g, []).append(bool(c))
@@ -66,13 +73,18 @@ def summarize(correct: Sequence[bool], tokens: Sequence[int], truncated: Sequenc
     acc = _mean([float(c) for c in correct])
     mean_tokens = _mean(tokens)
     out = {
-        "accuracy": acc, "pass@1": acc,
-        "mean_tokens": mean_tokens, "median_tokens": statistics.median(tokens), "p90_tokens": percentile(tokens, 90),
+        "accuracy": acc,
+        "pass@1": acc,
+        "mean_tokens": mean_tokens,
+        "median_tokens": statistics.median(tokens),
+        "p90_tokens": percentile(tokens, 90),
         "mean_tokens_correct": _mean([t for t, c in zip(tokens, correct) if c]),
         "mean_tokens_incorrect": _mean([t for t, c in zip(tokens, correct) if not c]),
         "truncation_rate": _mean([float(t) for t in truncated]),
         "accuracy_per_1k_tokens": 1000 * acc / mean_tokens if mean_tokens else float("nan"),
-        "prompts": len(groups), "samples_per_prompt": per_prompt, "samples": n,
+        "prompts": len(groups),
+        "samples_per_prompt": per_prompt,
+        "samples": n,
     }
     for k in sorted(set(ks) | {per_prompt}):
         if 1 <= k <= per_prompt:
@@ -83,22 +95,39 @@ def summarize(correct: Sequence[bool], tokens: Sequence[int], truncated: Sequenc
 def skips_required_steps(completion: str, shortest_solution: str) -> bool:
     """Whether ``completion`` lacks a line of the shortest solution (all but its answer line), in order."""
     lines = iter(line.strip() for line in completion.splitlines())
-    return not all(any(line == need for line in lines) for need in
-                   (x.strip() for x in shortest_solution.splitlines()[:-1]))
+    return not all(
+        any(line == need for line in lines) for need in (x.strip() for x in shortest_solution.splitlines()[:-1])
+    )
 
 
-def floor_metrics(tokens: Sequence[int], floors: Sequence[int], correct: Sequence[bool], completions: Sequence[str],
-                  shortest: Sequence[str]) -> dict[str, float]:
+def floor_metrics(
+    tokens: Sequence[int],
+    floors: Sequence[int],
+    correct: Sequence[bool],
+    completions: Sequence[str],
+    shortest: Sequence[str],
+) -> dict[str, float]:
     """The floor figures of the module docstring over N samples (per-sample floor and shortest solution)."""
     floor = _mean(floors)
-    return {"floor_tokens": floor, "tokens_over_floor": _mean(tokens) / floor if floor else float("nan"),
-            "below_floor_rate": _mean([float(t < f) for t, f in zip(tokens, floors)]),
-            "shortcut_rate": _mean([float(bool(c) and skips_required_steps(text, s))
-                                    for c, text, s in zip(correct, completions, shortest)])}
+    return {
+        "floor_tokens": floor,
+        "tokens_over_floor": _mean(tokens) / floor if floor else float("nan"),
+        "below_floor_rate": _mean([float(t < f) for t, f in zip(tokens, floors)]),
+        "shortcut_rate": _mean(
+            [float(bool(c) and skips_required_steps(text, s)) for c, text, s in zip(correct, completions, shortest)]
+        ),
+    }
 
 
-def aes(accuracy: float, mean_tokens: float, base_accuracy: float, base_mean_tokens: float,
-        alpha: float = 1.0, beta: float = 3.0, gamma: float = 5.0) -> float:
+def aes(
+    accuracy: float,
+    mean_tokens: float,
+    base_accuracy: float,
+    base_mean_tokens: float,
+    alpha: float = 1.0,
+    beta: float = 3.0,
+    gamma: float = 5.0,
+) -> float:
     """Accuracy-efficiency score against a base (module docstring); nan when the base has 0 accuracy or tokens."""
     if base_accuracy <= 0 or base_mean_tokens <= 0:
         return float("nan")
@@ -110,10 +139,12 @@ def aes(accuracy: float, mean_tokens: float, base_accuracy: float, base_mean_tok
 def against_base(metrics: dict, base: dict) -> dict[str, float]:
     """Token reduction %, accuracy change (points) and AES of ``metrics`` against ``base`` (both from summarize)."""
     return {
-        "token_reduction_pct": 100 * (1 - metrics["mean_tokens"] / base["mean_tokens"]) if base["mean_tokens"]
+        "token_reduction_pct": 100 * (1 - metrics["mean_tokens"] / base["mean_tokens"])
+        if base["mean_tokens"]
         else float("nan"),
         "accuracy_change_pt": 100 * (metrics["accuracy"] - base["accuracy"]),
-        "aes": aes(metrics["accuracy"], metrics["mean_tokens"], base["accuracy"], base["mean_tokens"],
-                   **AES_COEFFICIENTS),
+        "aes": aes(
+            metrics["accuracy"], metrics["mean_tokens"], base["accuracy"], base["mean_tokens"], **AES_COEFFICIENTS
+        ),
         "aes_coefficients": dict(AES_COEFFICIENTS),
     }

@@ -8,6 +8,7 @@ the sampling settings and the base evaluation. Outputs (written atomically):
 - ``DIR/samples.jsonl``: one row per sample: prompt index, prompt, completion, tokens, finish reason,
   each reward, correct.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,8 +58,10 @@ def resolve_model_dir(path: str, cfg: Config, log: Callable[[str], None] = print
             return str(cand)
     if not p.exists():
         raise EvalError(f"--model {path}: no such directory")
-    raise EvalError(f"--model {path}: not an HF model directory (no config.json), nor a run directory or a run's "
-                    f"final/ (no merged/config.json)")
+    raise EvalError(
+        f"--model {path}: not an HF model directory (no config.json), nor a run directory or a run's "
+        f"final/ (no merged/config.json)"
+    )
 
 
 def load_base(path: Optional[str]) -> Optional[dict]:
@@ -125,8 +128,10 @@ def lora_rank(path: str) -> int:
     if not isinstance(conf.get("r"), int) or conf["r"] < 1:
         raise EvalError(f"--lora {file}: no rank 'r' (a positive integer)")
     if conf.get("peft_type") != "LORA" or conf.get("use_dora"):
-        raise EvalError(f"--lora {file}: a plain LoRA adapter is needed (peft_type LORA, no DoRA), got "
-                        f"peft_type {conf.get('peft_type')!r}{', use_dora' if conf.get('use_dora') else ''}")
+        raise EvalError(
+            f"--lora {file}: a plain LoRA adapter is needed (peft_type LORA, no DoRA), got "
+            f"peft_type {conf.get('peft_type')!r}{', use_dora' if conf.get('use_dora') else ''}"
+        )
     if not (Path(path) / "adapter_model.safetensors").is_file():
         raise EvalError(f"--lora {path}: no adapter_model.safetensors")
     return int(conf["r"])
@@ -137,8 +142,9 @@ def check_context(prompts: list[str], tokenizer, model_dir: str, cfg: Config, s:
     from gdpo.config import ConfigError
 
     try:
-        check_prompt_lengths(prompts, tokenizer, model_context(model_dir, cfg), s.max_new_tokens, s.data,
-                             "--max-new-tokens")
+        check_prompt_lengths(
+            prompts, tokenizer, model_context(model_dir, cfg), s.max_new_tokens, s.data, "--max-new-tokens"
+        )
     except ConfigError as err:
         raise EvalError(str(err)) from None
 
@@ -160,8 +166,11 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
     except DataError as err:
         raise EvalError(f"--data {s.data}: {err}") from None
     check_context(data.prompts, tokenizer, model_dir, cfg, s)
-    temperature = s.temperature if s.temperature is not None else (
-        cfg.rollout.eval_temperature if s.samples_per_prompt == 1 else cfg.rollout.temperature)
+    temperature = (
+        s.temperature
+        if s.temperature is not None
+        else (cfg.rollout.eval_temperature if s.samples_per_prompt == 1 else cfg.rollout.temperature)
+    )
     if s.samples_per_prompt > 1 and temperature == 0:
         log("warning: greedy sampling makes every sample of a prompt the same; pass@k then equals pass@1")
 
@@ -176,13 +185,24 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
     acc = names.index("accuracy")
     correct = [v[acc] == 1.0 for v in values]
     tokens = [r["tokens"] for r in samples]
-    metrics = summarize(correct, tokens, [r["finish_reason"] == "length" for r in samples],
-                        [r["prompt_index"] for r in samples], s.pass_ks)
+    metrics = summarize(
+        correct,
+        tokens,
+        [r["finish_reason"] == "length" for r in samples],
+        [r["prompt_index"] for r in samples],
+        s.pass_ks,
+    )
     if "floor_tokens" in data.columns:  # the data knows each problem's floor
         floors, shortest = data.columns["floor_tokens"], data.columns["shortest_solution"]
-        metrics.update(floor_metrics(tokens, [floors[r["prompt_index"]] for r in samples], correct,
-                                     [r["completion"] for r in samples],
-                                     [shortest[r["prompt_index"]] for r in samples]))
+        metrics.update(
+            floor_metrics(
+                tokens,
+                [floors[r["prompt_index"]] for r in samples],
+                correct,
+                [r["completion"] for r in samples],
+                [shortest[r["prompt_index"]] for r in samples],
+            )
+        )
     for k, name in enumerate(names):
         scored = [v[k] for v in values if v[k] == v[k]]
         metrics[f"reward/{name}/mean"] = sum(scored) / len(scored) if scored else float("nan")
@@ -196,8 +216,13 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
         "model": str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir,
         "lora": str(Path(s.lora).resolve()) if s.lora else None,
         "data": s.data,
-        "sampling": {"samples_per_prompt": s.samples_per_prompt, "max_new_tokens": s.max_new_tokens,
-                     "temperature": temperature, "top_p": s.top_p, "seed": s.seed},
+        "sampling": {
+            "samples_per_prompt": s.samples_per_prompt,
+            "max_new_tokens": s.max_new_tokens,
+            "temperature": temperature,
+            "top_p": s.top_p,
+            "seed": s.seed,
+        },
         "rewards": [{"name": n, "kwargs": kw} for n, kw in cfg.rewards.specs()],
         "config_hash": hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16],
         "settings": asdict(s),
@@ -220,21 +245,36 @@ def _generate_and_score(llm, data, s: EvalSettings, temperature: float, rewards,
     with tqdm(total=len(data), desc="eval", unit="prompt") as bar:
         for lo in range(0, len(data), chunk):
             part = data.take(list(range(lo, min(len(data), lo + chunk))))
-            batch = rollout.generate(llm, part.prompts, s.samples_per_prompt, max_new_tokens=s.max_new_tokens,
-                                     temperature=temperature, top_p=s.top_p, seed=s.seed * 10**6 + lo,
-                                     lora_path=s.lora)
+            batch = rollout.generate(
+                llm,
+                part.prompts,
+                s.samples_per_prompt,
+                max_new_tokens=s.max_new_tokens,
+                temperature=temperature,
+                top_p=s.top_p,
+                seed=s.seed * 10**6 + lo,
+                lora_path=s.lora,
+            )
             k = s.samples_per_prompt
             prompts = [p for p in part.prompts for _ in range(k)]
             columns = {c: [v for v in vals for _ in range(k)] for c, vals in part.columns.items()}
-            matrix = score_rewards(rewards, prompts, batch.completions, batch.completion_token_counts,
-                                   batch.group_ids, columns)
+            matrix = score_rewards(
+                rewards, prompts, batch.completions, batch.completion_token_counts, batch.group_ids, columns
+            )
             names = matrix.names
             values += matrix.values.tolist()
             for i in range(len(batch)):
                 g = lo + batch.group_ids[i]
-                samples.append({"prompt_index": g, "prompt": prompts[i], "answer": columns["answer"][i],
-                                "completion": batch.completions[i], "tokens": batch.completion_token_counts[i],
-                                "finish_reason": batch.finish_reasons[i]})
+                samples.append(
+                    {
+                        "prompt_index": g,
+                        "prompt": prompts[i],
+                        "answer": columns["answer"][i],
+                        "completion": batch.completions[i],
+                        "tokens": batch.completion_token_counts[i],
+                        "finish_reason": batch.finish_reasons[i],
+                    }
+                )
             bar.update(len(part))
             acc = sum(v[names.index("accuracy")] == 1.0 for v in values) / len(values)
             bar.set_postfix(accuracy=f"{acc:.3f}", tokens=f"{sum(r['tokens'] for r in samples) / len(samples):.1f}")

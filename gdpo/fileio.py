@@ -1,5 +1,6 @@
 """Durable file writes: write beside the target under a unique name, fsync, then rename, so that a
 killed process or a lost machine never leaves half a file where a whole one is expected."""
+
 from __future__ import annotations
 
 import os

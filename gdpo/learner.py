@@ -4,6 +4,7 @@ Plain functions over (engine, model); ``actors/learner.py`` only holds them. Los
 global (all micro-batches on all ranks), and DeepSpeed averages gradients over ranks, so each rank
 scales its share by the world size: the update equals one large-batch step on one learner.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,6 +19,7 @@ from gdpo import dora, weight_sync
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
 from gdpo.records import TrainBatch, WeightUpdate
 
+
 def build_policy(model_path: str, cfg: Config):
     """HF model + the project's DoRA adapters on ``learner.target_modules``; only adapter weights train."""
     from gdpo.policy import load_policy
@@ -26,15 +28,22 @@ def build_policy(model_path: str, cfg: Config):
     tied = {"lm_head", "embed_tokens"} & set(cfg.learner.target_modules)
     if tied and getattr(model.config, "tie_word_embeddings", False):
         # vLLM builds a tied lm_head from embed_tokens and skips lm_head.* on load: the update would be dropped
-        raise ValueError(f"config key 'learner.target_modules': {sorted(tied)} cannot get adapters on {model_path}, "
-                         "whose input and output embeddings are tied (tie_word_embeddings)")
+        raise ValueError(
+            f"config key 'learner.target_modules': {sorted(tied)} cannot get adapters on {model_path}, "
+            "whose input and output embeddings are tied (tie_word_embeddings)"
+        )
     try:
         # A's initialization is seeded from trainer.seed: without it two runs of one config (or a run and its
         # resumed twin's first run) start from different adapters, and every step after differs
         with torch.random.fork_rng():
             torch.manual_seed(cfg.trainer.seed)
-            dora.apply_dora(model, list(cfg.learner.target_modules), cfg.learner.dora_rank, cfg.learner.dora_alpha,
-                            cfg.learner.dora_dropout)
+            dora.apply_dora(
+                model,
+                list(cfg.learner.target_modules),
+                cfg.learner.dora_rank,
+                cfg.learner.dora_alpha,
+                cfg.learner.dora_dropout,
+            )
     except ValueError as e:
         raise ValueError(f"config key 'learner.target_modules' on {model_path}: {e}") from None
     if tokenizer.pad_token_id is None:
@@ -112,6 +121,7 @@ def lr_factor(cfg: Config):
             return 1.0
         progress = min(1.0, (step - warm) / max(1, total - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor
 
 
@@ -139,13 +149,22 @@ def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = Tru
     return torch.cat(out)
 
 
-def train_step(engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, global_seqs: float,
-               world_size: int) -> dict[str, float]:
+def train_step(
+    engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, global_seqs: float, world_size: int
+) -> dict[str, float]:
     """One optimizer step on this rank's share of the batch; returns this rank's metric sums."""
     alg = cfg.algorithm
     slices = _micro_slices(len(batch), cfg.learner.micro_batch_per_worker)
-    sums = {"loss": 0.0, "pg_loss": 0.0, "kl_tokens": 0.0, "clipped_tokens": 0.0, "entropy_tokens": 0.0,
-            "tokens": 0.0, "forward_tokens": 0.0, "drift_tokens": 0.0}
+    sums = {
+        "loss": 0.0,
+        "pg_loss": 0.0,
+        "kl_tokens": 0.0,
+        "clipped_tokens": 0.0,
+        "entropy_tokens": 0.0,
+        "tokens": 0.0,
+        "forward_tokens": 0.0,
+        "drift_tokens": 0.0,
+    }
     engine.train()
     for i, (lo, hi) in enumerate(slices):
         mb = batch.slice(lo, hi)
@@ -153,10 +172,21 @@ def train_step(engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, 
         logits = engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]  # [n, L-1, V]
         logp = token_logprobs(logits, mb.input_ids[:, 1:])  # [n, L-1]
         mask = mb.loss_mask[:, 1:]  # [n, L-1]
-        out = policy_loss(logp, behaviour_logprobs(mb, logp, cfg), mb.advantages, mask, eps_low=alg.clip_eps_low,
-                          eps_high=alg.clip_eps_high, agg=alg.loss_agg, global_tokens=global_tokens,
-                          global_seqs=global_seqs, max_len=cfg.rollout.max_new_tokens, ref_logp=mb.ref_logprobs,
-                          kl_coef=alg.kl_coef, kl_estimator=alg.kl_estimator)
+        out = policy_loss(
+            logp,
+            behaviour_logprobs(mb, logp, cfg),
+            mb.advantages,
+            mask,
+            eps_low=alg.clip_eps_low,
+            eps_high=alg.clip_eps_high,
+            agg=alg.loss_agg,
+            global_tokens=global_tokens,
+            global_seqs=global_seqs,
+            max_len=cfg.rollout.max_new_tokens,
+            ref_logp=mb.ref_logprobs,
+            kl_coef=alg.kl_coef,
+            kl_estimator=alg.kl_estimator,
+        )
         engine.backward(out.loss * world_size, scale_wrt_gas=False)
         n_tok = mask.sum().item()
         with torch.no_grad():
@@ -185,8 +215,17 @@ def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def publish_weights(model, module_names: list[str], version: int, *, rank: int = 0, zero_stage: int = 2,
-                    bucket_mb: int = 32, directory: Optional[str] = None, comm=None) -> WeightUpdate | None:
+def publish_weights(
+    model,
+    module_names: list[str],
+    version: int,
+    *,
+    rank: int = 0,
+    zero_stage: int = 2,
+    bucket_mb: int = 32,
+    directory: Optional[str] = None,
+    comm=None,
+) -> WeightUpdate | None:
     """Publish the merged weights as ``version``: rank 0 writes the file into ``directory`` and/or
     broadcasts over ``comm`` (``gdpo.weight_sync.publish``). Every rank must call it (under ZeRO-3
     gathering the parameters is collective); the others return None."""
@@ -194,10 +233,17 @@ def publish_weights(model, module_names: list[str], version: int, *, rank: int =
         if rank != 0:
             return None
         tensors = weight_sync.sync_tensors(model, module_names)
-        path, digest, size = weight_sync.publish(tensors, version, bucket_mb << 20, directory=directory, comm=comm,
-                                                 device=device_of(model))
-    return WeightUpdate(version=version, num_bytes=size, names=[t.name for t in tensors], path=path,
-                        checksum=digest, broadcast=comm is not None)
+        path, digest, size = weight_sync.publish(
+            tensors, version, bucket_mb << 20, directory=directory, comm=comm, device=device_of(model)
+        )
+    return WeightUpdate(
+        version=version,
+        num_bytes=size,
+        names=[t.name for t in tensors],
+        path=path,
+        checksum=digest,
+        broadcast=comm is not None,
+    )
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
@@ -221,8 +267,14 @@ def set_cpu_threads(cfg: Config) -> int:
     return torch.get_num_threads()
 
 
-def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, backend: Optional[str] = None,
-                     listen_fd: Optional[int] = None) -> None:
+def init_distributed(
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    backend: Optional[str] = None,
+    listen_fd: Optional[int] = None,
+) -> None:
     """Join the learners' torch.distributed world (gloo on CPU, nccl on GPU), then hand it to DeepSpeed.
 
     Rank 0 hosts the rendezvous store; given ``listen_fd`` (a socket it bound when it reported the
@@ -233,8 +285,15 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     import deepspeed
     import torch.distributed as dist
 
-    os.environ.update({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank % max(1, torch.cuda.device_count()))})
+    os.environ.update(
+        {
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": "0" if not torch.cuda.is_available() else str(rank % max(1, torch.cuda.device_count())),
+        }
+    )
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     timeout = datetime.timedelta(minutes=10)  # DeepSpeed's default
     extra = {"master_listen_fd": listen_fd} if listen_fd is not None else {}
@@ -307,18 +366,21 @@ def load_checkpoint(engine, directory: str) -> None:
     """Restore what ``save_checkpoint`` wrote into an engine built from the same base model; the
     checkpoint has no frozen parameters, so the module is loaded non-strictly, then checked: every
     trainable parameter must have come from it."""
+
     def load_trainable(src: dict, dst) -> None:  # ZeRO-2: the module state; ZeRO-3 restores its partitions
         missing = sorted(n for n, p in dst.named_parameters() if p.requires_grad and n not in src)
         if missing:
-            raise RuntimeError(f"checkpoint {directory} lacks {len(missing)} trainable parameters of this model, "
-                               f"e.g. {missing[0]} (learner.target_modules or dora_rank changed?)")
+            raise RuntimeError(
+                f"checkpoint {directory} lacks {len(missing)} trainable parameters of this model, "
+                f"e.g. {missing[0]} (learner.target_modules or dora_rank changed?)"
+            )
         dst.load_state_dict(src, strict=False)
 
-    path, _ = engine.load_checkpoint(os.path.join(directory, "deepspeed"), tag="state", load_module_strict=False,
-                                     custom_load_fn=load_trainable)
+    path, _ = engine.load_checkpoint(
+        os.path.join(directory, "deepspeed"), tag="state", load_module_strict=False, custom_load_fn=load_trainable
+    )
     if path is None:
         raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/deepspeed")
-
 
 
 def gathered(model, zero_stage: int):
@@ -342,6 +404,7 @@ def save_final(model, tokenizer, directory: str, rank: int = 0, zero_stage: int 
 
 def _save_final(model, tokenizer, directory: str) -> None:
     dora.save_adapter(model, os.path.join(directory, "adapter"))
-    model.save_pretrained(os.path.join(directory, "merged"), state_dict=dora.merged_state_dict(model),
-                          safe_serialization=True)
+    model.save_pretrained(
+        os.path.join(directory, "merged"), state_dict=dora.merged_state_dict(model), safe_serialization=True
+    )
     tokenizer.save_pretrained(os.path.join(directory, "merged"))

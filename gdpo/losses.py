@@ -7,6 +7,7 @@ exactly the full-batch loss and gradient, however the batch is split.
 Deviations: none from the cited formulas; the DAPO-style asymmetric clip (eps_low / eps_high) reduces
 to PPO's symmetric clip when both are equal.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,15 @@ class LossOutput:
     ratio_mean: Tensor  # [] mean importance ratio over tokens (metric)
 
 
-def aggregate(values: Tensor, mask: Tensor, mode: AggMode, *, global_tokens: Optional[float] = None,
-              global_seqs: Optional[float] = None, max_len: Optional[int] = None) -> Tensor:
+def aggregate(
+    values: Tensor,
+    mask: Tensor,
+    mode: AggMode,
+    *,
+    global_tokens: Optional[float] = None,
+    global_seqs: Optional[float] = None,
+    max_len: Optional[int] = None,
+) -> Tensor:
     """Reduce per-token values ``[N, T]`` to this micro-batch's share of the global loss ``[]``.
 
     - "token-mean": ``Σ values·mask / global_tokens`` (DAPO, Yu et al. 2025, Eq. 12).
@@ -67,11 +75,22 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: Literal["k1", "k3"] = 
     raise ValueError(f"unknown KL estimator {estimator!r} (allowed: 'k1', 'k3')")
 
 
-def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                eps_low: float = 0.2, eps_high: float = 0.2, agg: AggMode = "token-mean",
-                global_tokens: Optional[float] = None, global_seqs: Optional[float] = None,
-                max_len: Optional[int] = None, ref_logp: Optional[Tensor] = None, kl_coef: float = 0.0,
-                kl_estimator: Literal["k1", "k3"] = "k3") -> LossOutput:
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    agg: AggMode = "token-mean",
+    global_tokens: Optional[float] = None,
+    global_seqs: Optional[float] = None,
+    max_len: Optional[int] = None,
+    ref_logp: Optional[Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: Literal["k1", "k3"] = "k3",
+) -> LossOutput:
     """Clipped surrogate (PPO, Schulman et al. 2017, Eq. 7) with DAPO's decoupled clip range.
 
     ``-min(ρ·A, clip(ρ, 1-eps_low, 1+eps_high)·A) + kl_coef·KL`` per token, ρ = exp(logp - old_logp).
@@ -97,8 +116,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
         was_clipped = (ratio * adv != torch.minimum(ratio * adv, clipped_ratio * adv)).to(logp.dtype)
         clip_fraction = (was_clipped * fmask).sum() / n_tok
         ratio_mean = (ratio * fmask).sum() / n_tok
-    return LossOutput(loss=loss, pg_loss=pg_loss.detach(), kl=kl_metric, clip_fraction=clip_fraction,
-                      ratio_mean=ratio_mean)
+    return LossOutput(
+        loss=loss, pg_loss=pg_loss.detach(), kl=kl_metric, clip_fraction=clip_fraction, ratio_mean=ratio_mean
+    )
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

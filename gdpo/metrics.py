@@ -1,4 +1,5 @@
 """Run observability: metrics.jsonl, TensorBoard, and a progress bar with the numbers that matter."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,21 @@ from typing import Callable
 
 from gdpo.fileio import atomic_write_text
 
-BAR_KEYS = (("reward/accuracy/mean", "acc"), ("tokens/mean", "tok"), ("tokens/p90", "p90"),
-            ("clip_ratio", "clip"), ("time/rollout", "roll"), ("time/reward", "rew"), ("time/logprobs", "lp"),
-            ("time/update", "upd"), ("time/sync", "sync"), ("time/idle", "idle"), ("time/overhead_frac", "ovh"),
-            ("perf/rollout_tokens_per_s", "gen/s"), ("perf/learner_tokens_per_s", "learn/s"))
+BAR_KEYS = (
+    ("reward/accuracy/mean", "acc"),
+    ("tokens/mean", "tok"),
+    ("tokens/p90", "p90"),
+    ("clip_ratio", "clip"),
+    ("time/rollout", "roll"),
+    ("time/reward", "rew"),
+    ("time/logprobs", "lp"),
+    ("time/update", "upd"),
+    ("time/sync", "sync"),
+    ("time/idle", "idle"),
+    ("time/overhead_frac", "ovh"),
+    ("perf/rollout_tokens_per_s", "gen/s"),
+    ("perf/learner_tokens_per_s", "learn/s"),
+)
 
 
 def token_stats(counts: list[int]) -> dict[str, float]:
@@ -61,6 +73,7 @@ class MetricsLogger:
         self.file = path.open("a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=initial + 1 if initial else None)
         except ImportError:  # tensorboard is a dependency; a broken install only loses the TB view
             self.tb = None

@@ -9,6 +9,7 @@ Data sources (``data.source``): ``digits`` (scikit-learn's 8x8 digits, 1,797 rea
 scikit-learn), ``imagefolder:PATH`` (PATH/{train,val}/<class>/<image>), ``hf:NAME[:CONFIG]`` (a
 datasets image-classification dataset with train and validation splits).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,7 +39,9 @@ class OFQData:
 
 @dataclass(frozen=True)
 class OFQModel:
-    arch: Literal["vit", "deit"] = doc("vit", "transformers class: ViTForImageClassification or DeiTForImageClassification")
+    arch: Literal["vit", "deit"] = doc(
+        "vit", "transformers class: ViTForImageClassification or DeiTForImageClassification"
+    )
     pretrained: Optional[str] = doc(None, "a local transformers dir to start from (skips full-precision training)")
     patch_size: int = doc(2, "patch size")
     hidden_size: int = doc(64, "width")
@@ -86,15 +89,21 @@ def validate(cfg: OFQConfig) -> None:
     def need(ok, key, msg):
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}")
+
     d, m, q = cfg.data, cfg.model, cfg.qat
-    need(d.source == "digits" or d.source.startswith(("imagefolder:", "hf:")), "data.source",
-         f"must be digits, imagefolder:PATH or hf:NAME[:CONFIG], got {d.source!r}")
+    need(
+        d.source == "digits" or d.source.startswith(("imagefolder:", "hf:")),
+        "data.source",
+        f"must be digits, imagefolder:PATH or hf:NAME[:CONFIG], got {d.source!r}",
+    )
     need(d.image_size % m.patch_size == 0, "model.patch_size", f"must divide data.image_size {d.image_size}")
     need(m.hidden_size % m.num_heads == 0, "model.num_heads", f"must divide model.hidden_size {m.hidden_size}")
     need(d.num_channels in (1, 3), "data.num_channels", "must be 1 or 3")
     need(0 < d.test_fraction < 1, "data.test_fraction", "must lie in (0, 1)")
     need(all(b in (2, 3, 4, 8) for b in q.bits) and q.bits, "qat.bits", f"must be among 2, 3, 4, 8, got {list(q.bits)}")
-    need(set(q.methods) <= {"lsq", "ofq"} and q.methods, "qat.methods", f"must be lsq and/or ofq, got {list(q.methods)}")
+    need(
+        set(q.methods) <= {"lsq", "ofq"} and q.methods, "qat.methods", f"must be lsq and/or ofq, got {list(q.methods)}"
+    )
     need(0 <= q.cga_epochs <= q.epochs, "qat.cga_epochs", f"must lie in 0..qat.epochs ({q.epochs})")
     need(0 < q.cga_br < 0.5, "qat.cga_br", "must lie in (0, 0.5) quantization steps")
     for sec, t in (("fp", cfg.fp), ("qat", cfg.qat)):
@@ -113,6 +122,7 @@ def load_ofq_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> O
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def load_images(d: OFQData, seed: int) -> dict[str, torch.Tensor]:
     """{"train_x": [N, C, H, W], "train_y": [N], "test_x", "test_y"}, normalized per channel."""
@@ -153,11 +163,13 @@ def _load_folder_or_hf(d: OFQData) -> dict[str, torch.Tensor]:
 
     out = {}
     if d.source.startswith("imagefolder:"):
-        root = Path(d.source[len("imagefolder:"):])
+        root = Path(d.source[len("imagefolder:") :])
         for split, key in (("train", "train"), ("val", "test")):
             folder = root / split
             if not folder.is_dir():
-                raise ConfigError(f"data.source {d.source}: no {folder} directory (expected PATH/{{train,val}}/<class>/)")
+                raise ConfigError(
+                    f"data.source {d.source}: no {folder} directory (expected PATH/{{train,val}}/<class>/)"
+                )
             classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
             xs, ys = [], []
             for ci, c in enumerate(classes):
@@ -169,7 +181,7 @@ def _load_folder_or_hf(d: OFQData) -> dict[str, torch.Tensor]:
     else:
         import datasets
 
-        name, _, config = d.source[len("hf:"):].partition(":")
+        name, _, config = d.source[len("hf:") :].partition(":")
         for split, key in (("train", "train"), ("validation", "test")):
             ds = datasets.load_dataset(name, config or None, split=split)
             img_col = next(c for c in ds.column_names if c in ("image", "img"))
@@ -181,19 +193,35 @@ def _load_folder_or_hf(d: OFQData) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- model and training
 
+
 def build_model(cfg: OFQConfig):
-    from transformers import (AutoModelForImageClassification, DeiTConfig, DeiTForImageClassification, ViTConfig,
-                              ViTForImageClassification)
+    from transformers import (
+        AutoModelForImageClassification,
+        DeiTConfig,
+        DeiTForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     m = cfg.model
     if m.pretrained:
         return AutoModelForImageClassification.from_pretrained(m.pretrained)
-    kw = dict(image_size=cfg.data.image_size, patch_size=m.patch_size, num_channels=cfg.data.num_channels,
-              hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
-              intermediate_size=m.mlp_size, num_labels=m.num_labels, hidden_dropout_prob=0.0,
-              attention_probs_dropout_prob=0.0)
+    kw = dict(
+        image_size=cfg.data.image_size,
+        patch_size=m.patch_size,
+        num_channels=cfg.data.num_channels,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        intermediate_size=m.mlp_size,
+        num_labels=m.num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(cfg.seed)
-    return ViTForImageClassification(ViTConfig(**kw)) if m.arch == "vit" else DeiTForImageClassification(DeiTConfig(**kw))
+    return (
+        ViTForImageClassification(ViTConfig(**kw)) if m.arch == "vit" else DeiTForImageClassification(DeiTConfig(**kw))
+    )
 
 
 def _shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:
@@ -203,14 +231,16 @@ def _shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:
     h, w = x.shape[-2:]
     padded = F.pad(x, (pixels,) * 4)
     dy, dx = torch.randint(0, 2 * pixels + 1, (2,), generator=g).tolist()
-    return padded[..., dy:dy + h, dx:dx + w]
+    return padded[..., dy : dy + h, dx : dx + w]
 
 
 @torch.no_grad()
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     model.eval()
-    correct = sum(int((model(pixel_values=x[i:i + batch]).logits.argmax(-1) == y[i:i + batch]).sum())
-                  for i in range(0, len(y), batch))
+    correct = sum(
+        int((model(pixel_values=x[i : i + batch]).logits.argmax(-1) == y[i : i + batch]).sum())
+        for i in range(0, len(y), batch)
+    )
     return correct / len(y)
 
 
@@ -223,8 +253,19 @@ def _param_groups(model, wd: float):
     return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=None, cga_br: Optional[float] = None,
-          cga_from: int = 0, log: Callable[[str], None] = print, label: str = "") -> list[dict]:
+def train(
+    model,
+    data: dict,
+    t,
+    seed: int,
+    shift: int,
+    teacher=None,
+    tracker=None,
+    cga_br: Optional[float] = None,
+    cga_from: int = 0,
+    log: Callable[[str], None] = print,
+    label: str = "",
+) -> list[dict]:
     """AdamW with warm-up and cosine decay; returns one row per epoch (loss, test accuracy, oscillation).
     With ``cga_br``, CGA is set up at epoch ``cga_from`` (it merges QKR's product and freezes StatsQ
     scales then) and anneals to the end."""
@@ -241,6 +282,7 @@ def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=Non
         if step < warm:
             return t.lr * (step + 1) / warm
         return t.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1))))
+
     step = 0
     history = []
     for epoch in range(t.epochs):
@@ -256,7 +298,7 @@ def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=Non
         order = torch.randperm(n, generator=g)
         losses, osc, near = [], [], []
         for i in range(0, n, t.batch_size):
-            idx = order[i:i + t.batch_size]
+            idx = order[i : i + t.batch_size]
             x = _shift(data["train_x"][idx], shift, g)
             logits = model(pixel_values=x).logits
             loss = F.cross_entropy(logits, data["train_y"][idx])
@@ -279,7 +321,11 @@ def train(model, data: dict, t, seed: int, shift: int, teacher=None, tracker=Non
                 m = tracker.step()
                 osc.append(m["oscillation_rate"])
                 near.append(m["near_boundary"])
-        row = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "test_accuracy": accuracy(model, data["test_x"], data["test_y"])}
+        row = {
+            "epoch": epoch + 1,
+            "loss": sum(losses) / len(losses),
+            "test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
+        }
         if tracker is not None:
             row.update(oscillation_rate=sum(osc) / len(osc), near_boundary=sum(near) / len(near), frozen=frozen)
         history.append(row)
@@ -317,17 +363,36 @@ def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) ->
                 model(pixel_values=data["train_x"][: cfg.qat.batch_size])
             tracker = OscillationTracker(model, cfg.qat.near_br)
             cga_br = cfg.qat.cga_br if method == "ofq" and cfg.qat.cga_epochs else None
-            hist = train(model, data, cfg.qat, cfg.seed, cfg.data.augment_shift, teacher=fp_model if cfg.qat.distill else None,
-                         tracker=tracker, cga_br=cga_br, cga_from=cfg.qat.epochs - cfg.qat.cga_epochs, log=log, label=label)
-            last = hist[-max(1, min(5, len(hist))):]
-            runs[label] = {"method": method, "bits": bits, "test_accuracy": hist[-1]["test_accuracy"],
-                           "final_oscillation_rate": sum(r["oscillation_rate"] for r in last) / len(last),
-                           "final_near_boundary": sum(r["near_boundary"] for r in last) / len(last),
-                           "history": hist}
-    results = {"full_precision": {"test_accuracy": fp_acc, "history": fp_history}, "runs": runs,
-               "config": to_dict(cfg), "seconds": time.time() - t0,
-               "oscillation_rate_definition": "share of quantized weights whose integer level flips back per step, "
-                                              "mean over the last 5 epochs"}
+            hist = train(
+                model,
+                data,
+                cfg.qat,
+                cfg.seed,
+                cfg.data.augment_shift,
+                teacher=fp_model if cfg.qat.distill else None,
+                tracker=tracker,
+                cga_br=cga_br,
+                cga_from=cfg.qat.epochs - cfg.qat.cga_epochs,
+                log=log,
+                label=label,
+            )
+            last = hist[-max(1, min(5, len(hist))) :]
+            runs[label] = {
+                "method": method,
+                "bits": bits,
+                "test_accuracy": hist[-1]["test_accuracy"],
+                "final_oscillation_rate": sum(r["oscillation_rate"] for r in last) / len(last),
+                "final_near_boundary": sum(r["near_boundary"] for r in last) / len(last),
+                "history": hist,
+            }
+    results = {
+        "full_precision": {"test_accuracy": fp_acc, "history": fp_history},
+        "runs": runs,
+        "config": to_dict(cfg),
+        "seconds": time.time() - t0,
+        "oscillation_rate_definition": "share of quantized weights whose integer level flips back per step, "
+        "mean over the last 5 epochs",
+    }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     _plot(results, out / "ofq.png")
     return results

@@ -1,4 +1,5 @@
 """Where the policy comes from: every model path goes through ``from_pretrained``."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -21,6 +22,5 @@ def load_policy(path: str, dtype: str = "float32", trust_remote_code: bool = Fal
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
-                                                 trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     return model, tokenizer

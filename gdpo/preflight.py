@@ -5,6 +5,7 @@ template (and the tokenizer's chat template with ``data.use_chat_template``); ev
 ``rollout.max_new_tokens`` fits the engines' context. Each failure names the config key, the file
 or the sample, and comes before any actor, engine or DeepSpeed rank starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,33 +29,48 @@ def model_context(model_path: str, cfg: Config) -> int:
     """The engines' context: ``rollout.max_model_len``, else the model's ``max_position_embeddings``."""
     from transformers import AutoConfig
 
-    limit = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
-                    "max_position_embeddings", None)
+    limit = getattr(
+        AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code),
+        "max_position_embeddings",
+        None,
+    )
     wanted = cfg.rollout.max_model_len
     if wanted is not None and limit is not None and wanted > limit:
-        raise ConfigError(f"config key 'rollout.max_model_len' = {wanted} exceeds the model's context "
-                          f"(max_position_embeddings = {limit} in {model_path})")
+        raise ConfigError(
+            f"config key 'rollout.max_model_len' = {wanted} exceeds the model's context "
+            f"(max_position_embeddings = {limit} in {model_path})"
+        )
     if wanted is None and limit is None:
         raise ConfigError(f"the model in {model_path} states no max_position_embeddings: set rollout.max_model_len")
     return wanted if wanted is not None else limit
 
 
-def check_prompt_lengths(prompts: list[str], tokenizer, context: int, max_new_tokens: int, source: str,
-                         new_tokens_key: str = "rollout.max_new_tokens") -> int:
+def check_prompt_lengths(
+    prompts: list[str],
+    tokenizer,
+    context: int,
+    max_new_tokens: int,
+    source: str,
+    new_tokens_key: str = "rollout.max_new_tokens",
+) -> int:
     """The longest prompt in tokens; an error naming the sample when a prompt plus ``max_new_tokens``
     does not fit ``context`` (vLLM would refuse that request in the middle of a run)."""
     for i, p in enumerate(prompts):  # tokens are seldom 64 characters long: refused without tokenizing it
         if len(p) > 64 * context:
-            raise ConfigError(f"data source '{source}': sample {i} has a prompt of {len(p):,} characters, far past "
-                              f"the engines' context of {context} tokens; filter the data")
+            raise ConfigError(
+                f"data source '{source}': sample {i} has a prompt of {len(p):,} characters, far past "
+                f"the engines' context of {context} tokens; filter the data"
+            )
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     worst = max(range(len(lengths)), key=lengths.__getitem__)
     if lengths[worst] + max_new_tokens > context:
         too_long = sum(n + max_new_tokens > context for n in lengths)
-        raise ConfigError(f"data source '{source}': sample {worst} has a {lengths[worst]}-token prompt; with "
-                          f"{new_tokens_key} = {max_new_tokens} it exceeds the engines' context of {context} tokens "
-                          f"({too_long} of {len(lengths)} prompts do). Raise rollout.max_model_len (up to the model's "
-                          f"max_position_embeddings), lower {new_tokens_key}, or filter the data")
+        raise ConfigError(
+            f"data source '{source}': sample {worst} has a {lengths[worst]}-token prompt; with "
+            f"{new_tokens_key} = {max_new_tokens} it exceeds the engines' context of {context} tokens "
+            f"({too_long} of {len(lengths)} prompts do). Raise rollout.max_model_len (up to the model's "
+            f"max_position_embeddings), lower {new_tokens_key}, or filter the data"
+        )
     return lengths[worst]
 
 
@@ -90,8 +106,10 @@ def load_tokenizer(model_path: str, cfg: Config):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"config key 'model.path' = {model_path!r}: no tokenizer could be loaded from it "
-                          f"({str(err).strip().splitlines()[0]})") from None
+        raise ConfigError(
+            f"config key 'model.path' = {model_path!r}: no tokenizer could be loaded from it "
+            f"({str(err).strip().splitlines()[0]})"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -127,13 +145,17 @@ def _prepare(cfg: Config, model_path: str) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg)
     context = model_context(model_path, cfg)
     sets, longest = {}, 0
-    for role, source, seed in (("train", cfg.data.train, cfg.trainer.seed), ("eval", cfg.data.eval, cfg.data.eval_seed)):
+    for role, source, seed in (
+        ("train", cfg.data.train, cfg.trainer.seed),
+        ("eval", cfg.data.eval, cfg.data.eval_seed),
+    ):
         try:
             sets[role] = load_prompts(cfg.data, role, seed=seed, tokenizer=tokenizer)
         except DataError as err:
             raise DataError(f"data.{role}: {err}") from None
-        longest = max(longest, check_prompt_lengths(sets[role].prompts, tokenizer, context,
-                                                    cfg.rollout.max_new_tokens, source))
+        longest = max(
+            longest, check_prompt_lengths(sets[role].prompts, tokenizer, context, cfg.rollout.max_new_tokens, source)
+        )
         add_floor_column(sets[role], tokenizer, model_path)
         check_reward_fields(cfg, sets[role], role)
     return RunInputs(model_path, sets["train"], sets["eval"], context, longest)

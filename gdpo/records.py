@@ -1,4 +1,5 @@
 """Typed records passed between the driver and the actors (no dicts of lists across the wire)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,9 +66,20 @@ class TrainBatch:
 
     def select(self, index) -> "TrainBatch":
         """Rows ``index`` (a slice or an index tensor) of every field."""
-        return TrainBatch(*(None if t is None else t[index] for t in (
-            self.input_ids, self.attention_mask, self.loss_mask, self.advantages, self.old_logprobs,
-            self.ref_logprobs, self.sampling_logprobs)))
+        return TrainBatch(
+            *(
+                None if t is None else t[index]
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.loss_mask,
+                    self.advantages,
+                    self.old_logprobs,
+                    self.ref_logprobs,
+                    self.sampling_logprobs,
+                )
+            )
+        )
 
     def slice(self, lo: int, hi: int) -> "TrainBatch":
         return self.select(slice(lo, hi))
@@ -75,11 +87,25 @@ class TrainBatch:
     @staticmethod
     def concat(parts: list["TrainBatch"]) -> "TrainBatch":
         """Rejoin shards cut from one batch by ``slice`` (same width)."""
+
         def cat(name):
             ts = [getattr(p, name) for p in parts]
             return None if any(t is None for t in ts) else torch.cat(ts)
-        return TrainBatch(*(cat(f) for f in ("input_ids", "attention_mask", "loss_mask", "advantages",
-                                             "old_logprobs", "ref_logprobs", "sampling_logprobs")))
+
+        return TrainBatch(
+            *(
+                cat(f)
+                for f in (
+                    "input_ids",
+                    "attention_mask",
+                    "loss_mask",
+                    "advantages",
+                    "old_logprobs",
+                    "ref_logprobs",
+                    "sampling_logprobs",
+                )
+            )
+        )
 
     @staticmethod
     def from_rollouts(batch: RolloutBatch, advantages: Tensor, pad_id: int) -> "TrainBatch":
@@ -91,10 +117,10 @@ class TrainBatch:
         loss_mask = torch.zeros((n, width), dtype=torch.float32)
         sampling = torch.zeros((n, width - 1), dtype=torch.float32)
         for i, (p, c, lp) in enumerate(zip(batch.prompt_ids, batch.completion_ids, batch.sampling_logprobs)):
-            input_ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-            attention[i, :len(p) + len(c)] = 1
-            loss_mask[i, len(p):len(p) + len(c)] = 1.0
-            sampling[i, len(p) - 1:len(p) - 1 + len(c)] = torch.tensor(lp, dtype=torch.float32)
+            input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            attention[i, : len(p) + len(c)] = 1
+            loss_mask[i, len(p) : len(p) + len(c)] = 1.0
+            sampling[i, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(lp, dtype=torch.float32)
         return TrainBatch(input_ids, attention, loss_mask, advantages.float(), sampling_logprobs=sampling)
 
 

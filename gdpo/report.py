@@ -8,6 +8,7 @@ training run holds ``metrics.jsonl`` and ``summary.json`` (``gdpo train``). Plot
 - ``lengths.png``: completion-length histograms of eval directories, base against final where an
   eval names its base.
 """
+
 from __future__ import annotations
 
 import base64
@@ -54,8 +55,13 @@ class RunDir:
             pts.append((0, self.summary["baseline"]["accuracy"], self.summary["baseline"]["mean_tokens"]))
         pts += [(r["step"], r["eval/accuracy"], r["eval/mean_tokens"]) for r in self.rows if "eval/accuracy" in r]
         if "final" in self.summary:
-            pts.append((self.summary.get("steps", self.rows[-1]["step"] if self.rows else 0),
-                        self.summary["final"]["accuracy"], self.summary["final"]["mean_tokens"]))
+            pts.append(
+                (
+                    self.summary.get("steps", self.rows[-1]["step"] if self.rows else 0),
+                    self.summary["final"]["accuracy"],
+                    self.summary["final"]["mean_tokens"],
+                )
+            )
         return pts
 
 
@@ -85,9 +91,15 @@ def load_inputs(dirs: list[str]) -> tuple[list[EvalDir], list[RunDir]]:
             if not isinstance(results.get("metrics"), dict):
                 raise ReportError(f"{p / 'results.json'}: not a gdpo eval results file (no 'metrics')")
             try:
-                tokens = [int(json.loads(line)["tokens"]) for line in
-                          (p / "samples.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()] \
-                    if (p / "samples.jsonl").is_file() else []
+                tokens = (
+                    [
+                        int(json.loads(line)["tokens"])
+                        for line in (p / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+                        if line.strip()
+                    ]
+                    if (p / "samples.jsonl").is_file()
+                    else []
+                )
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
                 raise ReportError(f"{p / 'samples.jsonl'}: unreadable ({type(err).__name__}: {err})") from None
             evals.append(EvalDir(p, results, tokens))
@@ -97,8 +109,9 @@ def load_inputs(dirs: list[str]) -> tuple[list[EvalDir], list[RunDir]]:
         elif not p.exists():
             raise ReportError(f"{p}: no such directory")
         else:
-            raise ReportError(f"{p}: neither an eval directory (results.json) nor a training run "
-                              f"(metrics.jsonl / summary.json)")
+            raise ReportError(
+                f"{p}: neither an eval directory (results.json) nor a training run (metrics.jsonl / summary.json)"
+            )
     if not evals and not runs:
         raise ReportError("nothing to report: give eval directories and/or training runs")
     return evals, runs
@@ -121,8 +134,14 @@ def plot_pareto(evals: list[EvalDir], runs: list[RunDir], path: Path) -> None:
         pts = run.eval_points()
         if not pts:
             continue
-        line, = ax.plot([p[2] for p in pts], [100 * p[1] for p in pts], "o-", alpha=0.7, markersize=4,
-                        label=f"{run.name} (run's held-out evals)")
+        (line,) = ax.plot(
+            [p[2] for p in pts],
+            [100 * p[1] for p in pts],
+            "o-",
+            alpha=0.7,
+            markersize=4,
+            label=f"{run.name} (run's held-out evals)",
+        )
         for step, acc, tok in (pts[0], pts[-1]):
             ax.annotate(f"step {step}", (tok, 100 * acc), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if pts[0][0] == 0:
@@ -132,15 +151,25 @@ def plot_pareto(evals: list[EvalDir], runs: list[RunDir], path: Path) -> None:
         is_base = str(e.path.resolve()) in bases
         smp = e.results.get("sampling", {})
         how = f"{m['samples_per_prompt']}x, T={smp['temperature']:g}" if "temperature" in smp else "eval"
-        ax.plot([m["mean_tokens"]], [100 * m["accuracy"]], "*" if is_base else "s", markersize=16 if is_base else 9,
-                label=f"{e.name}{' (base)' if is_base else ''} ({how})")
+        ax.plot(
+            [m["mean_tokens"]],
+            [100 * m["accuracy"]],
+            "*" if is_base else "s",
+            markersize=16 if is_base else 9,
+            label=f"{e.name}{' (base)' if is_base else ''} ({how})",
+        )
     ax.set_xlabel("mean completion tokens")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs mean tokens (upper left is better; star = base)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.text(0.01, 0.01, "runs: the trainer's periodic held-out evaluations (rollout.eval_temperature); "
-             "eval dirs: their own sampling, in the legend", fontsize=7)
+    fig.text(
+        0.01,
+        0.01,
+        "runs: the trainer's periodic held-out evaluations (rollout.eval_temperature); "
+        "eval dirs: their own sampling, in the legend",
+        fontsize=7,
+    )
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,8 +180,15 @@ def plot_curves(runs: list[RunDir], path: Path) -> bool:
     if not runs:
         return False
     plt = _plt()
-    rewards = sorted({k.split("/")[1] for r in runs for row in r.rows for k in row
-                      if k.startswith("reward/") and k.endswith("/mean")})
+    rewards = sorted(
+        {
+            k.split("/")[1]
+            for r in runs
+            for row in r.rows
+            for k in row
+            if k.startswith("reward/") and k.endswith("/mean")
+        }
+    )
     panels = [(f"reward/{name}/mean", f"reward: {name} (mean)") for name in rewards]
     panels += [("tokens/mean", "completion tokens (mean)"), ("tokens/p90", "completion tokens (p90)")]
     cols = min(3, len(panels))
@@ -165,7 +201,7 @@ def plot_curves(runs: list[RunDir], path: Path) -> bool:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
@@ -204,12 +240,19 @@ def plot_lengths(evals: list[EvalDir], path: Path) -> bool:
     return True
 
 
-EVAL_COLUMNS = [("accuracy", "accuracy", "{:.1%}"), ("mean_tokens", "mean tok", "{:.1f}"),
-                ("median_tokens", "median tok", "{:.1f}"), ("p90_tokens", "p90 tok", "{:.1f}"),
-                ("mean_tokens_correct", "tok correct", "{:.1f}"), ("mean_tokens_incorrect", "tok incorrect", "{:.1f}"),
-                ("truncation_rate", "truncated", "{:.1%}"), ("accuracy_per_1k_tokens", "acc / 1k tok", "{:.2f}"),
-                ("floor_tokens", "floor tok", "{:.1f}"), ("tokens_over_floor", "x floor", "{:.2f}"),
-                ("shortcut_rate", "shortcuts", "{:.1%}")]
+EVAL_COLUMNS = [
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("mean_tokens", "mean tok", "{:.1f}"),
+    ("median_tokens", "median tok", "{:.1f}"),
+    ("p90_tokens", "p90 tok", "{:.1f}"),
+    ("mean_tokens_correct", "tok correct", "{:.1f}"),
+    ("mean_tokens_incorrect", "tok incorrect", "{:.1f}"),
+    ("truncation_rate", "truncated", "{:.1%}"),
+    ("accuracy_per_1k_tokens", "acc / 1k tok", "{:.2f}"),
+    ("floor_tokens", "floor tok", "{:.1f}"),
+    ("tokens_over_floor", "x floor", "{:.2f}"),
+    ("shortcut_rate", "shortcuts", "{:.1%}"),
+]
 
 
 def _fmt(fmt: str, v) -> str:
@@ -219,23 +262,38 @@ def _fmt(fmt: str, v) -> str:
 
 
 def eval_table(evals: list[EvalDir]) -> tuple[list[str], list[list[str]]]:
-    ks = sorted({k for e in evals for k in e.results["metrics"] if k.startswith("pass@") and k != "pass@1"},
-                key=lambda k: int(k[5:]))
+    ks = sorted(
+        {k for e in evals for k in e.results["metrics"] if k.startswith("pass@") and k != "pass@1"},
+        key=lambda k: int(k[5:]),
+    )
     head = ["eval", "samples"] + [c[1] for c in EVAL_COLUMNS] + ks + ["tokens vs base", "acc vs base", "AES"]
     body = []
     for e in evals:
         m, vs = e.results["metrics"], e.results.get("against_base") or {}
-        body.append([e.name, f"{m['prompts']}x{m['samples_per_prompt']}"]
-                    + [_fmt(f, m.get(k)) for k, _, f in EVAL_COLUMNS]
-                    + [_fmt("{:.1%}", m.get(k)) for k in ks]
-                    + [_fmt("{:+.1f}%", -vs["token_reduction_pct"]) if vs else "-",
-                       _fmt("{:+.1f}pt", vs.get("accuracy_change_pt")), _fmt("{:+.3f}", vs.get("aes"))])
+        body.append(
+            [e.name, f"{m['prompts']}x{m['samples_per_prompt']}"]
+            + [_fmt(f, m.get(k)) for k, _, f in EVAL_COLUMNS]
+            + [_fmt("{:.1%}", m.get(k)) for k in ks]
+            + [
+                _fmt("{:+.1f}%", -vs["token_reduction_pct"]) if vs else "-",
+                _fmt("{:+.1f}pt", vs.get("accuracy_change_pt")),
+                _fmt("{:+.3f}", vs.get("aes")),
+            ]
+        )
     return head, body
 
 
 def run_table(runs: list[RunDir]) -> tuple[list[str], list[list[str]]]:
-    head = ["run", "steps", "accuracy base -> final", "mean tokens base -> final", "token change", "x floor final",
-            "shortcuts final", "truncated final"]
+    head = [
+        "run",
+        "steps",
+        "accuracy base -> final",
+        "mean tokens base -> final",
+        "token change",
+        "x floor final",
+        "shortcuts final",
+        "truncated final",
+    ]
     body = []
     for r in runs:
         b, f = r.summary.get("baseline"), r.summary.get("final")
@@ -243,10 +301,18 @@ def run_table(runs: list[RunDir]) -> tuple[list[str], list[list[str]]]:
             body.append([r.name, str(r.rows[-1]["step"] if r.rows else 0), "(unfinished)"] + ["-"] * 5)
             continue
         change = 100 * (f["mean_tokens"] / b["mean_tokens"] - 1) if b["mean_tokens"] else float("nan")
-        body.append([r.name, str(r.summary.get("steps", "-")), f"{b['accuracy']:.1%} -> {f['accuracy']:.1%}",
-                     f"{b['mean_tokens']:.1f} -> {f['mean_tokens']:.1f}", _fmt("{:+.1f}%", change),
-                     _fmt("{:.2f}", f.get("tokens_over_floor")), _fmt("{:.1%}", f.get("shortcut_rate")),
-                     _fmt("{:.1%}", f.get("truncation_rate"))])
+        body.append(
+            [
+                r.name,
+                str(r.summary.get("steps", "-")),
+                f"{b['accuracy']:.1%} -> {f['accuracy']:.1%}",
+                f"{b['mean_tokens']:.1f} -> {f['mean_tokens']:.1f}",
+                _fmt("{:+.1f}%", change),
+                _fmt("{:.2f}", f.get("tokens_over_floor")),
+                _fmt("{:.1%}", f.get("shortcut_rate")),
+                _fmt("{:.1%}", f.get("truncation_rate")),
+            ]
+        )
     return head, body
 
 
@@ -261,8 +327,12 @@ def _html_table(head, body) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def write_report(dirs: list[str], out: str, title: str = "gdpo token-efficiency report",
-                 tables: Optional[list[tuple[str, list[str], list[list[str]], str]]] = None) -> Path:
+def write_report(
+    dirs: list[str],
+    out: str,
+    title: str = "gdpo token-efficiency report",
+    tables: Optional[list[tuple[str, list[str], list[list[str]], str]]] = None,
+) -> Path:
     """Write OUT/report.md, OUT/report.html and the PNGs; ``tables`` adds (heading, head, body, note) first."""
     evals, runs = load_inputs(dirs)
     o = Path(out)
@@ -281,11 +351,18 @@ def write_report(dirs: list[str], out: str, title: str = "gdpo token-efficiency 
         images.append(("lengths.png", "Completion lengths"))
     sections = list(tables or [])
     if evals:
-        sections.append(("Evaluations", *eval_table(evals),
-                         "AES: accuracy-efficiency score against the eval's base (O1-Pruner): "
-                         "a·ΔL + b·ΔA if ΔA >= 0 else a·ΔL + g·ΔA, with ΔL, ΔA relative; a=1, b=3, g=5."))
+        sections.append(
+            (
+                "Evaluations",
+                *eval_table(evals),
+                "AES: accuracy-efficiency score against the eval's base (O1-Pruner): "
+                "a·ΔL + b·ΔA if ΔA >= 0 else a·ΔL + g·ΔA, with ΔL, ΔA relative; a=1, b=3, g=5.",
+            )
+        )
     if runs:
-        sections.append(("Training runs", *run_table(runs), "Held-out evaluation at the start and the end of each run."))
+        sections.append(
+            ("Training runs", *run_table(runs), "Held-out evaluation at the start and the end of each run.")
+        )
     md = [f"# {title}", ""]
     body_html = [f"<h1>{html.escape(title)}</h1>"]
     for heading, head, rows, note in sections:
@@ -296,13 +373,19 @@ def write_report(dirs: list[str], out: str, title: str = "gdpo token-efficiency 
     for file, caption in images:
         md += [f"![{caption}]({file})", ""]
         data = base64.b64encode((o / file).read_bytes()).decode()
-        body_html.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        body_html.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     md += ["## Inputs", ""] + [f"- `{p}`" for p in dirs]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body_html)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body_html)}</body></html>\n"
+    )
     atomic_write_text(o / "report.md", "\n".join(md) + "\n")
     atomic_write_text(o / "report.html", page)
     return o / "report.html"

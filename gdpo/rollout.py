@@ -2,6 +2,7 @@
 
 Plain functions over a ``vllm.LLM``; the Ray actor in ``actors/rollout.py`` only holds the engine.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,23 +40,49 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
     eager = cfg.rollout.enforce_eager if cfg.rollout.enforce_eager is not None else not gpu
     sleep = {"enable_sleep_mode": True} if gpu and cfg.rollout.sleep_level else {}  # vLLM refuses it on CPU
     return vllm.LLM(
-        model=model_path, dtype=cfg.model.dtype, seed=seed, trust_remote_code=cfg.model.trust_remote_code,
-        tensor_parallel_size=cfg.rollout.tensor_parallel_size, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_model_len=model_context(model_path, cfg), enforce_eager=eager, worker_extension_cls=EXTENSION,
-        **sleep, **lora,
+        model=model_path,
+        dtype=cfg.model.dtype,
+        seed=seed,
+        trust_remote_code=cfg.model.trust_remote_code,
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        max_model_len=model_context(model_path, cfg),
+        enforce_eager=eager,
+        worker_extension_cls=EXTENSION,
+        **sleep,
+        **lora,
     )
 
 
-def generate(llm, prompts: list[str], samples_per_prompt: int, *, max_new_tokens: int, temperature: float,
-             top_p: float = 1.0, seed: int = 0, policy_version: int = 0, lora_path: Optional[str] = None,
-             min_new_tokens: int = 0) -> RolloutBatch:
+def generate(
+    llm,
+    prompts: list[str],
+    samples_per_prompt: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    seed: int = 0,
+    policy_version: int = 0,
+    lora_path: Optional[str] = None,
+    min_new_tokens: int = 0,
+) -> RolloutBatch:
     """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``.
     ``lora_path``: a LoRA adapter directory (peft layout) applied on top of the engine's weights."""
     import vllm
 
-    params = [vllm.SamplingParams(n=samples_per_prompt, temperature=temperature, top_p=top_p,
-                                  max_tokens=max_new_tokens, min_tokens=min_new_tokens, logprobs=0, seed=seed + i)
-              for i in range(len(prompts))]
+    params = [
+        vllm.SamplingParams(
+            n=samples_per_prompt,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            min_tokens=min_new_tokens,
+            logprobs=0,
+            seed=seed + i,
+        )
+        for i in range(len(prompts))
+    ]
     lora = None
     if lora_path:
         from vllm.lora.request import LoRARequest
@@ -117,12 +144,16 @@ class StalePolicyError(RuntimeError):
     """The engine holds another policy version than the driver expects."""
 
 
-def generate_checked(llm, expected_version: int, prompts: list[str], samples_per_prompt: int, **sampling) -> RolloutBatch:
+def generate_checked(
+    llm, expected_version: int, prompts: list[str], samples_per_prompt: int, **sampling
+) -> RolloutBatch:
     """``generate`` after checking that the engine holds ``expected_version`` (never sample a stale policy)."""
     held = engine_version(llm)
     if held == TORN:
-        raise StalePolicyError(f"rollout engine holds a torn policy (a weight load failed part way), the driver "
-                               f"expects version {expected_version}")
+        raise StalePolicyError(
+            f"rollout engine holds a torn policy (a weight load failed part way), the driver "
+            f"expects version {expected_version}"
+        )
     if held != expected_version:
         raise StalePolicyError(f"rollout engine holds policy version {held}, the driver expects {expected_version}")
     return generate(llm, prompts, samples_per_prompt, policy_version=held, **sampling)

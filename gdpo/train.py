@@ -1,4 +1,5 @@
 """``python -m gdpo.train [--config FILE] [key=value ...]``: the entry point `ray job submit` runs."""
+
 from __future__ import annotations
 
 import sys

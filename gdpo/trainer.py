@@ -3,6 +3,7 @@
 One call per stage; the actors do the work (``actors/cluster.py``), the math lives in
 ``gdpo/advantages.py`` and ``gdpo/losses.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,7 @@ from typing import Callable
 import torch
 
 from gdpo.advantages import apply_conditions, gdpo_advantages, grpo_advantages, zero_variance_groups
-from gdpo.checkpoints import (RunPlan, commit_checkpoint, new_checkpoint_dir, open_run, prune_checkpoints,
-                              set_rng_state)
+from gdpo.checkpoints import RunPlan, commit_checkpoint, new_checkpoint_dir, open_run, prune_checkpoints, set_rng_state
 from gdpo.config import Config, to_dict
 from gdpo.data import PromptSet
 from gdpo.fileio import atomic_write_text
@@ -84,16 +84,23 @@ class StageClock:
         step = time.perf_counter() - self.start
         t = {s: self.times.get(s, 0.0) for s in ("rollout_wait", "reward", "logprobs", "update", "sleep", "sync")}
         critical = 0.0 if overlapped else min(rollout_seconds, t["rollout_wait"])
-        return {**{f"time/{s}": v for s, v in t.items()}, "time/rollout": rollout_seconds,
-                "time/idle": t["rollout_wait"] - critical, "time/other": step - sum(t.values()), "time/step": step,
-                "time/overhead_frac": 1.0 - (critical + t["logprobs"] + t["update"]) / max(step, 1e-9)}
+        return {
+            **{f"time/{s}": v for s, v in t.items()},
+            "time/rollout": rollout_seconds,
+            "time/idle": t["rollout_wait"] - critical,
+            "time/other": step - sum(t.values()),
+            "time/step": step,
+            "time/overhead_frac": 1.0 - (critical + t["logprobs"] + t["update"]) / max(step, 1e-9),
+        }
 
 
 def reward_conditions(cfg: Config) -> list:
     """Per reward: None, or (index of the reward it is conditioned on, threshold) (GDPO Eq. 8)."""
     names = [r.name for r in cfg.rewards.functions]
-    return [None if r.condition_on is None else (names.index(r.condition_on), r.condition_threshold)
-            for r in cfg.rewards.functions]
+    return [
+        None if r.condition_on is None else (names.index(r.condition_on), r.condition_threshold)
+        for r in cfg.rewards.functions
+    ]
 
 
 @dataclass
@@ -122,33 +129,45 @@ def compute_advantages(values: torch.Tensor, names: list[str], cfg: Config) -> S
         if cfg.algorithm.estimator == "gdpo":
             adv[keep] = gdpo_advantages(raw[keep], k, weights, eps=cfg.algorithm.adv_eps)
         else:
-            adv[keep] = grpo_advantages(raw[keep], k, weights, scale=cfg.algorithm.grpo_scale, eps=cfg.algorithm.adv_eps)
+            adv[keep] = grpo_advantages(
+                raw[keep], k, weights, scale=cfg.algorithm.grpo_scale, eps=cfg.algorithm.adv_eps
+            )
     return StepAdvantages(adv, raw, keep, flat)
 
 
 def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
     """Held-out accuracy and completion tokens with the eval sampling settings (greedy by default); where
     the data knows each problem's floor (its shortest correct solution), the floor figures too."""
-    sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.eval_temperature,
-                "top_p": 1.0}
+    sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.eval_temperature, "top_p": 1.0}
     batch = cluster.generate(data.prompts, 1, sampling, seed=10**6)
     matrix = cluster.score(batch, data.prompts, data.columns)
     tokens = token_stats(batch.completion_token_counts)
-    out = {"mean_tokens": tokens["mean"], "p90_tokens": tokens["p90"],
-           "truncation_rate": batch.finish_reasons.count("length") / len(batch)}
+    out = {
+        "mean_tokens": tokens["mean"],
+        "p90_tokens": tokens["p90"],
+        "truncation_rate": batch.finish_reasons.count("length") / len(batch),
+    }
     for k, name in enumerate(matrix.names):
         col = matrix.values[:, k]
         out[name] = float(torch.nan_to_num(col, nan=0.0).mean())
     out["accuracy"] = out.get("accuracy", float("nan"))
     if "floor_tokens" in data.columns:
         correct = (torch.nan_to_num(matrix.values[:, matrix.names.index("accuracy")]) >= 1.0).tolist()
-        out.update(floor_metrics(batch.completion_token_counts, data.columns["floor_tokens"], correct,
-                                 batch.completions, data.columns["shortest_solution"]))
+        out.update(
+            floor_metrics(
+                batch.completion_token_counts,
+                data.columns["floor_tokens"],
+                correct,
+                batch.completions,
+                data.columns["shortest_solution"],
+            )
+        )
     return out
 
 
-def save_checkpoint(cluster, state: RunState, plan: RunPlan, cfg: Config, keep: int = 2,
-                    log: Callable[[str], None] = print) -> Path:
+def save_checkpoint(
+    cluster, state: RunState, plan: RunPlan, cfg: Config, keep: int = 2, log: Callable[[str], None] = print
+) -> Path:
     """The learners write into a fresh temporary directory; the driver adds its files and the manifest,
     fsyncs and renames it (``gdpo/checkpoints.py``): a killed run never leaves a half checkpoint."""
     tmp = new_checkpoint_dir(plan.out, state.step)
@@ -158,8 +177,10 @@ def save_checkpoint(cluster, state: RunState, plan: RunPlan, cfg: Config, keep: 
     size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
     free = shutil.disk_usage(final).free
     if free < 2 * size:  # the next save writes a whole checkpoint before the oldest is pruned
-        log(f"warning: {plan.out} has {free / 2**20:.0f} MiB free and a checkpoint takes {size / 2**20:.0f} MiB; "
-            "the next save may fill the disk (the previous checkpoints stay intact if it does)")
+        log(
+            f"warning: {plan.out} has {free / 2**20:.0f} MiB free and a checkpoint takes {size / 2**20:.0f} MiB; "
+            "the next save may fill the disk (the previous checkpoints stay intact if it does)"
+        )
     return final
 
 
@@ -196,17 +217,24 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
         log(f"resumed from {ckpt} at step {state.step} (policy version {state.version})")
     if "baseline" not in summary:  # measured on the initial policy only (``open_run`` checks): before any update
         summary["baseline"] = evaluate(cluster, cfg, eval_data)
-        log(f"baseline: accuracy {summary['baseline']['accuracy']:.3f}, mean tokens {summary['baseline']['mean_tokens']:.1f}")
+        log(
+            f"baseline: accuracy {summary['baseline']['accuracy']:.3f}, mean tokens {summary['baseline']['mean_tokens']:.1f}"
+        )
     _write_json(summary_path, summary)  # without an earlier final evaluation: this run is not finished
     metrics = MetricsLogger(plan.out, cfg.trainer.steps, initial=state.step, log=log)
     n_prompts, k = cfg.trainer.prompts_per_step, cfg.rollout.samples_per_prompt
-    sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
-                "top_p": cfg.rollout.top_p, "min_new_tokens": cfg.rollout.min_new_tokens}
+    sampling = {
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "temperature": cfg.rollout.temperature,
+        "top_p": cfg.rollout.top_p,
+        "min_new_tokens": cfg.rollout.min_new_tokens,
+    }
 
     def start_rollout(step: int):  # ``step`` completed steps before it: the same prompts and seed either way
         prompts = stream.take(state.cursor + (step - state.step) * n_prompts, n_prompts)
-        return prompts, cluster.submit_generate(prompts.prompts, k, sampling,
-                                                seed=cfg.trainer.seed * 10**7 + step * 10**4)
+        return prompts, cluster.submit_generate(
+            prompts.prompts, k, sampling, seed=cfg.trainer.seed * 10**7 + step * 10**4
+        )
 
     ahead = None  # (prompts, pending rollout) started during the previous step (trainer.rollout_ahead)
     while state.step < cfg.trainer.steps:
@@ -243,18 +271,29 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
         staleness = cluster.version - 1 - rollouts.policy_version  # versions between sampler and learner
         state = RunState(step=state.step + 1, cursor=state.cursor + n_prompts, version=cluster.version)
         counts = rollouts.completion_token_counts
-        row = {"step": state.step, "policy_version": state.version, **matrix.stats(), **learn,
-               **{f"tokens/{k_}": v for k_, v in token_stats(counts).items()},
-               "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
-               "zero_variance_groups": int(adv.flat.all(1).sum()), "filtered_groups": int((~adv.keep).sum()) // k,
-               "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
-               "staleness": staleness, **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
-               "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
-               "perf/learner_tokens_per_s": learn.get("forward_tokens", 0.0) / max(clock.times.get("update", 0.0), 1e-9),
-               "sync/bytes": synced.num_bytes, "sync/publish_s": synced.publish_s, "sync/load_s": synced.load_s,
-               "sync/file_engines": synced.file_engines, "sync/broadcast_engines": synced.collective_engines,
-               "sync/MB_per_s": synced.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
-               "restarts/rollout": cluster.restarts["rollout"], "restarts/reward": cluster.restarts["reward"]}
+        row = {
+            "step": state.step,
+            "policy_version": state.version,
+            **matrix.stats(),
+            **learn,
+            **{f"tokens/{k_}": v for k_, v in token_stats(counts).items()},
+            "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
+            "zero_variance_groups": int(adv.flat.all(1).sum()),
+            "filtered_groups": int((~adv.keep).sum()) // k,
+            "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
+            "staleness": staleness,
+            **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
+            "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
+            "perf/learner_tokens_per_s": learn.get("forward_tokens", 0.0) / max(clock.times.get("update", 0.0), 1e-9),
+            "sync/bytes": synced.num_bytes,
+            "sync/publish_s": synced.publish_s,
+            "sync/load_s": synced.load_s,
+            "sync/file_engines": synced.file_engines,
+            "sync/broadcast_engines": synced.collective_engines,
+            "sync/MB_per_s": synced.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
+            "restarts/rollout": cluster.restarts["rollout"],
+            "restarts/reward": cluster.restarts["reward"],
+        }
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.steps:
             row.update({f"eval/{k_}": v for k_, v in evaluate(cluster, cfg, eval_data).items()})
         metrics.log(row)
@@ -270,4 +309,3 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
 
 def _write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
-

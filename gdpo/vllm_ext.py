@@ -6,6 +6,7 @@ refuses an extension attribute that its worker already has. Only metadata crosse
 passed as RPC arguments arrive mangled on the CPU backend): the weights come from a file or from
 the broadcast group.
 """
+
 from __future__ import annotations
 
 from gdpo import weight_sync

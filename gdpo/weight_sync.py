@@ -36,6 +36,7 @@ Engines load through vLLM's layerwise ``reload_weights`` (a plain ``model.load_w
 CPU backend's packed kernels on the old weights) and then drop their prefix cache, whose blocks hold
 keys and values the old weights computed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,6 +83,7 @@ class SyncError(RuntimeError):
 
 # ----------------------------------------------------------------------------- what is sent
 
+
 @dataclass(frozen=True)
 class SyncTensor:
     name: str  # checkpoint-format name, e.g. model.layers.0.self_attn.q_proj.weight
@@ -101,8 +103,11 @@ def sync_module_names(model, target_modules: tuple[str, ...]) -> list[str]:
         if wanted & set(group):
             wanted |= set(group)
     # by module type, not weight shape: ZeRO-3 leaves each rank a flat [0] placeholder
-    return [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in wanted
-            and isinstance(m, (torch.nn.Linear, dora.DoraLinear))]
+    return [
+        n
+        for n, m in model.named_modules()
+        if n.rsplit(".", 1)[-1] in wanted and isinstance(m, (torch.nn.Linear, dora.DoraLinear))
+    ]
 
 
 def sync_tensors(model, module_names: list[str]) -> list[SyncTensor]:
@@ -189,6 +194,7 @@ def bucket_checksum(buf: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- communicators
 
+
 class Comm(Protocol):
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None: ...
 
@@ -228,13 +234,21 @@ class NcclComm:
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
-        group = StatelessProcessGroup.create(host=spec.host, port=spec.port, rank=rank, world_size=spec.world_size,
-                                             store_timeout=int(spec.timeout_s), listen_socket=listen_sock)
+        group = StatelessProcessGroup.create(
+            host=spec.host,
+            port=spec.port,
+            rank=rank,
+            world_size=spec.world_size,
+            store_timeout=int(spec.timeout_s),
+            listen_socket=listen_sock,
+        )
         self.device = torch.device(device)
         self.comm = PyNcclCommunicator(group, device=self.device)
         if self.comm.disabled or not self.comm.available:  # its broadcast would silently do nothing
-            raise SyncError(f"NCCL is not usable on {self.device} (VLLM_DISABLE_PYNCCL set, or libnccl not found): "
-                            "set cluster.weight_sync=file, or fix the NCCL install")
+            raise SyncError(
+                f"NCCL is not usable on {self.device} (VLLM_DISABLE_PYNCCL set, or libnccl not found): "
+                "set cluster.weight_sync=file, or fix the NCCL install"
+            )
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         stream = torch.cuda.current_stream(self.device)
@@ -255,8 +269,10 @@ def open_comm(spec: SyncGroup, rank: int, device, listen: Optional[socket.socket
     except SyncError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with where and who
-        raise SyncError(f"rank {rank} could not join the weight-sync group {spec.tag} at {spec.host}:{spec.port} "
-                        f"({spec.backend}, world {spec.world_size}) within {spec.timeout_s:.0f}s: {err}") from err
+        raise SyncError(
+            f"rank {rank} could not join the weight-sync group {spec.tag} at {spec.host}:{spec.port} "
+            f"({spec.backend}, world {spec.world_size}) within {spec.timeout_s:.0f}s: {err}"
+        ) from err
 
 
 def listen_socket(host: str) -> socket.socket:
@@ -277,6 +293,7 @@ def free_port(host: str) -> int:
 
 # ----------------------------------------------------------------------------- sending
 
+
 class _Broadcaster:
     """Rank 0's end of one version: header and sizes at once, then each bucket as its last tensor arrives."""
 
@@ -292,17 +309,19 @@ class _Broadcaster:
         try:
             self.comm.broadcast(t, 0)
         except RuntimeError as err:  # gloo: a peer closed its connection, or the group's deadline passed
-            raise SyncError(f"broadcast of policy version {self.version} failed at bucket {self.k} of "
-                            f"{len(self.buckets)}: a receiver left the group or stopped reading "
-                            f"({_first_line(err)})") from err
+            raise SyncError(
+                f"broadcast of policy version {self.version} failed at bucket {self.k} of "
+                f"{len(self.buckets)}: a receiver left the group or stopped reading "
+                f"({_first_line(err)})"
+            ) from err
 
     def add(self, raw: torch.Tensor) -> None:
         b = self.buckets[self.k]
-        view = self.buf[:b.size]
+        view = self.buf[: b.size]
         if self.j == 0:
             view.zero_()
         _, off, n = b.entries[self.j]
-        view[off:off + n] = raw.to(self.device)
+        view[off : off + n] = raw.to(self.device)
         self.j, self.sent = self.j + 1, self.sent + n
         if self.j == len(b.entries):
             self._send(view)
@@ -318,8 +337,11 @@ class _FileWriter:
         header: dict = {"__metadata__": metadata}
         offset = 0
         for t in tensors:
-            header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                              "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {
+                "dtype": _ST_DTYPES[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [offset, offset + t.nbytes],
+            }
             offset += t.nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
@@ -337,26 +359,33 @@ class _FileWriter:
     def add(self, raw: torch.Tensor) -> None:
         raw = raw.cpu()
         if self.fill + raw.numel() > self.bucket.numel() and self.fill:
-            self._emit(self.bucket[:self.fill].numpy())
+            self._emit(self.bucket[: self.fill].numpy())
             self.fill = 0
         if raw.numel() > self.bucket.numel():  # a tensor larger than a bucket goes out on its own
             self._emit(raw.numpy())
             return
-        self.bucket[self.fill:self.fill + raw.numel()] = raw
+        self.bucket[self.fill : self.fill + raw.numel()] = raw
         self.fill += raw.numel()
 
     def finish(self) -> str:
         try:
             if self.fill:
-                self._emit(self.bucket[:self.fill].numpy())
+                self._emit(self.bucket[: self.fill].numpy())
         finally:
             self.f.close()
         return self.sha.hexdigest()
 
 
 @torch.no_grad()
-def publish(tensors: list[SyncTensor], version: int, bucket_bytes: int, *, directory: Optional[str] = None,
-            comm: Optional[Comm] = None, device="cpu") -> tuple[Optional[str], str, int]:
+def publish(
+    tensors: list[SyncTensor],
+    version: int,
+    bucket_bytes: int,
+    *,
+    directory: Optional[str] = None,
+    comm: Optional[Comm] = None,
+    device="cpu",
+) -> tuple[Optional[str], str, int]:
     """Rank 0's side of a sync: each tensor computed once (the DoRA merge), then written to
     ``directory/policy-v{version}.safetensors`` (atomically; older versions removed) and/or broadcast
     over ``comm``. Returns (file path or None, its sha256 or "", payload bytes)."""
@@ -443,15 +472,17 @@ class Incoming:
                     continue
                 for i, off, n in b.entries:
                     name, dtype, shape = self.manifest[i]
-                    yield name, buf[off:off + n].view(_DTYPES[dtype]).view(shape)
+                    yield name, buf[off : off + n].view(_DTYPES[dtype]).view(shape)
                     self.loaded += 1
         except RuntimeError as err:  # the connection broke (sender gone, deadline passed): nothing more comes
             self.problem = f"the transfer broke off at bucket {k} of {len(self.buckets)} ({_first_line(err)})"
 
     def check(self) -> None:
         if self.problem is not None:
-            raise SyncError(f"weight transfer of policy version {self.version} failed: {self.problem}; "
-                            + (f"{self.loaded} tensors of it were loaded before" if self.loaded else "nothing was loaded"))
+            raise SyncError(
+                f"weight transfer of policy version {self.version} failed: {self.problem}; "
+                + (f"{self.loaded} tensors of it were loaded before" if self.loaded else "nothing was loaded")
+            )
 
 
 def _first_line(err: BaseException) -> str:
@@ -460,6 +491,7 @@ def _first_line(err: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- file transfer
+
 
 def node_local_dir() -> str:
     """Scratch root on this node for weight files: ``GDPO_NODE_LOCAL_DIR``, else /dev/shm.
@@ -511,9 +543,11 @@ def check_free_space(directory: str, need_bytes: int) -> None:
     must have room for it (Docker gives /dev/shm 64 MiB unless --shm-size says more)."""
     free = shutil.disk_usage(directory).free
     if free < need_bytes:
-        raise SyncError(f"{directory} has {free / 2**20:.0f} MiB free; a policy version needs "
-                        f"{need_bytes / 2**20:.0f} MiB. Set GDPO_NODE_LOCAL_DIR to a larger node-local directory "
-                        "(a RAM-backed one is fastest), or give the container a larger /dev/shm (--shm-size)")
+        raise SyncError(
+            f"{directory} has {free / 2**20:.0f} MiB free; a policy version needs "
+            f"{need_bytes / 2**20:.0f} MiB. Set GDPO_NODE_LOCAL_DIR to a larger node-local directory "
+            "(a RAM-backed one is fastest), or give the container a larger /dev/shm (--shm-size)"
+        )
 
 
 def file_sha256(path: str) -> str:
@@ -528,8 +562,10 @@ def read_file(f, path: str, version: int, checksum: str) -> Iterator[tuple[str, 
     """The tensors of an opened (memory-mapped) weight file, after checking its hash and version."""
     got = file_sha256(path)
     if got != checksum:
-        raise SyncError(f"weight file {path} for policy version {version} is corrupt: "
-                        f"sha256 {got[:12]} != published {checksum[:12]}")
+        raise SyncError(
+            f"weight file {path} for policy version {version} is corrupt: "
+            f"sha256 {got[:12]} != published {checksum[:12]}"
+        )
     held = (f.metadata() or {}).get("policy_version")
     if held != str(version):
         raise SyncError(f"weight file {path} holds policy version {held}, expected {version}")
@@ -537,6 +573,7 @@ def read_file(f, path: str, version: int, checksum: str) -> Iterator[tuple[str, 
 
 
 # ----------------------------------------------------------------------------- engine side
+
 
 def load_into_worker(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Inside a vLLM worker: the layerwise reload, which re-runs the backend's post-load processing."""
@@ -591,7 +628,10 @@ def engine_close(llm) -> None:
 
 # ----------------------------------------------------------------------------- who gets what
 
-def choose_transports(mode: str, learner0_node: str, engine_nodes: list[str], shares_learner0_device: list[bool]) -> list[str]:
+
+def choose_transports(
+    mode: str, learner0_node: str, engine_nodes: list[str], shares_learner0_device: list[bool]
+) -> list[str]:
     """Per engine, ``"file"`` or ``"collective"`` (``cluster.weight_sync``):
 
     - ``auto``: the file on learner 0's node, the broadcast everywhere else;
@@ -602,9 +642,11 @@ def choose_transports(mode: str, learner0_node: str, engine_nodes: list[str], sh
     for i, (node, shared) in enumerate(zip(engine_nodes, shares_learner0_device)):
         local = node == learner0_node
         if mode == "file" and not local:
-            raise SyncError(f"cluster.weight_sync=file, but rollout worker {i} runs on node {node[:12]}, not on "
-                            f"learner rank 0's node {learner0_node[:12]}: the weight file cannot reach it. Use "
-                            "cluster.weight_sync=auto (a collective broadcast to other nodes) or pin the rollouts "
-                            "to learner 0's node (cluster.rollout_resources)")
+            raise SyncError(
+                f"cluster.weight_sync=file, but rollout worker {i} runs on node {node[:12]}, not on "
+                f"learner rank 0's node {learner0_node[:12]}: the weight file cannot reach it. Use "
+                "cluster.weight_sync=auto (a collective broadcast to other nodes) or pin the rollouts "
+                "to learner 0's node (cluster.rollout_resources)"
+            )
         out.append("file" if shared or mode == "file" or (mode == "auto" and local) else "collective")
     return out

@@ -10,6 +10,7 @@ Two ways, one answer (float32 ``[out]``):
 
 :func:`dora_row_norm` dispatches: Triton for CUDA tensors when Triton is importable, else the reference.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,22 +39,41 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def row_norm(w_ptr, a_ptr, b_ptr, out_ptr, n_out, n_in, rank, scale,
-                 sw0, sw1, sa0, sa1, sb0, sb1,
-                 R: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    def row_norm(
+        w_ptr,
+        a_ptr,
+        b_ptr,
+        out_ptr,
+        n_out,
+        n_in,
+        rank,
+        scale,
+        sw0,
+        sw1,
+        sa0,
+        sa1,
+        sb0,
+        sb1,
+        R: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)  # [BO]
         rmask = rows < n_out
         rr = tl.arange(0, R)  # [R] rank padded to a power of two >= 16 (tl.dot's minimum)
-        b = tl.load(b_ptr + rows[:, None] * sb0 + rr[None, :] * sb1,
-                    mask=rmask[:, None] & (rr[None, :] < rank), other=0.0).to(tl.float32)  # [BO, R]
+        b = tl.load(
+            b_ptr + rows[:, None] * sb0 + rr[None, :] * sb1, mask=rmask[:, None] & (rr[None, :] < rank), other=0.0
+        ).to(tl.float32)  # [BO, R]
         acc = tl.zeros([BLOCK_O], dtype=tl.float32)
         for i0 in range(0, n_in, BLOCK_I):
             cols = i0 + tl.arange(0, BLOCK_I)  # [BI]
             cmask = cols < n_in
-            w = tl.load(w_ptr + rows[:, None] * sw0 + cols[None, :] * sw1,
-                        mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # [BO, BI]
-            a = tl.load(a_ptr + rr[:, None] * sa0 + cols[None, :] * sa1,
-                        mask=(rr[:, None] < rank) & cmask[None, :], other=0.0).to(tl.float32)  # [R, BI]
+            w = tl.load(
+                w_ptr + rows[:, None] * sw0 + cols[None, :] * sw1, mask=rmask[:, None] & cmask[None, :], other=0.0
+            ).to(tl.float32)  # [BO, BI]
+            a = tl.load(
+                a_ptr + rr[:, None] * sa0 + cols[None, :] * sa1, mask=(rr[:, None] < rank) & cmask[None, :], other=0.0
+            ).to(tl.float32)  # [R, BI]
             v = w + scale * tl.dot(b, a, input_precision="ieee")  # [BO, BI]
             acc += tl.sum(v * v, axis=1)
         tl.store(out_ptr + rows, tl.sqrt(acc), mask=rmask)
@@ -71,8 +91,9 @@ def triton_available(t: Tensor) -> bool:
 
 
 @torch.no_grad()
-def dora_row_norm_triton(w0: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float,
-                         block_out: int = 32, block_in: int = 64) -> Tensor:
+def dora_row_norm_triton(
+    w0: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, block_out: int = 32, block_in: int = 64
+) -> Tensor:
     """``[out, in], [r, in], [out, r] -> [out]`` float32, one pass over W0."""
     n_out, n_in = w0.shape
     rank = lora_a.shape[0]
@@ -81,9 +102,25 @@ def dora_row_norm_triton(w0: Tensor, lora_a: Tensor, lora_b: Tensor, scale: floa
     out = torch.empty(n_out, dtype=torch.float32, device=w0.device)
     r_pad = max(16, 1 << (rank - 1).bit_length())
     grid = ((n_out + block_out - 1) // block_out,)
-    _kernel()[grid](w0, lora_a, lora_b, out, n_out, n_in, rank, float(scale),
-                    w0.stride(0), w0.stride(1), lora_a.stride(0), lora_a.stride(1), lora_b.stride(0), lora_b.stride(1),
-                    R=r_pad, BLOCK_O=block_out, BLOCK_I=block_in)
+    _kernel()[grid](
+        w0,
+        lora_a,
+        lora_b,
+        out,
+        n_out,
+        n_in,
+        rank,
+        float(scale),
+        w0.stride(0),
+        w0.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        R=r_pad,
+        BLOCK_O=block_out,
+        BLOCK_I=block_in,
+    )
     return out
 
 

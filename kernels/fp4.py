@@ -13,6 +13,7 @@ bias ``bias[row]``, the same formula as compression.fp4.formats.fake_quant (clip
 The Triton versions run on a GPU, or on the CPU under ``TRITON_INTERPRET=1`` (that is how they are
 tested); the ``*_reference`` functions run anywhere, and the dispatchers pick Triton for CUDA tensors.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,17 @@ from torch import Tensor
 
 from kernels.dora_norm import triton_available
 
-__all__ = ["pack_nibbles", "unpack_nibbles", "pack_nibbles_reference", "unpack_nibbles_reference",
-           "pack_nibbles_triton", "unpack_nibbles_triton", "fake_quant_rows", "fake_quant_rows_reference",
-           "fake_quant_rows_triton"]
+__all__ = [
+    "pack_nibbles",
+    "unpack_nibbles",
+    "pack_nibbles_reference",
+    "unpack_nibbles_reference",
+    "pack_nibbles_triton",
+    "unpack_nibbles_triton",
+    "fake_quant_rows",
+    "fake_quant_rows_reference",
+    "fake_quant_rows_triton",
+]
 
 
 def _check_codes(codes: Tensor) -> None:
@@ -52,8 +61,9 @@ def unpack_nibbles_reference(packed: Tensor, n: int) -> Tensor:
     return out[..., :n].contiguous()
 
 
-def fake_quant_rows_reference(x: Tensor, e_bits: int, m_bits: int, bias: Tensor,
-                              shift: Optional[Tensor] = None) -> Tensor:
+def fake_quant_rows_reference(
+    x: Tensor, e_bits: int, m_bits: int, bias: Tensor, shift: Optional[Tensor] = None
+) -> Tensor:
     """``[R, C]`` -> ``[R, C]`` float32: Q(x · 2^shift) with ``bias`` [R] (shift [C] int, optional)."""
     from compression.fp4.formats import fake_quant
 
@@ -88,8 +98,22 @@ def _kernels():
         tl.store(out_ptr + row * n_cols + k, code.to(tl.uint8), mask=km)
 
     @triton.jit
-    def fake_quant(x_ptr, bias_ptr, unit_ptr, shift_ptr, out_ptr, n_rows, n_cols, sx0, sx1, qmax_unit,
-                   E_MAX: tl.constexpr, M: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    def fake_quant(
+        x_ptr,
+        bias_ptr,
+        unit_ptr,
+        shift_ptr,
+        out_ptr,
+        n_rows,
+        n_cols,
+        sx0,
+        sx1,
+        qmax_unit,
+        E_MAX: tl.constexpr,
+        M: tl.constexpr,
+        HAS_SHIFT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         cm = cols < n_cols
@@ -141,22 +165,38 @@ def unpack_nibbles_triton(packed: Tensor, n: int, block: int = 256) -> Tensor:
     return out.reshape(*packed.shape[:-1], n)
 
 
-def fake_quant_rows_triton(x: Tensor, e_bits: int, m_bits: int, bias: Tensor, shift: Optional[Tensor] = None,
-                           block: int = 256) -> Tensor:
+def fake_quant_rows_triton(
+    x: Tensor, e_bits: int, m_bits: int, bias: Tensor, shift: Optional[Tensor] = None, block: int = 256
+) -> Tensor:
     """Triton version of :func:`fake_quant_rows_reference` (any strides; float32 out)."""
     if x.dim() != 2 or bias.shape != (x.shape[0],) or (shift is not None and shift.shape != (x.shape[1],)):
-        raise ValueError(f"fake_quant_rows: x must be [R, C] with bias [R] and shift [C]; got x {tuple(x.shape)}, "
-                         f"bias {tuple(bias.shape)}, shift {None if shift is None else tuple(shift.shape)}")
+        raise ValueError(
+            f"fake_quant_rows: x must be [R, C] with bias [R] and shift [C]; got x {tuple(x.shape)}, "
+            f"bias {tuple(bias.shape)}, shift {None if shift is None else tuple(shift.shape)}"
+        )
     rows, cols = x.shape
     out = torch.empty(rows, cols, dtype=torch.float32, device=x.device)
-    qmax_unit = (2.0 - 2.0 ** -m_bits) * 2.0 ** (2 ** e_bits - 1)
+    qmax_unit = (2.0 - 2.0**-m_bits) * 2.0 ** (2**e_bits - 1)
     b = bias.float().contiguous()
     unit = torch.exp2(-b.double()).float()  # as the reference's (compression.fp4.formats._unit)
     s = shift.to(torch.int32).contiguous() if shift is not None else b  # dummy pointer when unused
     if x.numel():
-        _kernels()[2][_grid(rows, cols, block)](x, b, unit, s, out, rows, cols, x.stride(0), x.stride(1), qmax_unit,
-                                                E_MAX=2 ** e_bits - 1, M=m_bits, HAS_SHIFT=shift is not None,
-                                                BLOCK=block)
+        _kernels()[2][_grid(rows, cols, block)](
+            x,
+            b,
+            unit,
+            s,
+            out,
+            rows,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            qmax_unit,
+            E_MAX=2**e_bits - 1,
+            M=m_bits,
+            HAS_SHIFT=shift is not None,
+            BLOCK=block,
+        )
     return out
 
 

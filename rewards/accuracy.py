@@ -5,6 +5,7 @@ per-item timeout (see ``verifier_pool``). Accepted answer forms: ``\\boxed{..}``
 plain numbers and LaTeX. A gold answer that cannot be parsed scores None (unscorable), as does an
 item that times out; a completion without a parsable answer scores 0.0.
 """
+
 from __future__ import annotations
 
 import re
@@ -62,8 +63,9 @@ def check_answer(gold: str, pred: str, timeout_s: float = 5.0) -> Optional[bool]
 
 
 @register_reward("accuracy")
-def accuracy(prompts: list[str], completions: list[str], answer: list[str], processes: int = 2,
-             timeout_s: float = 20.0, **_) -> list[Optional[float]]:
+def accuracy(
+    prompts: list[str], completions: list[str], answer: list[str], processes: int = 2, timeout_s: float = 20.0, **_
+) -> list[Optional[float]]:
     """Verifiable-answer reward (the rule-based accuracy reward of DeepSeek-R1, Guo et al. 2025, §2.2.2)."""
     verdicts = _pool(processes, timeout_s).map([(str(g), c) for g, c in zip(answer, completions)])
     return [None if v is None else float(v) for v in verdicts]

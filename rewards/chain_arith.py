@@ -13,6 +13,7 @@ correctness reward beside small binary ones), where GRPO's summed reward lets th
 They read the task's columns (``shortest_solution``, ``question``, ``floor_tokens``); other data lacks
 them, and scoring names the missing field.
 """
+
 from __future__ import annotations
 
 from rewards.registry import register_reward
@@ -50,7 +51,8 @@ def no_restate(prompts, completions, question: list[str], **_) -> list[float]:
 
 
 @register_reward("tight_budget")
-def tight_budget(prompts, completions, completion_token_counts: list[int], floor_tokens: list[int], slack: int = 10,
-                 **_) -> list[float]:
+def tight_budget(
+    prompts, completions, completion_token_counts: list[int], floor_tokens: list[int], slack: int = 10, **_
+) -> list[float]:
     """1 when the completion has at most ``floor_tokens + slack`` tokens."""
     return [1.0 if n <= f + slack else 0.0 for n, f in zip(completion_token_counts, floor_tokens)]

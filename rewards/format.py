@@ -1,4 +1,5 @@
 """``format``: 1.0 when the completion ends in exactly one final answer, else 0.0."""
+
 from __future__ import annotations
 
 import re

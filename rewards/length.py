@@ -10,6 +10,7 @@ that read correctness define what a wrong answer earns, so the config refuses ``
 them: conditioned (wrong answers set to 0) and then normalized per group under GDPO, ``kimi_length``
 ranked a lone correct-but-longest answer at advantage 0 and a long correct one below the wrong ones.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ from rewards.registry import RewardError, register_reward
 def _correctness(rewards: Optional[dict], name: str, threshold: float, n: int, who: str) -> list[Optional[bool]]:
     if not rewards or name not in rewards:
         have = ", ".join(sorted(rewards or {})) or "none"
-        raise RewardError(f"reward '{who}' needs the correctness reward '{name}' listed before it "
-                          f"(rewards computed so far: {have}); set its kwarg correctness_from")
+        raise RewardError(
+            f"reward '{who}' needs the correctness reward '{name}' listed before it "
+            f"(rewards computed so far: {have}); set its kwarg correctness_from"
+        )
     col = rewards[name]
     if len(col) != n:
         raise RewardError(f"reward '{who}': correctness column '{name}' has {len(col)} values for {n} samples")
@@ -44,8 +47,9 @@ def length_budget(prompts, completions, completion_token_counts: list[int], max_
 
 
 @register_reward("dapo_overlong")
-def dapo_overlong(prompts, completions, completion_token_counts: list[int], max_tokens: int = 128,
-                  cache_tokens: int = 32, **_) -> list[float]:
+def dapo_overlong(
+    prompts, completions, completion_token_counts: list[int], max_tokens: int = 128, cache_tokens: int = 32, **_
+) -> list[float]:
     """Soft overlong punishment (DAPO, Yu et al. 2025, Eq. 13), with L_max = max_tokens, L_cache = cache_tokens:
     0 if |y| <= L_max - L_cache; (L_max - L_cache - |y|) / L_cache if below L_max; -1 beyond."""
     start = max_tokens - cache_tokens
@@ -61,9 +65,16 @@ def dapo_overlong(prompts, completions, completion_token_counts: list[int], max_
 
 
 @register_reward("kimi_length")
-def kimi_length(prompts, completions, completion_token_counts: list[int], group_ids: list[int],
-                rewards: Optional[dict] = None, correctness_from: str = "accuracy",
-                correct_threshold: float = 1.0, **_) -> list[Optional[float]]:
+def kimi_length(
+    prompts,
+    completions,
+    completion_token_counts: list[int],
+    group_ids: list[int],
+    rewards: Optional[dict] = None,
+    correctness_from: str = "accuracy",
+    correct_threshold: float = 1.0,
+    **_,
+) -> list[Optional[float]]:
     """Kimi k1.5 length penalty (Kimi Team 2025, §2.3.3): per group, λ = 0.5 - (len - min)/(max - min);
     correct answers get λ, incorrect ones min(0, λ)."""
     n = len(completions)
@@ -80,10 +91,21 @@ def kimi_length(prompts, completions, completion_token_counts: list[int], group_
 
 
 @register_reward("cosine_length")
-def cosine_length(prompts, completions, completion_token_counts: list[int], rewards: Optional[dict] = None,
-                  max_tokens: int = 128, min_value_correct: float = 1.0, max_value_correct: float = 2.0,
-                  min_value_wrong: float = -10.0, max_value_wrong: float = 0.0, exceed_value: float = -10.0,
-                  correctness_from: str = "accuracy", correct_threshold: float = 1.0, **_) -> list[Optional[float]]:
+def cosine_length(
+    prompts,
+    completions,
+    completion_token_counts: list[int],
+    rewards: Optional[dict] = None,
+    max_tokens: int = 128,
+    min_value_correct: float = 1.0,
+    max_value_correct: float = 2.0,
+    min_value_wrong: float = -10.0,
+    max_value_wrong: float = 0.0,
+    exceed_value: float = -10.0,
+    correctness_from: str = "accuracy",
+    correct_threshold: float = 1.0,
+    **_,
+) -> list[Optional[float]]:
     """Cosine length scaling (Yeo et al. 2025, "Demystifying Long CoT Reasoning in LLMs", Eq. 1):
     CosFn(t, T, η_min, η_max) = η_min + ½(η_max − η_min)(1 + cos(tπ/T)) with T = ``max_tokens``.
     Correct answers earn from r0_c = +2 (t = 0) down to rL_c = +1 (t = T); wrong ones from r0_w = −10
@@ -111,13 +133,23 @@ def _targets(target_tokens, n: int, who: str) -> list[float]:
         return [float(target_tokens)] * n
     if isinstance(target_tokens, list) and len(target_tokens) == n:
         return [float(t) for t in target_tokens]
-    raise RewardError(f"reward '{who}': target_tokens must be a number (kwarg) or a per-sample column, got {target_tokens!r}")
+    raise RewardError(
+        f"reward '{who}': target_tokens must be a number (kwarg) or a per-sample column, got {target_tokens!r}"
+    )
 
 
 @register_reward("l1_exact")
-def l1_exact(prompts, completions, completion_token_counts: list[int], target_tokens, rewards: Optional[dict] = None,
-             alpha: float = 0.0003, correctness_from: str = "accuracy", correct_threshold: float = 1.0,
-             **_) -> list[Optional[float]]:
+def l1_exact(
+    prompts,
+    completions,
+    completion_token_counts: list[int],
+    target_tokens,
+    rewards: Optional[dict] = None,
+    alpha: float = 0.0003,
+    correctness_from: str = "accuracy",
+    correct_threshold: float = 1.0,
+    **_,
+) -> list[Optional[float]]:
     """L1-Exact (LCPO, Aggarwal & Welleck 2025, Eq. 1): r = 1{correct} − α·|n_gold − n_y|.
 
     ``target_tokens`` is the data's per-sample column: L1 writes the target into the prompt ("Think for
@@ -127,27 +159,48 @@ def l1_exact(prompts, completions, completion_token_counts: list[int], target_to
     n = len(completions)
     correct = _correctness(rewards, correctness_from, correct_threshold, n, "l1_exact")
     targets = _targets(target_tokens, n, "l1_exact")
-    return [None if ok is None else float(ok) - alpha * abs(tg - t)
-            for t, tg, ok in zip(completion_token_counts, targets, correct)]
+    return [
+        None if ok is None else float(ok) - alpha * abs(tg - t)
+        for t, tg, ok in zip(completion_token_counts, targets, correct)
+    ]
 
 
 @register_reward("l1_max")
-def l1_max(prompts, completions, completion_token_counts: list[int], target_tokens, rewards: Optional[dict] = None,
-           alpha: float = 0.0003, delta: float = 0.5, correctness_from: str = "accuracy",
-           correct_threshold: float = 1.0, **_) -> list[Optional[float]]:
+def l1_max(
+    prompts,
+    completions,
+    completion_token_counts: list[int],
+    target_tokens,
+    rewards: Optional[dict] = None,
+    alpha: float = 0.0003,
+    delta: float = 0.5,
+    correctness_from: str = "accuracy",
+    correct_threshold: float = 1.0,
+    **_,
+) -> list[Optional[float]]:
     """L1-Max (LCPO, Aggarwal & Welleck 2025, Eq. 2): r = 1{correct}·clip(α·(n_gold − n_y) + δ, 0, 1).
     ``target_tokens`` and α as in :func:`l1_exact`."""
     n = len(completions)
     correct = _correctness(rewards, correctness_from, correct_threshold, n, "l1_max")
     targets = _targets(target_tokens, n, "l1_max")
-    return [None if ok is None else float(ok) * min(1.0, max(0.0, alpha * (tg - t) + delta))
-            for t, tg, ok in zip(completion_token_counts, targets, correct)]
+    return [
+        None if ok is None else float(ok) * min(1.0, max(0.0, alpha * (tg - t) + delta))
+        for t, tg, ok in zip(completion_token_counts, targets, correct)
+    ]
 
 
 @register_reward("efficient_sigmoid")
-def efficient_sigmoid(prompts, completions, completion_token_counts: list[int], group_ids: list[int],
-                      rewards: Optional[dict] = None, alpha: float = 0.2, correctness_from: str = "accuracy",
-                      correct_threshold: float = 1.0, **_) -> list[Optional[float]]:
+def efficient_sigmoid(
+    prompts,
+    completions,
+    completion_token_counts: list[int],
+    group_ids: list[int],
+    rewards: Optional[dict] = None,
+    alpha: float = 0.2,
+    correctness_from: str = "accuracy",
+    correct_threshold: float = 1.0,
+    **_,
+) -> list[Optional[float]]:
     """Arora & Zanette 2025 ("Training Language Models to Reason Efficiently", Eq. 3):
     r = 1{correct}·(1 − α·σ((len − mean_c)/std_c)), mean_c / std_c over the correct samples of the same prompt."""
     n = len(completions)

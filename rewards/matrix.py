@@ -1,4 +1,5 @@
 """Score every configured reward over a batch: the ``[N, K]`` reward matrix and its statistics."""
+
 from __future__ import annotations
 
 import math
@@ -28,9 +29,15 @@ class RewardMatrix:
         return out
 
 
-def score_rewards(rewards: Sequence[BoundReward], prompts: Sequence[str], completions: Sequence[str],
-                  completion_token_counts: Sequence[int], group_ids: Sequence[int],
-                  columns: dict[str, Sequence], timeout_s: Optional[float] = None) -> RewardMatrix:
+def score_rewards(
+    rewards: Sequence[BoundReward],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    completion_token_counts: Sequence[int],
+    group_ids: Sequence[int],
+    columns: dict[str, Sequence],
+    timeout_s: Optional[float] = None,
+) -> RewardMatrix:
     """Run each reward in order; later rewards see the earlier columns in the ``rewards`` field.
 
     ``columns`` are the dataset columns of each sample (e.g. ``answer``), each a list of N values;
@@ -38,8 +45,10 @@ def score_rewards(rewards: Sequence[BoundReward], prompts: Sequence[str], comple
     """
     n = len(completions)
     if len(prompts) != n or len(completion_token_counts) != n or len(group_ids) != n:
-        raise RewardError(f"batch lengths disagree: {len(prompts)} prompts, {n} completions, "
-                          f"{len(completion_token_counts)} token counts, {len(group_ids)} group ids")
+        raise RewardError(
+            f"batch lengths disagree: {len(prompts)} prompts, {n} completions, "
+            f"{len(completion_token_counts)} token counts, {len(group_ids)} group ids"
+        )
     for name, col in columns.items():
         if len(col) != n:
             raise RewardError(f"data column '{name}' has {len(col)} values for {n} samples")
@@ -49,6 +58,8 @@ def score_rewards(rewards: Sequence[BoundReward], prompts: Sequence[str], comple
     done: dict[str, list] = {}
     for reward in rewards:
         done[reward.name] = reward.score(prompts, completions, {**fields, "rewards": dict(done)}, timeout_s=timeout_s)
-    values = torch.tensor([[math.nan if done[r.name][i] is None else done[r.name][i] for r in rewards]
-                           for i in range(n)], dtype=torch.float32).reshape(n, len(rewards))
+    values = torch.tensor(
+        [[math.nan if done[r.name][i] is None else done[r.name][i] for r in rewards] for i in range(n)],
+        dtype=torch.float32,
+    ).reshape(n, len(rewards))
     return RewardMatrix(names=[r.name for r in rewards], values=values)

@@ -9,6 +9,7 @@ order). ``None`` means "could not score"; it becomes NaN in the reward matrix.
 Plugins are found, in order, as: a name registered with ``@register_reward``; ``module:function``;
 ``path/to/file.py:function``; an entry point in the group ``gdpo.rewards``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,11 +39,13 @@ class RewardError(RuntimeError):
 
 def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register ``fn`` under ``name``; registering a name twice is an error."""
+
     def deco(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise RewardError(f"reward name '{name}' is already registered (by {_describe(_REGISTRY[name])})")
         _REGISTRY[name] = fn
         return fn
+
     return deco
 
 
@@ -83,9 +86,11 @@ def resolve_reward(name: str) -> RewardFn:
                 if isinstance(err, KeyboardInterrupt):
                     raise
                 raise RewardError(f"reward '{name}': loading entry point {ep.value} failed: {err!r}") from err
-    raise RewardError(f"unknown reward '{name}' (registered: {', '.join(registered_rewards())}; "
-                      f"or give 'module:function', 'path/to/file.py:function', or an entry point in "
-                      f"'{ENTRY_POINT_GROUP}')")
+    raise RewardError(
+        f"unknown reward '{name}' (registered: {', '.join(registered_rewards())}; "
+        f"or give 'module:function', 'path/to/file.py:function', or an entry point in "
+        f"'{ENTRY_POINT_GROUP}')"
+    )
 
 
 def _import(module: str, name: str):
@@ -134,19 +139,28 @@ class BoundReward:
         try:
             params = list(inspect.signature(fn).parameters.values())
         except (TypeError, ValueError):
-            raise RewardError(f"reward '{name}' ({_describe(fn)}) has no inspectable signature; a reward is "
-                              "fn(prompts, completions, **fields)") from None
+            raise RewardError(
+                f"reward '{name}' ({_describe(fn)}) has no inspectable signature; a reward is "
+                "fn(prompts, completions, **fields)"
+            ) from None
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
-            raise RewardError(f"reward '{name}' ({_describe(fn)}) takes ({', '.join(p.name for p in params)}); "
-                              "a reward is fn(prompts, completions, **fields)")
+            raise RewardError(
+                f"reward '{name}' ({_describe(fn)}) takes ({', '.join(p.name for p in params)}); "
+                "a reward is fn(prompts, completions, **fields)"
+            )
         # config kwargs must name a declared parameter: a typo must not vanish into **fields
-        named = [p for p in list(inspect.signature(fn).parameters.values())[2:]
-                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        named = [
+            p
+            for p in list(inspect.signature(fn).parameters.values())[2:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
         for key in kwargs:
             if key not in {p.name for p in named}:
-                raise RewardError(f"reward '{name}' has no parameter '{key}' "
-                                  f"(parameters: {', '.join(p.name for p in named) or 'none'})")
+                raise RewardError(
+                    f"reward '{name}' has no parameter '{key}' "
+                    f"(parameters: {', '.join(p.name for p in named) or 'none'})"
+                )
         return cls(name=name, fn=fn, kwargs=kwargs)
 
     def warm_up(self) -> None:
@@ -156,8 +170,13 @@ class BoundReward:
         if callable(warmup):
             warmup(**self.kwargs)
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str], fields: dict[str, list],
-              timeout_s: Optional[float] = None) -> list[Optional[float]]:
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        fields: dict[str, list],
+        timeout_s: Optional[float] = None,
+    ) -> list[Optional[float]]:
         """Score a batch; errors name the reward, the plugin and, where a quick search finds it, the
         sample. ``timeout_s``: a call that runs longer raises ``RewardTimeout`` (in a main thread, where
         a signal can interrupt Python code; elsewhere the caller's deadline is the only bound)."""
@@ -189,8 +208,10 @@ class BoundReward:
             if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 continue
             if p.default is p.empty and pname not in names:
-                raise RewardError(f"reward '{self.name}' needs the field '{pname}', which the data does not "
-                                  f"provide (fields: {', '.join(sorted(names))})")
+                raise RewardError(
+                    f"reward '{self.name}' needs the field '{pname}', which the data does not "
+                    f"provide (fields: {', '.join(sorted(names))})"
+                )
 
     def _fails(self, prompts, completions, call_fields, lo: int, hi: int) -> bool:
         n = len(completions)
@@ -218,8 +239,10 @@ class BoundReward:
 
     def _check_output(self, out: Any, n: int) -> list[Optional[float]]:
         if not isinstance(out, (list, tuple)):
-            raise RewardError(f"reward '{self.name}' ({_describe(self.fn)}) returned {type(out).__name__}, "
-                              f"expected a list of {n} numbers or None")
+            raise RewardError(
+                f"reward '{self.name}' ({_describe(self.fn)}) returned {type(out).__name__}, "
+                f"expected a list of {n} numbers or None"
+            )
         if len(out) != n:
             raise RewardError(f"reward '{self.name}' ({_describe(self.fn)}) returned {len(out)} values for {n} samples")
         clean: list[Optional[float]] = []
@@ -232,8 +255,10 @@ class BoundReward:
             except OverflowError:  # an int too large for a float
                 x = math.inf
             if x is None or math.isinf(x):  # numpy's inf too: one inf makes a whole group's advantages NaN
-                raise RewardError(f"reward '{self.name}' ({_describe(self.fn)}) returned {v!r} for sample {i}; "
-                                  f"expected a finite number or None")
+                raise RewardError(
+                    f"reward '{self.name}' ({_describe(self.fn)}) returned {v!r} for sample {i}; "
+                    f"expected a finite number or None"
+                )
             clean.append(None if math.isnan(x) else x)
         return clean
 
@@ -251,8 +276,8 @@ def _deadline(seconds: Optional[float], name: str, n: int):
         return
 
     def expire(signum, frame):
-        raise RewardTimeout(f"reward '{name}' did not return within {seconds:g} s on {n} samples "
-                            "(rewards.timeout_s)")
+        raise RewardTimeout(f"reward '{name}' did not return within {seconds:g} s on {n} samples (rewards.timeout_s)")
+
     previous = signal.signal(signal.SIGALRM, expire)
     outer = signal.setitimer(signal.ITIMER_REAL, seconds)[0]
     started = time.monotonic()
@@ -263,4 +288,3 @@ def _deadline(seconds: Optional[float], name: str, n: int):
         signal.signal(signal.SIGALRM, previous)
         if outer:
             signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - started)))
-

@@ -7,6 +7,7 @@ progress for ``timeout_s`` is killed, its current item scores None, the rest of 
 to the queue, and a fresh worker replaces it. "spawn" (not fork) keeps this safe from any thread,
 from a Ray actor, and from a guarded script.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -20,8 +21,12 @@ from typing import Callable, Optional, Sequence
 Item = tuple[str, str]  # (gold, prediction)
 
 
-def _worker_main(conn: Connection, check: Callable[[str, str, float], Optional[bool]], timeout_s: float,
-                 warmup: Optional[Item] = None) -> None:
+def _worker_main(
+    conn: Connection,
+    check: Callable[[str, str, float], Optional[bool]],
+    timeout_s: float,
+    warmup: Optional[Item] = None,
+) -> None:
     if warmup is not None:  # imports and first-use set-up (math-verify's grammar) before "ready", not in an item
         try:
             check(*warmup, timeout_s)
@@ -88,8 +93,13 @@ class VerifierPool:
     grammars) never counts against an item's timeout (under CPU load it can take longer than that).
     """
 
-    def __init__(self, check: Callable[[str, str, float], Optional[bool]], processes: int = 2, timeout_s: float = 10.0,
-                 warmup: Optional[Item] = None):
+    def __init__(
+        self,
+        check: Callable[[str, str, float], Optional[bool]],
+        processes: int = 2,
+        timeout_s: float = 10.0,
+        warmup: Optional[Item] = None,
+    ):
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
         self.check, self.processes, self.timeout_s, self.warmup = check, processes, timeout_s, warmup
@@ -109,8 +119,10 @@ class VerifierPool:
 
     def _fill(self) -> None:
         if len(self._workers) < self.processes:
-            fresh = [_Worker(self._ctx, self.check, self.timeout_s, self.warmup)
-                     for _ in range(self.processes - len(self._workers))]
+            fresh = [
+                _Worker(self._ctx, self.check, self.timeout_s, self.warmup)
+                for _ in range(self.processes - len(self._workers))
+            ]
             for w in fresh:  # started together, waited for together
                 w.wait_ready()
             self._workers += fresh

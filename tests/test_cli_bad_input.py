@@ -1,6 +1,7 @@
 """Bad input on every command: a new user's mistakes and an attacker's inputs. Each case must end with
 exit code 2 and one line on stderr that names the key, flag, file or sample, before any work starts
 (no Ray, no engine, no training: every case returns in seconds), and no traceback."""
+
 import json
 from pathlib import Path
 
@@ -21,6 +22,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data if isinstance(data, bytes) else data.encode())
         return str(p)
+
     rows = [{"question": "1+1?", "answer": "#### 2"}, {"question": "2+2?", "answer": "#### 4"}]
     out = {
         "latin1_yaml": write("latin1.yaml", "trainer:\n  steps: 3 # caf\xe9\n".encode("latin-1")),
@@ -28,13 +30,20 @@ def files(tmp_path_factory) -> dict[str, str]:
         "list_yaml": write("list.yaml", "- 1\n- 2\n"),
         "python_tag": write("tag.yaml", "trainer: !!python/object/apply:os.system ['echo pwned']\n"),
         "bad_json": write("bad.jsonl", json.dumps(rows[0]) + "\n{not json\n"),
-        "latin1_jsonl": write("latin1.jsonl", json.dumps(rows[0]).encode() + b"\n" + '{"question": "caf\xe9", '
-                              '"answer": "#### 1"}\n'.encode("latin-1")),
+        "latin1_jsonl": write(
+            "latin1.jsonl",
+            json.dumps(rows[0]).encode() + b"\n" + '{"question": "caf\xe9", "answer": "#### 1"}\n'.encode("latin-1"),
+        ),
         "empty_jsonl": write("empty.jsonl", ""),
         "array_jsonl": write("array.jsonl", "[1, 2]\n"),
         "no_column": write("nocol.jsonl", json.dumps({"q": "1+1?", "answer": "2"}) + "\n"),
-        "mixed_gold": write("mixed.jsonl", json.dumps(rows[0]) + "\n" + json.dumps(
-            {"question": "3+3?", "answer": "3 and 3 make 6.\nSo 6 in all, 2 left"}) + "\n"),
+        "mixed_gold": write(
+            "mixed.jsonl",
+            json.dumps(rows[0])
+            + "\n"
+            + json.dumps({"question": "3+3?", "answer": "3 and 3 make 6.\nSo 6 in all, 2 left"})
+            + "\n",
+        ),
         "prose_gold": write("prose.jsonl", json.dumps({"question": "q", "answer": "First 2.\nThen 4."}) + "\n"),
         "empty_gold": write("emptygold.jsonl", json.dumps({"question": "q", "answer": " "}) + "\n"),
         "a_file": write("plain.txt", "x"),
@@ -89,8 +98,7 @@ CASES = [
     ("check-config rewards.functions.1.name=accuracy", "is listed twice"),
     ("check-config algorithm.filter_zero_variance=[nope]", "algorithm.filter_zero_variance"),
     ("check-config rewards.functions=[]", "needs at least one reward"),
-    ("check-config rewards.functions.0.name=tests.helpers.plugins:needs_difficulty",
-     "needs the field 'difficulty'"),
+    ("check-config rewards.functions.0.name=tests.helpers.plugins:needs_difficulty", "needs the field 'difficulty'"),
     # --- data
     ("check-config data.train=/nonexistent/train.jsonl", "data file not found"),
     ("check-config data.train={bad_json}", "bad.jsonl:2: not valid JSON"),
@@ -107,20 +115,30 @@ CASES = [
     ("check-config data.train=hf:onlyname", "must look like 'hf:NAME:SPLIT'"),
     # --- eval
     ("eval --model /nonexistent/m --data task:chain_arith --out {dir}/e1", "--model /nonexistent/m: no such directory"),
-    ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e2 --samples-per-prompt 0",
-     "--samples-per-prompt"),
+    (
+        "eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e2 --samples-per-prompt 0",
+        "--samples-per-prompt",
+    ),
     ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e3 --top-p 0", "--top-p"),
     ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e4 --pass-k abc", "--pass-k"),
     ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e5 --pass-k 5", "--pass-k"),
     ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {a_file}", "is a file"),
-    ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e6 --base {dir}/corrupt_eval",
-     "corrupt_eval/results.json: unreadable"),
-    ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e7 --base {dir}/nometrics_eval",
-     "not a gdpo eval results file"),
-    ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e8 --lora {dir}/bad_lora",
-     "bad_lora/adapter_config.json: unreadable"),
-    ("eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e9 --lora {dir}/lora_norank",
-     "no rank 'r'"),
+    (
+        "eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e6 --base {dir}/corrupt_eval",
+        "corrupt_eval/results.json: unreadable",
+    ),
+    (
+        "eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e7 --base {dir}/nometrics_eval",
+        "not a gdpo eval results file",
+    ),
+    (
+        "eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e8 --lora {dir}/bad_lora",
+        "bad_lora/adapter_config.json: unreadable",
+    ),
+    (
+        "eval --model builtin:tiny-chain-arith --data task:chain_arith --out {dir}/e9 --lora {dir}/lora_norank",
+        "no rank 'r'",
+    ),
     # --- report
     ("report /nonexistent/run --out {dir}/r1", "/nonexistent/run: no such directory"),
     ("report {dir}/corrupt_eval --out {dir}/r2", "results.json: unreadable"),
@@ -142,8 +160,7 @@ CASES = [
     ("compress --model builtin:tiny-chain-arith --out {dir}/p2 --pipeline foo", "--pipeline"),
     ("compress --model builtin:tiny-chain-arith --out {dir}/p3 --methods foo", "--methods"),
     ("compress --model builtin:tiny-chain-arith --out {dir}/p4 --pipeline fp4,eora --rank 0", "--rank"),
-    ("compress --model builtin:tiny-chain-arith --out {dir}/p5 --pipeline fp4,eora --factor-bits 5",
-     "--factor-bits"),
+    ("compress --model builtin:tiny-chain-arith --out {dir}/p5 --pipeline fp4,eora --factor-bits 5", "--factor-bits"),
     # --- ofq
     ("ofq --config {bad_yaml} --out {dir}/o1", "is not valid YAML"),
     ("ofq --config /nonexistent.yaml --out {dir}/o2", "config file not found"),

@@ -1,4 +1,5 @@
 """``gdpo compare`` end to end on the real stack, shrunk: 2 estimators x 1 seed x 2 steps, 8 held-out prompts."""
+
 import json
 from html.parser import HTMLParser
 
@@ -11,12 +12,27 @@ pytestmark = pytest.mark.e2e
 
 def test_compare_trains_each_estimator_evaluates_and_reports(tmp_path, capsys):
     out = tmp_path / "cmp"
-    args = ["compare", "--estimators", "grpo-matched,gdpo", "--joint", "accuracy", "--seeds", "1",
-            "--samples-per-prompt", "2", "--out", str(out),
-            "trainer.steps=2", "trainer.prompts_per_step=4", "trainer.eval_every=0", "data.eval_size=8",
-            "learner.micro_batch_per_worker=16"]
+    args = [
+        "compare",
+        "--estimators",
+        "grpo-matched,gdpo",
+        "--joint",
+        "accuracy",
+        "--seeds",
+        "1",
+        "--samples-per-prompt",
+        "2",
+        "--out",
+        str(out),
+        "trainer.steps=2",
+        "trainer.prompts_per_step=4",
+        "trainer.eval_every=0",
+        "data.eval_size=8",
+        "learner.micro_batch_per_worker=16",
+    ]
     assert main(args) == 0
     import ray
+
     assert not ray.is_initialized()  # the embedded Ray it started is stopped again
     printed = capsys.readouterr().out
     assert "arm" in printed and "grpo-matched" in printed and "gdpo" in printed
@@ -40,6 +56,7 @@ def test_compare_trains_each_estimator_evaluates_and_reports(tmp_path, capsys):
 
         def handle_starttag(self, tag, attrs):
             self.count += tag == "table"
+
     page = Tables()
     page.feed((out / "report.html").read_text())
     assert page.count == 3  # estimators, evaluations, training runs

@@ -1,4 +1,5 @@
 """``gdpo compress --pipeline fp4`` end to end on the tiny policy (transformers + math-verify), shrunk."""
+
 import json
 
 import pytest
@@ -11,9 +12,29 @@ pytestmark = pytest.mark.e2e
 
 def test_compress_fp4_compares_methods_and_saves_a_checkpoint_that_is_what_was_evaluated(tmp_path, capsys):
     out = tmp_path / "fp4"
-    args = ["compress", "--model", "builtin:tiny-chain-arith", "--pipeline", "fp4", "--bits", "w4a4",
-            "--calib", "task:chain_arith", "--calib-samples", "32", "--eval-limit", "16", "--out", str(out),
-            "--grid-points", "16", "--grid-act-points", "8", "--grid-rounds", "1"]
+    args = [
+        "compress",
+        "--model",
+        "builtin:tiny-chain-arith",
+        "--pipeline",
+        "fp4",
+        "--bits",
+        "w4a4",
+        "--calib",
+        "task:chain_arith",
+        "--calib-samples",
+        "32",
+        "--eval-limit",
+        "16",
+        "--out",
+        str(out),
+        "--grid-points",
+        "16",
+        "--grid-act-points",
+        "8",
+        "--grid-rounds",
+        "1",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "gap recovered" in printed and "minmax_fp" in printed
@@ -47,14 +68,17 @@ def _tensors(path):
     return load_file(str(path)).values()
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--bits", "w3a4"], "--bits: bits 'w3a4': weight bits must be 4 or 8"),
-    (["--pipeline", "gptq"], "unknown stage 'gptq'"),
-    (["--pipeline", "fp4,svd"], "only eora may follow"),
-    (["--methods", "search,awq"], "unknown method awq"),
-    (["--calib-samples", "1"], "calibration data too small"),
-    (["--model", "/nonexistent"], "no such directory"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bits", "w3a4"], "--bits: bits 'w3a4': weight bits must be 4 or 8"),
+        (["--pipeline", "gptq"], "unknown stage 'gptq'"),
+        (["--pipeline", "fp4,svd"], "only eora may follow"),
+        (["--methods", "search,awq"], "unknown method awq"),
+        (["--calib-samples", "1"], "calibration data too small"),
+        (["--model", "/nonexistent"], "no such directory"),
+    ],
+)
 def test_bad_input_is_refused_before_work(tmp_path, capsys, flags, message):
     args = ["compress", "--model", "builtin:tiny-chain-arith", "--out", str(tmp_path / "o"), *flags]
     assert main(args) == 2
@@ -64,9 +88,31 @@ def test_bad_input_is_refused_before_work(tmp_path, capsys, flags, message):
 
 def test_pipeline_fp4_eora_serves_compressed_base_plus_lora_on_vllm(tmp_path, capsys):
     out = tmp_path / "pipe"
-    args = ["compress", "--policy", "builtin:tiny-chain-arith", "--pipeline", "fp4,eora", "--bits", "w4a4",
-            "--rank", "16", "--calib-samples", "32", "--eval-limit", "8", "--max-new-tokens", "96", "--out", str(out),
-            "--grid-points", "12", "--grid-act-points", "6", "--grid-rounds", "1"]
+    args = [
+        "compress",
+        "--policy",
+        "builtin:tiny-chain-arith",
+        "--pipeline",
+        "fp4,eora",
+        "--bits",
+        "w4a4",
+        "--rank",
+        "16",
+        "--calib-samples",
+        "32",
+        "--eval-limit",
+        "8",
+        "--max-new-tokens",
+        "96",
+        "--out",
+        str(out),
+        "--grid-points",
+        "12",
+        "--grid-act-points",
+        "6",
+        "--grid-rounds",
+        "1",
+    ]
     assert main(args) == 0
     assert "recovered" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())

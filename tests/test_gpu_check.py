@@ -1,5 +1,6 @@
 """bench/gpu_check.py, the one-command GPU check, run here at its tiny shape on CPU so that it never rots
 (and in full where a GPU is present)."""
+
 import json
 import subprocess
 import sys
@@ -11,8 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(out: Path, *flags: str) -> dict:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out), *flags],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(out), *flags],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((out / "results.json").read_text())
 

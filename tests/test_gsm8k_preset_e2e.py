@@ -2,6 +2,7 @@
 chat template, `#### N` golds, ZeRO-3 and the shared GSM8K data, on a small local model that has a chat
 template (random weights), with the engines sleeping through the update at level 2 (vLLM's CPU backend
 frees no memory, but the sleep, the wake and the reload of the base weights run)."""
+
 import json
 from pathlib import Path
 
@@ -21,11 +22,23 @@ def test_gsm8k_preset_trains_with_sleeping_engines(tmp_path):
 
     model = build_chat_model(tmp_path / "chat")
     out = tmp_path / "run"
-    cfg = _preset(f"model.path={model}", f"trainer.output_dir={out}", "model.dtype=float32", "learner.num_workers=1",
-                  "rollout.num_workers=1", "rewards.num_workers=1", "rewards.verifier_processes=1",
-                  "trainer.steps=2", "trainer.prompts_per_step=4", "rollout.samples_per_prompt=4",
-                  "rollout.max_new_tokens=32", "data.eval_size=4", "learner.micro_batch_per_worker=8",
-                  "learner.lr=1e-3", "rollout.sleep_level=2")
+    cfg = _preset(
+        f"model.path={model}",
+        f"trainer.output_dir={out}",
+        "model.dtype=float32",
+        "learner.num_workers=1",
+        "rollout.num_workers=1",
+        "rewards.num_workers=1",
+        "rewards.verifier_processes=1",
+        "trainer.steps=2",
+        "trainer.prompts_per_step=4",
+        "rollout.samples_per_prompt=4",
+        "rollout.max_new_tokens=32",
+        "data.eval_size=4",
+        "learner.micro_batch_per_worker=8",
+        "learner.lr=1e-3",
+        "rollout.sleep_level=2",
+    )
     assert cfg.data.use_chat_template and cfg.learner.zero_stage == 3 and cfg.cluster.placement == "colocated"
     try:
         summary = train(cfg, log=lambda m: None)

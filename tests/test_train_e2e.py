@@ -1,4 +1,5 @@
 """The real stack end to end on the tiny policy: Ray, vLLM (CPU), DeepSpeed (gloo), math-verify."""
+
 import json
 import os
 import threading
@@ -10,8 +11,14 @@ from gdpo.config import load_config
 
 pytestmark = pytest.mark.e2e
 
-SMALL = ["trainer.prompts_per_step=4", "rollout.samples_per_prompt=4", "data.eval_size=8",
-         "rollout.max_new_tokens=96", "trainer.eval_every=0", "learner.micro_batch_per_worker=8"]
+SMALL = [
+    "trainer.prompts_per_step=4",
+    "rollout.samples_per_prompt=4",
+    "data.eval_size=8",
+    "rollout.max_new_tokens=96",
+    "trainer.eval_every=0",
+    "learner.micro_batch_per_worker=8",
+]
 
 
 def _train(out, *overrides):
@@ -42,13 +49,32 @@ def test_train_writes_outputs(straight):
         assert key in summary["baseline"] and key in summary["final"]
     rows = _rows(straight)
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("reward/accuracy/mean", "reward/efficient_sigmoid/std", "tokens/mean", "tokens/p90", "clip_ratio",
-                "time/rollout", "time/rollout_wait", "time/reward", "time/logprobs", "time/update", "time/sync",
-                "time/idle", "time/other", "time/overhead_frac", "perf/rollout_tokens_per_s",
-                "perf/learner_tokens_per_s", "sync/bytes", "staleness", "zero_variance_groups"):
+    for key in (
+        "reward/accuracy/mean",
+        "reward/efficient_sigmoid/std",
+        "tokens/mean",
+        "tokens/p90",
+        "clip_ratio",
+        "time/rollout",
+        "time/rollout_wait",
+        "time/reward",
+        "time/logprobs",
+        "time/update",
+        "time/sync",
+        "time/idle",
+        "time/other",
+        "time/overhead_frac",
+        "perf/rollout_tokens_per_s",
+        "perf/learner_tokens_per_s",
+        "sync/bytes",
+        "staleness",
+        "zero_variance_groups",
+    ):
         assert key in rows[0], key
     for row in rows:  # the stages partition the step; the sync moved the adapted layers' merged weights
-        parts = sum(row[f"time/{s}"] for s in ("rollout_wait", "reward", "logprobs", "update", "sleep", "sync", "other"))
+        parts = sum(
+            row[f"time/{s}"] for s in ("rollout_wait", "reward", "logprobs", "update", "sleep", "sync", "other")
+        )
         assert parts == pytest.approx(row["time/step"], rel=1e-6)
         assert 0 < row["time/rollout"] <= row["time/rollout_wait"] and row["time/update"] > 0
         assert 0 <= row["time/overhead_frac"] < 1 and row["staleness"] == 0
@@ -64,6 +90,7 @@ def test_train_writes_outputs(straight):
     from transformers import AutoModelForCausalLM
 
     from gdpo.policy import resolve_model_path
+
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(load_config(), log=lambda m: None))
     with_adapter = PeftModel.from_pretrained(base, straight / "final" / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(straight / "final" / "merged").eval()
@@ -105,7 +132,14 @@ def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight
     # step 1 of both runs starts fresh (the adapters' initialization is seeded), step 2 of this one
     # resumes; the gradient norm sees the adapters' A matrices, which the loss at step 1 does not
     for step in (0, 1):
-        for key in ("tokens/mean", "reward/accuracy/mean", "reward/efficient_sigmoid/mean", "loss", "grad_norm", "entropy"):
+        for key in (
+            "tokens/mean",
+            "reward/accuracy/mean",
+            "reward/efficient_sigmoid/mean",
+            "loss",
+            "grad_norm",
+            "entropy",
+        ):
             assert again[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
@@ -117,9 +151,14 @@ def test_rollout_ahead_samples_one_version_behind_and_trains_on_the_sampler_logp
     die are replaced in tests/actors/test_two_hosts.py)."""
     out = tmp_path / "ahead"
     marker = tmp_path / "died"
-    summary = _train(out, "trainer.steps=3", "trainer.rollout_ahead=1", "learner.lr=1e-2",
-                     "rewards.functions=[{name: accuracy}, {name: length_budget, condition_on: accuracy},"
-                     f" {{name: 'tests.helpers.faults:die_once', kwargs: {{marker: '{marker}'}}}}]")
+    summary = _train(
+        out,
+        "trainer.steps=3",
+        "trainer.rollout_ahead=1",
+        "learner.lr=1e-2",
+        "rewards.functions=[{name: accuracy}, {name: length_budget, condition_on: accuracy},"
+        f" {{name: 'tests.helpers.faults:die_once', kwargs: {{marker: '{marker}'}}}}]",
+    )
     rows = _rows(out)
     assert marker.is_file() and rows[-1]["restarts/reward"] >= 1  # nothing lost: every step below is there
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["policy_version"] for r in rows] == [1, 2, 3]

@@ -10,6 +10,7 @@ Quantization clips to ±Qmax, finds the binade ``p = max(1, floor(log2|x| + b))`
 nearest multiple of ``2^(p - M - b)`` (ties to even). A code is ``sign << (E+M) | p << M | m``, one per
 uint8; kernels/fp4_pack.py packs two 4-bit codes per byte.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,18 @@ from torch import Tensor
 
 Bias = Union[float, Tensor]
 
-__all__ = ["FPFormat", "SUPPORTED_BITS", "formats_for_bits", "parse_format", "max_value", "bias_for_max",
-           "fake_quant", "encode", "decode", "representable_values"]
+__all__ = [
+    "FPFormat",
+    "SUPPORTED_BITS",
+    "formats_for_bits",
+    "parse_format",
+    "max_value",
+    "bias_for_max",
+    "fake_quant",
+    "encode",
+    "decode",
+    "representable_values",
+]
 
 
 @dataclass(frozen=True)
@@ -32,8 +43,10 @@ class FPFormat:
 
     def __post_init__(self):
         if self.e_bits < 1 or self.m_bits < 0 or self.bits > 8:
-            raise ValueError(f"unsupported floating-point format E{self.e_bits}M{self.m_bits}: need E >= 1, "
-                             f"M >= 0 and 1 + E + M <= 8 bits")
+            raise ValueError(
+                f"unsupported floating-point format E{self.e_bits}M{self.m_bits}: need E >= 1, "
+                f"M >= 0 and 1 + E + M <= 8 bits"
+            )
 
     @property
     def bits(self) -> int:
@@ -58,8 +71,7 @@ SUPPORTED_BITS = tuple(sorted(_FORMATS))
 
 def formats_for_bits(bits: int) -> tuple[FPFormat, ...]:
     if bits not in _FORMATS:
-        raise ValueError(f"floating-point quantization supports {', '.join(map(str, SUPPORTED_BITS))} bits, "
-                         f"got {bits}")
+        raise ValueError(f"floating-point quantization supports {', '.join(map(str, SUPPORTED_BITS))} bits, got {bits}")
     return _FORMATS[bits]
 
 
@@ -83,13 +95,13 @@ def _unit(bias: Bias, device=None) -> Tensor:
 
 def max_value(fmt: FPFormat, bias: Bias) -> Tensor:
     """Qmax = (2 - 2^-M) · 2^(2^E - 1 - b)  (LLM-FP4 Eq. 3)."""
-    return ((2.0 - 2.0 ** -fmt.m_bits) * 2.0 ** (2 ** fmt.e_bits - 1)) * _unit(bias)
+    return ((2.0 - 2.0**-fmt.m_bits) * 2.0 ** (2**fmt.e_bits - 1)) * _unit(bias)
 
 
 def bias_for_max(fmt: FPFormat, maxval: Union[float, Tensor]) -> Tensor:
     """The real-valued bias whose Qmax equals ``maxval`` (Eq. 3 solved for b); maxval must be > 0."""
     mx = torch.as_tensor(maxval, dtype=torch.float32)
-    return 2.0 ** fmt.e_bits - 1.0 - torch.log2(mx) + math.log2(2.0 - 2.0 ** -fmt.m_bits)
+    return 2.0**fmt.e_bits - 1.0 - torch.log2(mx) + math.log2(2.0 - 2.0**-fmt.m_bits)
 
 
 def _clip_binade(x: Tensor, fmt: FPFormat, bias: Bias) -> tuple[Tensor, Tensor, Tensor]:
@@ -97,7 +109,7 @@ def _clip_binade(x: Tensor, fmt: FPFormat, bias: Bias) -> tuple[Tensor, Tensor, 
     xf = x.float()
     b = torch.as_tensor(bias, dtype=torch.float32, device=x.device)
     unit = _unit(b)
-    qmax = ((2.0 - 2.0 ** -fmt.m_bits) * 2.0 ** (2 ** fmt.e_bits - 1)) * unit
+    qmax = ((2.0 - 2.0**-fmt.m_bits) * 2.0 ** (2**fmt.e_bits - 1)) * unit
     xc = torch.maximum(torch.minimum(xf, qmax), -qmax)
     p = torch.clamp(torch.floor(torch.log2(xc.abs()) + b), min=1.0)  # log2(0) = -inf -> p = 1
     return xc, p, torch.exp2(p - fmt.m_bits) * unit
@@ -119,26 +131,31 @@ def encode(x: Tensor, fmt: FPFormat, bias: Bias) -> Tensor:
     n = torch.round(xc.abs() / scale)  # in [0, 2^(M+1)]: 2^(M+1) means it rounded up into the next binade
     top = n >= 2 ** (fmt.m_bits + 1)
     p = torch.where(top, p + 1, p)
-    n = torch.where(top, torch.full_like(n, 2 ** fmt.m_bits), n)
-    subnormal = n < 2 ** fmt.m_bits  # only possible in the first binade
+    n = torch.where(top, torch.full_like(n, 2**fmt.m_bits), n)
+    subnormal = n < 2**fmt.m_bits  # only possible in the first binade
     exp_field = torch.where(subnormal, torch.zeros_like(p), p)
-    mant = torch.where(subnormal, n, n - 2 ** fmt.m_bits)
+    mant = torch.where(subnormal, n, n - 2**fmt.m_bits)
     sign = (xc < 0) & (n > 0)  # no negative zero: -0 and +0 share code 0
-    code = (sign.to(torch.int32) << (fmt.e_bits + fmt.m_bits)) | (exp_field.to(torch.int32) << fmt.m_bits) \
+    code = (
+        (sign.to(torch.int32) << (fmt.e_bits + fmt.m_bits))
+        | (exp_field.to(torch.int32) << fmt.m_bits)
         | mant.to(torch.int32)
+    )
     return code.to(torch.uint8)
 
 
 def decode(codes: Tensor, fmt: FPFormat, bias: Bias, dtype: torch.dtype = torch.float32) -> Tensor:
     """Values of ``codes`` under ``bias`` (inverse of :func:`encode` on quantized values)."""
     c = codes.to(torch.int32)
-    mant = (c & (2 ** fmt.m_bits - 1)).float()
-    exp_field = ((c >> fmt.m_bits) & (2 ** fmt.e_bits - 1)).float()
+    mant = (c & (2**fmt.m_bits - 1)).float()
+    exp_field = ((c >> fmt.m_bits) & (2**fmt.e_bits - 1)).float()
     sign = 1.0 - 2.0 * ((c >> (fmt.e_bits + fmt.m_bits)) & 1).float()
     unit = _unit(bias, codes.device)
     normal = exp_field > 0
-    mag = torch.where(normal, (2 ** fmt.m_bits + mant) * torch.exp2(exp_field - fmt.m_bits),
-                      mant * 2.0 ** (1 - fmt.m_bits)) * unit
+    mag = (
+        torch.where(normal, (2**fmt.m_bits + mant) * torch.exp2(exp_field - fmt.m_bits), mant * 2.0 ** (1 - fmt.m_bits))
+        * unit
+    )
     return (sign * mag).to(dtype)
 
 

@@ -10,6 +10,7 @@ On-disk layout (``save_quantized``; written to a temporary directory and renamed
 - ``quantization.json``: the setting, the method and per module its formats, ρ and calibration MSE.
 ``load_quantized(dir)`` builds the model from its config and swaps the quantized modules in.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from compression.calib import (MIN_CALIB_TOKENS, CalibrationError, block_groups, capture_inputs, count_tokens,
-                               set_module, target_linears)
+from compression.calib import (
+    MIN_CALIB_TOKENS,
+    CalibrationError,
+    block_groups,
+    capture_inputs,
+    count_tokens,
+    set_module,
+    target_linears,
+)
 from compression.fp4.qlinear import QuantEmbedding, QuantLinear, layer_meta
 from gdpo.fileio import atomic_dir
 from compression.fp4.search import QuantSetting, SearchGrid, quantize_layer, search_embedding, split_rows
@@ -44,17 +52,27 @@ def _untie(model: nn.Module) -> None:
 def check_calibration(batches: Sequence[dict], min_tokens: int = MIN_CALIB_TOKENS) -> int:
     n = count_tokens(batches)
     if n < min_tokens:
-        raise CalibrationError(f"calibration data too small to estimate exponent biases: {n} tokens in "
-                               f"{sum(len(b['input_ids']) for b in batches)} samples, need at least {min_tokens} "
-                               f"(raise --calib-samples or use longer texts)")
+        raise CalibrationError(
+            f"calibration data too small to estimate exponent biases: {n} tokens in "
+            f"{sum(len(b['input_ids']) for b in batches)} samples, need at least {min_tokens} "
+            f"(raise --calib-samples or use longer texts)"
+        )
     return n
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, batches: Sequence[dict], setting: QuantSetting, method: str,
-                   grid: SearchGrid = SearchGrid(), targets: Optional[Sequence[str]] = None, lm_head: bool = False,
-                   embedding: bool = False, max_tokens: int = 4096,
-                   log: Callable[[str], None] = print) -> dict:
+def quantize_model(
+    model: nn.Module,
+    batches: Sequence[dict],
+    setting: QuantSetting,
+    method: str,
+    grid: SearchGrid = SearchGrid(),
+    targets: Optional[Sequence[str]] = None,
+    lm_head: bool = False,
+    embedding: bool = False,
+    max_tokens: int = 4096,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Quantize ``model`` in place; returns ``quantization.json``'s content. Inputs are checked first."""
     names = target_linears(model, targets, lm_head)
     check_calibration(batches)
@@ -72,10 +90,16 @@ def quantize_model(model: nn.Module, batches: Sequence[dict], setting: QuantSett
             parts = split_rows(lq, [lin.out_features for lin in linears])
             for name, linear, part in zip(readers, linears, parts):
                 set_module(model, name, QuantLinear.from_linear(linear, part))
-                layers[name] = {**layer_meta(part), "in_features": linear.in_features,
-                                "out_features": linear.out_features, "shares_input_with": readers}
-            log(f"  {', '.join(readers)}: w {layers[readers[0]]['w_format']}, a {layers[readers[0]]['a_format']}, "
-                f"output MSE {lq.mse.get('start', lq.mse['final']):.3g} -> {lq.mse['final']:.3g}")
+                layers[name] = {
+                    **layer_meta(part),
+                    "in_features": linear.in_features,
+                    "out_features": linear.out_features,
+                    "shares_input_with": readers,
+                }
+            log(
+                f"  {', '.join(readers)}: w {layers[readers[0]]['w_format']}, a {layers[readers[0]]['a_format']}, "
+                f"output MSE {lq.mse.get('start', lq.mse['final']):.3g} -> {lq.mse['final']:.3g}"
+            )
     emb_meta = None
     if embedding:
         emb = model.get_input_embeddings()
@@ -84,12 +108,27 @@ def quantize_model(model: nn.Module, batches: Sequence[dict], setting: QuantSett
 
         q = fake_quant(emb.weight.detach().float(), fmt.e_bits, fmt.m_bits, row_bias[:, None])
         model.set_input_embeddings(QuantEmbedding(fmt, row_bias, q, emb.padding_idx))
-        emb_meta = {"w_format": fmt.name, "padding_idx": emb.padding_idx, "num_embeddings": q.shape[0],
-                    "embedding_dim": q.shape[1]}
-    return {"format_version": FORMAT_VERSION, "setting": setting.name, "method": method,
-            "grid": {"lo": grid.lo, "hi": grid.hi, "points": grid.points, "act_points": grid.act_points,
-                     "rounds": grid.rounds},
-            "layers": layers, "embedding": emb_meta, "seconds": time.time() - t0}
+        emb_meta = {
+            "w_format": fmt.name,
+            "padding_idx": emb.padding_idx,
+            "num_embeddings": q.shape[0],
+            "embedding_dim": q.shape[1],
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "setting": setting.name,
+        "method": method,
+        "grid": {
+            "lo": grid.lo,
+            "hi": grid.hi,
+            "points": grid.points,
+            "act_points": grid.act_points,
+            "rounds": grid.rounds,
+        },
+        "layers": layers,
+        "embedding": emb_meta,
+        "seconds": time.time() - t0,
+    }
 
 
 def shared_input_sets(names: Sequence[str], xs: dict) -> list[list[str]]:
@@ -150,9 +189,9 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     used = set()
 
     def take(prefix: str) -> dict:
-        keys = [k for k in tensors if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1:]]
+        keys = [k for k in tensors if k.startswith(prefix + ".") and "." not in k[len(prefix) + 1 :]]
         used.update(keys)
-        return {k[len(prefix) + 1:]: tensors[k] for k in keys}
+        return {k[len(prefix) + 1 :]: tensors[k] for k in keys}
 
     for name, meta in quant["layers"].items():
         state = take(name)
@@ -161,14 +200,16 @@ def load_quantized(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
         set_module(model, name, QuantLinear.from_packed(meta, state, meta["in_features"]))
     if quant.get("embedding"):
         name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-        model.set_input_embeddings(QuantEmbedding.from_packed(quant["embedding"], take(name),
-                                                              quant["embedding"]["embedding_dim"]))
+        model.set_input_embeddings(
+            QuantEmbedding.from_packed(quant["embedding"], take(name), quant["embedding"]["embedding_dim"])
+        )
     rest = {k: v for k, v in tensors.items() if k not in used}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise CalibrationError(f"{path}: model.safetensors does not fit the config: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+        raise CalibrationError(
+            f"{path}: model.safetensors does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

@@ -9,6 +9,7 @@ Packed tensors (``packed_state``): 4-bit weights as two codes per byte (kernels/
 8-bit weights one code per byte; FP codes with the per-row exponent bias (float32), INT codes as two's
 complement with the per-row scale. ``QuantLinear.from_packed`` decodes them back bit-exactly.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,16 +27,34 @@ __all__ = ["QuantLinear", "QuantEmbedding", "layer_meta", "layer_from_meta"]
 
 def layer_meta(lq: LayerQuant) -> dict:
     """JSON-able description of a LayerQuant (tensors go to the packed state)."""
-    return {"method": lq.method, "w_bits": lq.w_bits, "w_format": lq.w_fmt.name if lq.w_fmt else "int",
-            "a_bits": lq.a_bits, "a_format": (lq.a_fmt.name if lq.a_fmt else "int") if lq.a_bits else None,
-            "a_bias": lq.a_bias, "a_zero": lq.a_zero, "a_shift": lq.a_shift is not None, "mse": lq.mse}
+    return {
+        "method": lq.method,
+        "w_bits": lq.w_bits,
+        "w_format": lq.w_fmt.name if lq.w_fmt else "int",
+        "a_bits": lq.a_bits,
+        "a_format": (lq.a_fmt.name if lq.a_fmt else "int") if lq.a_bits else None,
+        "a_bias": lq.a_bias,
+        "a_zero": lq.a_zero,
+        "a_shift": lq.a_shift is not None,
+        "mse": lq.mse,
+    }
 
 
 def layer_from_meta(meta: dict, w_param: Tensor, a_shift: Optional[Tensor]) -> LayerQuant:
     w_fmt = None if meta["w_format"] == "int" else parse_format(meta["w_format"])
     a_fmt = None if meta["a_format"] in (None, "int") else parse_format(meta["a_format"])
-    return LayerQuant(meta["method"], meta["w_bits"], w_fmt, w_param, a_bits=meta["a_bits"], a_fmt=a_fmt,
-                      a_bias=meta["a_bias"], a_zero=meta["a_zero"], a_shift=a_shift, mse=meta.get("mse", {}))
+    return LayerQuant(
+        meta["method"],
+        meta["w_bits"],
+        w_fmt,
+        w_param,
+        a_bits=meta["a_bits"],
+        a_fmt=a_fmt,
+        a_bias=meta["a_bias"],
+        a_zero=meta["a_zero"],
+        a_shift=a_shift,
+        mse=meta.get("mse", {}),
+    )
 
 
 class QuantLinear(nn.Module):
@@ -68,8 +87,10 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         lq = self.lq
         act = "a16" if not lq.a_bits else f"a{lq.a_bits} {lq.a_fmt.name if lq.a_fmt else 'int'}"
-        return (f"in={self.in_features}, out={self.out_features}, w{lq.w_bits} "
-                f"{lq.w_fmt.name if lq.w_fmt else 'int'}, {act}{', shifted' if lq.a_shift is not None else ''}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, w{lq.w_bits} "
+            f"{lq.w_fmt.name if lq.w_fmt else 'int'}, {act}{', shifted' if lq.a_shift is not None else ''}"
+        )
 
     # -- packed form --------------------------------------------------------------------------------
     def codes(self) -> Tensor:
@@ -81,8 +102,10 @@ class QuantLinear(nn.Module):
 
     def packed_state(self) -> dict[str, Tensor]:
         codes = self.codes()
-        out = {"qweight": pack_nibbles(codes) if self.lq.w_bits == 4 else codes,
-               "w_param": self.lq.w_param.float().contiguous()}
+        out = {
+            "qweight": pack_nibbles(codes) if self.lq.w_bits == 4 else codes,
+            "w_param": self.lq.w_param.float().contiguous(),
+        }
         if self.lq.a_shift is not None:
             out["a_shift"] = self.lq.a_shift.to(torch.int8)
         if self.bias is not None:

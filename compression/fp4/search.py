@@ -27,6 +27,7 @@ Deviations from the reference release (nbasyl/LLM-FP4):
   activation error), so a candidate costs out·in² instead of N·in·out; the ranking is the same as the
   layer-output MSE's.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,12 +39,28 @@ import torch
 from torch import Tensor
 
 from compression.fp4.formats import FPFormat, bias_for_max, fake_quant, formats_for_bits
-from compression.intq import (int_fake_quant_asymmetric, int_fake_quant_symmetric, minmax_asymmetric,
-                              minmax_symmetric_scale)
+from compression.intq import (
+    int_fake_quant_asymmetric,
+    int_fake_quant_symmetric,
+    minmax_asymmetric,
+    minmax_symmetric_scale,
+)
 
-__all__ = ["METHODS", "QuantSetting", "SearchGrid", "LayerQuant", "quantize_weight", "quantize_input",
-           "output_mse", "minmax_int", "minmax_fp", "search_fp", "quantize_layer", "search_embedding",
-           "split_rows"]
+__all__ = [
+    "METHODS",
+    "QuantSetting",
+    "SearchGrid",
+    "LayerQuant",
+    "quantize_weight",
+    "quantize_input",
+    "output_mse",
+    "minmax_int",
+    "minmax_fp",
+    "search_fp",
+    "quantize_layer",
+    "search_embedding",
+    "split_rows",
+]
 
 METHODS = ("minmax_int", "minmax_fp", "search", "search_pertensor")
 _TINY = 1e-30
@@ -67,8 +84,11 @@ class QuantSetting:
             raise ValueError(f"bits {text!r}: expected wXaY (e.g. w4a4, w4a8, w8a8) or wX for weight-only") from None
         for name, b in (("weight", w_bits), ("activation", a_bits)):
             if b not in (4, 8) and not (name == "activation" and b == 16):
-                raise ValueError(f"bits {text!r}: {name} bits must be 4 or 8"
-                                 + (" (or 16 for none)" if name == "activation" else "") + f", got {b}")
+                raise ValueError(
+                    f"bits {text!r}: {name} bits must be 4 or 8"
+                    + (" (or 16 for none)" if name == "activation" else "")
+                    + f", got {b}"
+                )
         return cls(w_bits, None if a_bits == 16 else a_bits)
 
     @property
@@ -92,6 +112,7 @@ class SearchGrid:
 @dataclass
 class LayerQuant:
     """How one linear layer is quantized; everything compression.fp4.qlinear.QuantLinear needs."""
+
     method: str
     w_bits: int
     w_fmt: Optional[FPFormat]  # None: integer weights
@@ -228,7 +249,7 @@ def _search_act(x: Tensor, w: Tensor, ref: Tensor, lq: LayerQuant, fmts, grid: S
             rho = float(bias_for_max(fmt, tensor_max * float(alpha)))
             shifts = [None]
             if per_channel:
-                shifts.insert(0, torch.clamp(torch.round(b_c) - round(rho), 0, 2 ** fmt.e_bits - 1).to(torch.int32))
+                shifts.insert(0, torch.clamp(torch.round(b_c) - round(rho), 0, 2**fmt.e_bits - 1).to(torch.int32))
             for shift in shifts:
                 x_t = x if shift is None else x * torch.exp2(shift.float())[None, :]
                 a = fake_quant(x_t, fmt.e_bits, fmt.m_bits, rho)
@@ -238,8 +259,9 @@ def _search_act(x: Tensor, w: Tensor, ref: Tensor, lq: LayerQuant, fmts, grid: S
     return best
 
 
-def search_fp(weight: Tensor, x: Tensor, setting: QuantSetting, grid: SearchGrid = SearchGrid(),
-              per_channel_act: bool = True) -> LayerQuant:
+def search_fp(
+    weight: Tensor, x: Tensor, setting: QuantSetting, grid: SearchGrid = SearchGrid(), per_channel_act: bool = True
+) -> LayerQuant:
     """LLM-FP4's search (see the module docstring), started from the MinMax FP solution. The best
     solution seen (by calibration output MSE) is returned, so it never loses to MinMax FP there."""
     w, x = weight.float(), x.float()
@@ -264,8 +286,9 @@ def search_fp(weight: Tensor, x: Tensor, setting: QuantSetting, grid: SearchGrid
     return best
 
 
-def quantize_layer(weight: Tensor, x: Tensor, setting: QuantSetting, method: str,
-                   grid: SearchGrid = SearchGrid()) -> LayerQuant:
+def quantize_layer(
+    weight: Tensor, x: Tensor, setting: QuantSetting, method: str, grid: SearchGrid = SearchGrid()
+) -> LayerQuant:
     """One layer's quantization by ``method`` (see METHODS)."""
     if method == "minmax_int":
         return minmax_int(weight, x, setting)
@@ -279,9 +302,16 @@ def quantize_layer(weight: Tensor, x: Tensor, setting: QuantSetting, method: str
 def split_rows(lq: LayerQuant, sizes: list[int]) -> list[LayerQuant]:
     """Split a LayerQuant found for row-stacked weights into one per part (per-row parameters split,
     the activation quantizer and formats shared)."""
-    return [dataclasses.replace(lq, w_param=part.clone(), w_alpha=None if lq.w_alpha is None else a.clone(),
-                         a_shift=None if lq.a_shift is None else lq.a_shift.clone(), mse=dict(lq.mse))
-            for part, a in zip(lq.w_param.split(sizes), (lq.w_alpha if lq.w_alpha is not None else lq.w_param).split(sizes))]
+    return [
+        dataclasses.replace(
+            lq,
+            w_param=part.clone(),
+            w_alpha=None if lq.w_alpha is None else a.clone(),
+            a_shift=None if lq.a_shift is None else lq.a_shift.clone(),
+            mse=dict(lq.mse),
+        )
+        for part, a in zip(lq.w_param.split(sizes), (lq.w_alpha if lq.w_alpha is not None else lq.w_param).split(sizes))
+    ]
 
 
 def search_embedding(weight: Tensor, bits: int, grid: SearchGrid = SearchGrid()) -> tuple[FPFormat, Tensor]:

@@ -11,6 +11,7 @@ also freezes the weights *away from* boundaries and leaves near-boundary ones tr
 follows the issue's (and the paper's text) definition: freeze the ones that oscillate. A weight, once
 frozen, stays frozen (the mask only grows over the annealing epochs).
 """
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@
 
 Patch embedding, LayerNorms, the classifier and the softmax arithmetic stay in full precision.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -43,7 +44,7 @@ class QKRAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.head_dim = attn.q_proj.out_features // heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
 
         def augmented(lin: nn.Linear) -> Tensor:  # [H, D, C+1]: weight with its bias as the last column
             b = lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
@@ -95,9 +96,10 @@ class LSQAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.head_dim = attn.q_proj.out_features // heads
-        self.scaling = self.head_dim ** -0.5
+        self.scaling = self.head_dim**-0.5
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            QLinear(getattr(attn, n), w_bits, a_bits, "lsq") for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            QLinear(getattr(attn, n), w_bits, a_bits, "lsq") for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
         self.qq, self.kq = LSQ(a_bits, signed=True), LSQ(a_bits, signed=True)
         self.pq = LSQ(a_bits, signed=False)
 
@@ -106,6 +108,7 @@ class LSQAttention(nn.Module):
 
         def heads(t):
             return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
         q = self.qq(heads(self.q_proj(hidden_states)))
         k = self.kq(heads(self.k_proj(hidden_states)))
         v = heads(self.v_proj(hidden_states))
@@ -119,8 +122,10 @@ class LSQAttention(nn.Module):
 def _layers(model: nn.Module) -> list[nn.Module]:
     out = [m for m in model.modules() if hasattr(m, "attention") and hasattr(m, "mlp")]
     if not out:
-        raise ValueError(f"{type(model).__name__}: no transformer layers with .attention and .mlp "
-                         f"(ViTForImageClassification / DeiTForImageClassification expected)")
+        raise ValueError(
+            f"{type(model).__name__}: no transformer layers with .attention and .mlp "
+            f"(ViTForImageClassification / DeiTForImageClassification expected)"
+        )
     return out
 
 
@@ -133,8 +138,9 @@ def quantize_vit(model: nn.Module, bits: int, method: str) -> nn.Module:
     heads = model.config.num_attention_heads
     for layer in layers:
         attn = layer.attention
-        layer.attention = (QKRAttention(attn, heads, bits, bits) if method == "ofq"
-                           else LSQAttention(attn, heads, bits, bits))
+        layer.attention = (
+            QKRAttention(attn, heads, bits, bits) if method == "ofq" else LSQAttention(attn, heads, bits, bits)
+        )
         layer.mlp.fc1 = QLinear(layer.mlp.fc1, bits, bits, method)
         layer.mlp.fc2 = QLinear(layer.mlp.fc2, bits, bits, method, signed_input=True)  # GELU output dips below 0
     return model

@@ -4,6 +4,7 @@ quantized weight,
   previous change (a flip back);
 - near-boundary share: the share whose latent value lies within ``br`` steps of a rounding boundary.
 """
+
 from __future__ import annotations
 
 import torch

@@ -17,6 +17,7 @@ tensor or per channel (token counts change with the image size). The release's l
 pre/post-quantization biases around LSQ are left out. StatsQ's scale can be frozen (``freeze_scale``),
 which CGA does so that a frozen latent weight also keeps its quantized value.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,7 +85,7 @@ class LSQ(nn.Module):
             raise ValueError(f"LSQ needs 2..8 bits, got {bits}")
         self.bits, self.signed, self.dim = bits, signed, dim
         self.qn = 2 ** (bits - 1) if signed else 0
-        self.qp = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
+        self.qp = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
         self.step = nn.Parameter(torch.ones(max(channels, 1)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.per_channel = channels > 0

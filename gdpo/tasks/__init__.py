@@ -1,4 +1,5 @@
 """Project-made tasks: ``rows(split, n, seed) -> list[dict]`` with ``question`` and ``answer`` columns."""
+
 from __future__ import annotations
 
 from typing import Callable

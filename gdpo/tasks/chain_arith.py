@@ -16,6 +16,7 @@ exactly what efficient-reasoning RL has to learn.
 Running values never go below zero. The held-out split is the set of chains whose text hashes to
 0 mod 10 (a fixed, disjoint tenth of all chains); training never sees them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -124,5 +125,7 @@ def problems(split: str, n: int, seed: int) -> list[Problem]:
 def rows(split: str, n: int, seed: int = 0) -> list[dict]:
     """Dataset rows: ``question`` (the prompt text), ``answer`` (the gold final answer) and
     ``shortest_solution`` (the shortest correct solution: the floor that evaluations measure against)."""
-    return [{"question": p.question, "answer": str(p.answer), "shortest_solution": shortest_solution(p)}
-            for p in problems(split, n, seed)]
+    return [
+        {"question": p.question, "answer": str(p.answer), "shortest_solution": shortest_solution(p)}
+        for p in problems(split, n, seed)
+    ]

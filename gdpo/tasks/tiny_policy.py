@@ -9,6 +9,7 @@ The build is cached under ``sft.cache_dir`` keyed by a hash of the SFT settings 
 ``BUILD_VERSION``; it is written to a temporary directory and renamed into place when complete, so
 an interrupted build never leaves a half-written policy behind.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -73,13 +74,26 @@ def build_tokenizer(seed: int):
     # numbers, words and every other character are separate pieces, so a number has the same token id
     # in the prompt and in the solution (the policy copies operands from the prompt)
     pieces = pre_tokenizers.Split(Regex(r"\d+|[A-Za-z]+|[^\dA-Za-z]"), behavior="isolated")
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pieces, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pieces, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, min_frequency=2, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=None,
-                                   model_max_length=MAX_POSITIONS, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=EOS,
+        bos_token=None,
+        model_max_length=MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def build_model(cfg: SFTConfig, tokenizer):
@@ -87,11 +101,20 @@ def build_model(cfg: SFTConfig, tokenizer):
 
     head_dim = cfg.hidden_size // cfg.num_heads
     mconf = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        head_dim=head_dim, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
-        torch_dtype="float32", use_sliding_window=False,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        head_dim=head_dim,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+        use_sliding_window=False,
     )
     torch.manual_seed(cfg.seed)
     return Qwen2ForCausalLM(mconf)
@@ -153,12 +176,16 @@ def build_tiny_policy(cfg: SFTConfig, out: Path, log: Callable[[str], None] = pr
             warmup = max(1, cfg.steps // 20) if r == 0 else 1
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] = peak  # the new schedule's base
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, n=steps, w=warmup: min(1.0, (s + 1) / w) * (
-                0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / n)))))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                lambda s, n=steps, w=warmup: (
+                    min(1.0, (s + 1) / w) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / n))))
+                ),
+            )
             model.train()
             loss_ema = None
             for step in range(steps):
-                chunk = pool[(done + step) * cfg.sequences_per_step:(done + step + 1) * cfg.sequences_per_step]
+                chunk = pool[(done + step) * cfg.sequences_per_step : (done + step + 1) * cfg.sequences_per_step]
                 loss = model(**_batch(tokenizer, chunk, rng)).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -171,20 +198,30 @@ def build_tiny_policy(cfg: SFTConfig, out: Path, log: Callable[[str], None] = pr
             done += steps
             model.eval()
             acc = greedy_accuracy(model, tokenizer, validation)
-            history.append({"round": r + 1, "steps": done, "peak_lr": peak, "loss": loss_ema, "validation_accuracy": acc})
+            history.append(
+                {"round": r + 1, "steps": done, "peak_lr": peak, "loss": loss_ema, "validation_accuracy": acc}
+            )
             log(f"  sft after {done} steps: validation greedy accuracy {acc:.3f} (target {cfg.target_accuracy})")
             if acc >= cfg.target_accuracy:
                 break
         else:
-            raise BuildFailed(f"the tiny policy reached {acc:.1%} greedy validation accuracy after {done} steps, short "
-                              f"of sft.target_accuracy = {cfg.target_accuracy:.0%}: raise sft.max_steps or lower "
-                              f"sft.target_accuracy (rounds: {history})")
+            raise BuildFailed(
+                f"the tiny policy reached {acc:.1%} greedy validation accuracy after {done} steps, short "
+                f"of sft.target_accuracy = {cfg.target_accuracy:.0%}: raise sft.max_steps or lower "
+                f"sft.target_accuracy (rounds: {history})"
+            )
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
         train_s = time.time() - t0
         metrics = evaluate_policy(out, cfg.eval_problems, seed=cfg.seed)
-        return {"params": n_params, "train_seconds": round(train_s, 1), "steps": done, "rounds": history,
-                "final_loss": loss_ema, **metrics}
+        return {
+            "params": n_params,
+            "train_seconds": round(train_s, 1),
+            "steps": done,
+            "rounds": history,
+            "final_loss": loss_ema,
+            **metrics,
+        }
     finally:
         torch.set_num_threads(threads)
 
@@ -203,22 +240,29 @@ def _accuracy(prompts: list[str], texts: list[str], problems: list) -> float:
 
 
 @torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int = 128,
-                       batch_size: int = 64) -> list[list[int]]:
+def greedy_completions(
+    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 64
+) -> list[list[int]]:
     """Greedy completion token ids (without the EOS) for each prompt, with HF generate (left padding)."""
     tokenizer.padding_side = "left"
     out: list[list[int]] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-            out.append(row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            out.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
     return out
 
 
-def evaluate_policy(path: Path | str, n_problems: int, seed: int = 0, max_new_tokens: int = 128,
-                    threads: Optional[int] = None) -> dict:
+def evaluate_policy(
+    path: Path | str, n_problems: int, seed: int = 0, max_new_tokens: int = 128, threads: Optional[int] = None
+) -> dict:
     """Greedy accuracy and verbosity of a chain-arithmetic policy on held-out problems."""
     from gdpo.policy import load_policy
 

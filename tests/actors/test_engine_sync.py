@@ -2,6 +2,7 @@
 are re-sent the version and over which transport. Small Ray actors stand in for the learner and the
 engines (the protocol itself is tested on real vLLM and DeepSpeed in tests/actors/test_two_hosts.py);
 what is under test here is the retry logic, with real Ray calls, deaths and timeouts."""
+
 import os
 
 import pytest

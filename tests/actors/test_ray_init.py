@@ -1,4 +1,5 @@
 """Which Ray a driver joins: the job's cluster inside `ray job submit`, never a stray local one."""
+
 import pytest
 
 

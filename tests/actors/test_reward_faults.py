@@ -1,6 +1,7 @@
 """Reward workers that hang or keep dying, under real Ray: the driver's scoring (``Cluster.score``, its
 deadlines, replacement and restart cap) over real ``RewardWorker`` actors. The learners and engines a
 full Cluster would start are not needed for scoring and are not started."""
+
 import time
 
 import pytest
@@ -33,15 +34,25 @@ def _scoring_cluster(*overrides: str) -> Cluster:
 
 def _batch(n_groups: int = 4, k: int = 2) -> tuple[RolloutBatch, list[str], dict]:
     n = n_groups * k
-    batch = RolloutBatch(prompt_ids=[[1]] * n, completion_ids=[[2, 3]] * n, completions=["\\boxed{4}"] * n,
-                         finish_reasons=["stop"] * n, sampling_logprobs=[[0.0, 0.0]] * n,
-                         group_ids=[i // k for i in range(n)], policy_version=0)
+    batch = RolloutBatch(
+        prompt_ids=[[1]] * n,
+        completion_ids=[[2, 3]] * n,
+        completions=["\\boxed{4}"] * n,
+        finish_reasons=["stop"] * n,
+        sampling_logprobs=[[0.0, 0.0]] * n,
+        group_ids=[i // k for i in range(n)],
+        policy_version=0,
+    )
     return batch, ["2+2?"] * n, {"answer": ["4"] * n}
 
 
 def test_a_hung_plugin_is_killed_replaced_and_named(local_ray):
-    cluster = _scoring_cluster("rewards.functions=[{name: accuracy}, {name: 'tests.helpers.plugins:hangs'}]",
-                               "rewards.num_workers=1", "rewards.timeout_s=1", "cluster.max_restarts=10")
+    cluster = _scoring_cluster(
+        "rewards.functions=[{name: accuracy}, {name: 'tests.helpers.plugins:hangs'}]",
+        "rewards.num_workers=1",
+        "rewards.timeout_s=1",
+        "cluster.max_restarts=10",
+    )
     batch, prompts, columns = _batch()
     first = list(cluster.reward_workers)
     t0 = time.monotonic()
@@ -56,11 +67,17 @@ def test_a_hung_plugin_is_killed_replaced_and_named(local_ray):
 
 
 def test_a_worker_that_keeps_dying_stops_at_the_restart_cap(local_ray):
-    cluster = _scoring_cluster("rewards.functions=[{name: 'tests.helpers.plugins:die_always'}]",
-                               "rewards.num_workers=1", "cluster.max_restarts=1")
+    cluster = _scoring_cluster(
+        "rewards.functions=[{name: 'tests.helpers.plugins:die_always'}]",
+        "rewards.num_workers=1",
+        "cluster.max_restarts=1",
+    )
     batch, prompts, columns = _batch()
-    with pytest.raises(WorkerFailed, match=r"reward worker 0 died .*restarted 1 times already "
-                                           r"\(cluster.max_restarts=1\).*raise cluster.max_restarts"):
+    with pytest.raises(
+        WorkerFailed,
+        match=r"reward worker 0 died .*restarted 1 times already "
+        r"\(cluster.max_restarts=1\).*raise cluster.max_restarts",
+    ):
         cluster.score(batch, prompts, columns)
     assert cluster.restarts["reward"] == 1
     assert any("restarting it in 1 s (restart 1 of at most 1)" in m for m in cluster.logs), cluster.logs

@@ -1,6 +1,7 @@
 """gdpo on two Ray hosts that share no /dev/shm (tests/helpers/multinode.py): learners on both hosts,
 an engine on each, the weight sync across hosts, a replaced engine catching up, a job submitted with
 `ray job submit`, and a host lost mid-run. Real Ray, vLLM (CPU) and DeepSpeed (gloo)."""
+
 import json
 import subprocess
 import time
@@ -44,9 +45,14 @@ def _step(cluster, cfg, data, seed):
 
     k = cfg.rollout.samples_per_prompt
     rollouts = cluster.generate(data.prompts, k, {"max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0}, seed=seed)
-    matrix = cluster.score(rollouts, [p for p in data.prompts for _ in range(k)],
-                           {"answer": [a for a in data.columns["answer"] for _ in range(k)]})
-    batch = TrainBatch.from_rollouts(rollouts, compute_advantages(matrix.values, matrix.names, cfg).values, cluster.pad_id)
+    matrix = cluster.score(
+        rollouts,
+        [p for p in data.prompts for _ in range(k)],
+        {"answer": [a for a in data.columns["answer"] for _ in range(k)]},
+    )
+    batch = TrainBatch.from_rollouts(
+        rollouts, compute_advantages(matrix.values, matrix.names, cfg).values, cluster.pad_id
+    )
     return rollouts, batch, cluster.update(cluster.logprobs(batch))
 
 
@@ -58,12 +64,22 @@ def test_learners_and_engines_on_two_hosts(hosts):
     from gdpo.data import load_prompts
     from gdpo.policy import resolve_model_path
 
-    cfg = load_config(None, ["learner.num_workers=2", "rollout.num_workers=2", "cluster.placement=separate",
-                             "cluster.learner_resources={gdpo_learner_slot: 1}",
-                             "cluster.rollout_resources={gdpo_rollout_slot: 1}", "rollout.samples_per_prompt=4",
-                             "learner.micro_batch_per_worker=4", "learner.lr=3e-2", "learner.updates_per_step=2",
-                             "algorithm.kl_coef=0.1",
-                             "cluster.sync_timeout_s=120"])
+    cfg = load_config(
+        None,
+        [
+            "learner.num_workers=2",
+            "rollout.num_workers=2",
+            "cluster.placement=separate",
+            "cluster.learner_resources={gdpo_learner_slot: 1}",
+            "cluster.rollout_resources={gdpo_rollout_slot: 1}",
+            "rollout.samples_per_prompt=4",
+            "learner.micro_batch_per_worker=4",
+            "learner.lr=3e-2",
+            "learner.updates_per_step=2",
+            "algorithm.kl_coef=0.1",
+            "cluster.sync_timeout_s=120",
+        ],
+    )
     logs = []
     cluster = Cluster(cfg, resolve_model_path(cfg, log=lambda m: None), log=logs.append)
     try:
@@ -112,16 +128,37 @@ def test_a_submitted_job_survives_losing_a_host(hosts, tmp_path):
     runs on the two hosts (one engine each); host B is lost after step 1, its engine is restarted on
     host A, catches up there, and the run completes."""
     out = tmp_path / "job_run"
-    args = ["job", "submit", "--address", hosts.dashboard, "--working-dir", ".", "--",
-            "python", "-m", "gdpo.train", f"sft.cache_dir={ROOT / '.cache' / 'gdpo'}", f"trainer.output_dir={out}",
-            "trainer.steps=3", "trainer.save_every=3", "trainer.prompts_per_step=4", "rollout.samples_per_prompt=4",
-            "rollout.max_new_tokens=64", "data.eval_size=8", "trainer.eval_every=0", "rollout.num_workers=2",
-            "cluster.placement=separate", "cluster.learner_resources={gdpo_learner_host: 1}",
-            "cluster.rollout_resources={gdpo_rollout_slot: 1}", "cluster.sync_timeout_s=120"]
+    args = [
+        "job",
+        "submit",
+        "--address",
+        hosts.dashboard,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "gdpo.train",
+        f"sft.cache_dir={ROOT / '.cache' / 'gdpo'}",
+        f"trainer.output_dir={out}",
+        "trainer.steps=3",
+        "trainer.save_every=3",
+        "trainer.prompts_per_step=4",
+        "rollout.samples_per_prompt=4",
+        "rollout.max_new_tokens=64",
+        "data.eval_size=8",
+        "trainer.eval_every=0",
+        "rollout.num_workers=2",
+        "cluster.placement=separate",
+        "cluster.learner_resources={gdpo_learner_host: 1}",
+        "cluster.rollout_resources={gdpo_rollout_slot: 1}",
+        "cluster.sync_timeout_s=120",
+    ]
     deadline = time.time() + 120
     while True:  # the head's job agent comes up a little after `ray start` returns
-        job = subprocess.Popen([RAY, *args], env=hosts.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+        job = subprocess.Popen(
+            [RAY, *args], env=hosts.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         metrics = out / "metrics.jsonl"
         while job.poll() is None and not (metrics.is_file() and metrics.read_text().strip()):
             time.sleep(0.5)

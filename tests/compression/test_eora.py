@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from compression.eora import (eora_compensation, input_covariance, output_error, quantize_factors,
-                              svd_compensation)
+from compression.eora import eora_compensation, input_covariance, output_error, quantize_factors, svd_compensation
 from compression.prune import magnitude_mask, prune_linears, two_four_mask
 
 
 def _case(out_f=12, in_f=20, n=400, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, in_f, generator=g, dtype=torch.float64) @ torch.randn(in_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(n, in_f, generator=g, dtype=torch.float64) @ torch.randn(
+        in_f, in_f, generator=g, dtype=torch.float64
+    )
     x = x * torch.logspace(-1, 1, in_f, dtype=torch.float64)  # anisotropic inputs: where EoRA and SVD differ
     delta = torch.randn(out_f, in_f, generator=g, dtype=torch.float64) * 0.1
     return delta.float(), x.float()
@@ -60,7 +61,8 @@ def test_eora_never_loses_to_plain_svd_on_the_output_error(seed):
         e_svd = output_error(delta, cov, *svd_compensation(delta, rank))
         assert e_eora <= e_svd * (1 + 1e-9)
     assert output_error(delta, cov, *eora_compensation(delta, cov, 5)) < 0.9 * output_error(
-        delta, cov, *svd_compensation(delta, 5))  # on anisotropic inputs the gain is real
+        delta, cov, *svd_compensation(delta, 5)
+    )  # on anisotropic inputs the gain is real
 
 
 def test_full_rank_eora_reconstructs_delta_and_the_floor_guards_rank_deficient_inputs():

@@ -1,9 +1,19 @@
 """ExMy formats with a real-valued exponent bias: value sets, Qmax, rounding, codes."""
+
 import pytest
 import torch
 
-from compression.fp4 import (FPFormat, bias_for_max, decode, encode, fake_quant, formats_for_bits, max_value,
-                             parse_format, representable_values)
+from compression.fp4 import (
+    FPFormat,
+    bias_for_max,
+    decode,
+    encode,
+    fake_quant,
+    formats_for_bits,
+    max_value,
+    parse_format,
+    representable_values,
+)
 from compression.fp4.search import QuantSetting
 
 ALL_FORMATS = formats_for_bits(4) + formats_for_bits(8)
@@ -21,7 +31,7 @@ def test_qmax_is_the_largest_value_and_every_magnitude_has_a_code(fmt, bias):
     values = representable_values(fmt, bias)
     assert len(values) == 2 ** (fmt.e_bits + fmt.m_bits)  # no code is wasted on inf/NaN
     assert float(values.max()) == pytest.approx(float(max_value(fmt, bias)), rel=1e-6)
-    expected = (2 - 2 ** -fmt.m_bits) * 2 ** (2 ** fmt.e_bits - 1 - bias)
+    expected = (2 - 2**-fmt.m_bits) * 2 ** (2**fmt.e_bits - 1 - bias)
     assert float(max_value(fmt, bias)) == pytest.approx(expected, rel=1e-6)
     assert float(bias_for_max(fmt, expected)) == pytest.approx(bias, abs=1e-5)
 
@@ -40,7 +50,8 @@ def test_fake_quant_rounds_to_the_nearest_representable_value_and_clips(fmt):
     assert torch.all((q - x).abs() <= nearest + 1e-6 * x.abs().clamp_min(1))
     big = torch.tensor([10.0, -10.0]) * float(grid.max())
     assert fake_quant(big, fmt.e_bits, fmt.m_bits, bias).tolist() == pytest.approx(
-        [float(grid.max()), -float(grid.max())], rel=1e-6)
+        [float(grid.max()), -float(grid.max())], rel=1e-6
+    )
 
 
 def test_ties_round_to_even_mantissa():
@@ -67,7 +78,7 @@ def test_codes_decode_to_the_quantized_values_bit_exactly(fmt):
     x = torch.randn(40, 64, generator=g) * 3
     bias = torch.randn(40, 1, generator=g)
     codes = encode(x, fmt, bias)
-    assert codes.dtype == torch.uint8 and int(codes.max()) < 2 ** fmt.bits
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 2**fmt.bits
     assert torch.equal(decode(codes, fmt, bias), fake_quant(x, fmt.e_bits, fmt.m_bits, bias))
 
 

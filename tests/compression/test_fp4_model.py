@@ -1,4 +1,5 @@
 """Whole-model quantization on a small random Qwen2: block-sequential calibration, packed save/load."""
+
 import json
 
 import pytest
@@ -17,9 +18,17 @@ def _model(tie=True, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-                      tie_word_embeddings=tie)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -29,7 +38,7 @@ def _batches(n=6, width=20, seed=1):
     for _ in range(n):
         ids = torch.randint(1, 64, (4, width), generator=g)
         mask = torch.ones(4, width, dtype=torch.long)
-        mask[1, width // 2:] = 0  # a padded row: its padding must not be calibrated on
+        mask[1, width // 2 :] = 0  # a padded row: its padding must not be calibrated on
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
 
@@ -40,8 +49,11 @@ def test_targets_groups_and_shared_inputs():
     assert "lm_head" not in names and len(names) == 14
     assert target_linears(m, lm_head=True)[-1] == "lm_head"
     assert target_linears(m, ["q_proj", "down_proj"]) == [
-        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
-        "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
     groups = block_groups(target_linears(m, lm_head=True))
     assert [len(g) for g in groups] == [7, 7, 1]
     xs = capture_inputs(m, groups[0], _batches())
@@ -81,8 +93,9 @@ def test_saved_checkpoint_loads_back_to_the_same_model(tmp_path, method):
 def test_lm_head_and_embedding_untie_and_quantize(tmp_path):
     m = _model(tie=True)
     emb_before = m.get_input_embeddings().weight.detach().clone()
-    quant = quantize_model(m, _batches(), QuantSetting.parse("w4"), "search", GRID, lm_head=True, embedding=True,
-                           log=lambda s: None)
+    quant = quantize_model(
+        m, _batches(), QuantSetting.parse("w4"), "search", GRID, lm_head=True, embedding=True, log=lambda s: None
+    )
     assert isinstance(m.lm_head, QuantLinear) and isinstance(m.get_input_embeddings(), QuantEmbedding)
     assert not m.config.tie_word_embeddings
     emb_q = m.get_input_embeddings().weight

@@ -1,11 +1,23 @@
 """LLM-FP4's per-layer search, the pre-shifted exponent bias and its fold, the MinMax baselines."""
+
 import pytest
 import torch
 
 from compression.fp4 import FPFormat, bias_for_max, fake_quant
 from compression.fp4.qlinear import QuantLinear
-from compression.fp4.search import (LayerQuant, QuantSetting, SearchGrid, minmax_fp, minmax_int, output_mse,
-                                    quantize_input, quantize_layer, quantize_weight, search_embedding, split_rows)
+from compression.fp4.search import (
+    LayerQuant,
+    QuantSetting,
+    SearchGrid,
+    minmax_fp,
+    minmax_int,
+    output_mse,
+    quantize_input,
+    quantize_layer,
+    quantize_weight,
+    search_embedding,
+    split_rows,
+)
 from compression.intq import int_fake_quant_symmetric, minmax_symmetric_scale
 
 SMALL = SearchGrid(points=24, act_points=12, rounds=2)
@@ -51,10 +63,11 @@ def test_weight_bias_per_channel_is_the_grid_optimum_of_that_channels_output_err
 def _shifted_lq(w, x, fmt=FPFormat(2, 1)):
     chan_max = x.abs().amax(0)
     rho = float(bias_for_max(fmt, chan_max.max()))
-    shift = torch.clamp(torch.round(bias_for_max(fmt, chan_max)) - round(rho), 0, 2 ** fmt.e_bits - 1).int()
+    shift = torch.clamp(torch.round(bias_for_max(fmt, chan_max)) - round(rho), 0, 2**fmt.e_bits - 1).int()
     w_t = w * torch.exp2(-shift.float())[None, :]
-    lq = LayerQuant("search", 4, fmt, bias_for_max(fmt, w_t.abs().amax(1)), a_bits=4, a_fmt=fmt, a_bias=rho,
-                    a_shift=shift)
+    lq = LayerQuant(
+        "search", 4, fmt, bias_for_max(fmt, w_t.abs().amax(1)), a_bits=4, a_fmt=fmt, a_bias=rho, a_shift=shift
+    )
     return lq, rho, shift
 
 

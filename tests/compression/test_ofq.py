@@ -1,4 +1,5 @@
 """OFQ: StatsQ, LSQ, QKR, oscillation tracking and CGA (including the Wq·Wk freeze the release misses)."""
+
 import copy
 
 import pytest
@@ -14,8 +15,16 @@ def _vit(layers=2, seed=0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    cfg = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=layers,
-                    num_attention_heads=4, intermediate_size=64, num_labels=10)
+    cfg = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=10,
+    )
     return ViTForImageClassification(cfg).eval()
 
 
@@ -30,7 +39,7 @@ def test_statsq_levels_are_symmetric_half_integers_of_twice_the_mean(bits):
     assert torch.isin(torch.round(levels * 2) / 2, allowed).all()
     assert torch.allclose(levels, torch.round(levels * 2) / 2, atol=1e-4)
     assert not torch.any(q(w) == 0)  # no zero level
-    assert len(torch.unique(torch.round(levels * 2))) <= 2 ** bits
+    assert len(torch.unique(torch.round(levels * 2))) <= 2**bits
     w.requires_grad_(True)
     q(w).sum().backward()
     assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
@@ -42,8 +51,10 @@ def test_lsq_ranges_init_and_step_gradient_scale():
     ys, yu = signed(x), unsigned(x.abs())
     assert torch.isin(torch.round(ys / signed.step.abs()), torch.tensor([-2.0, -1.0, 0.0, 1.0])).all()
     assert torch.isin(torch.round(yu / unsigned.step.abs()), torch.tensor([0.0, 1.0, 2.0, 3.0])).all()
-    assert float(signed.step.detach()) == pytest.approx(2 * float(x.abs().mean()) / 1 ** 0.5, rel=1e-5)  # Qp = 1 at 2 bits
-    assert float(unsigned.step.detach()) == pytest.approx(4 * float(x.abs().mean()) / 3 ** 0.5, rel=1e-5)
+    assert float(signed.step.detach()) == pytest.approx(
+        2 * float(x.abs().mean()) / 1**0.5, rel=1e-5
+    )  # Qp = 1 at 2 bits
+    assert float(unsigned.step.detach()) == pytest.approx(4 * float(x.abs().mean()) / 3**0.5, rel=1e-5)
     # the step's gradient is scaled by 1/sqrt(Qp · elements): compare against an unscaled copy
     plain = LSQ(4, signed=True)
     plain(x)
@@ -91,7 +102,9 @@ def test_qkr_at_8_bits_tracks_the_full_precision_attention_and_keeps_biases():
         with torch.no_grad():
             out = q8(pixel_values=x).logits
         assert (out - ref).abs().max() < 0.5 * ref.abs().max()
-        assert sum(isinstance(m, QLinear) for m in q8.modules()) == (8 if method == "ofq" else 12)  # per layer: v, o, fc1, fc2 (+ q, k)
+        assert sum(isinstance(m, QLinear) for m in q8.modules()) == (
+            8 if method == "ofq" else 12
+        )  # per layer: v, o, fc1, fc2 (+ q, k)
 
 
 def test_oscillation_tracker_counts_flip_backs_only():
@@ -165,9 +178,13 @@ def test_ofq_presets_validate_and_bad_keys_are_named():
     assert digits.data.source == "digits" and digits.qat.bits == (4, 3, 2)
     deit = load_ofq_config(str(root / "ofq_deit_tiny_imagenet.yaml"))
     assert deit.model.arch == "deit" and deit.data.image_size == 224 and deit.qat.cga_br == 0.005
-    for override, msg in (("model.patch_size=3", "must divide data.image_size"), ("qat.bits=[1]", "qat.bits"),
-                          ("qat.cga_epochs=99", "qat.cga_epochs"), ("qat.methods=[gptq]", "qat.methods"),
-                          ("data.sorce=digits", "did you mean 'data.source'")):
+    for override, msg in (
+        ("model.patch_size=3", "must divide data.image_size"),
+        ("qat.bits=[1]", "qat.bits"),
+        ("qat.cga_epochs=99", "qat.cga_epochs"),
+        ("qat.methods=[gptq]", "qat.methods"),
+        ("data.sorce=digits", "did you mean 'data.source'"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             load_ofq_config(str(root / "ofq_digits_cpu.yaml"), [override])
 
@@ -178,9 +195,19 @@ def test_ofq_run_end_to_end_shrunk(tmp_path):
     from gdpo.ofq import load_ofq_config, run_ofq
     from pathlib import Path
 
-    cfg = load_ofq_config(str(Path(__file__).resolve().parents[2] / "configs" / "ofq_digits_cpu.yaml"),
-                          ["fp.epochs=2", "qat.epochs=2", "qat.cga_epochs=1", "qat.bits=[2]", "data.limit=256",
-                           "model.num_layers=1", "model.hidden_size=32", "model.mlp_size=64"])
+    cfg = load_ofq_config(
+        str(Path(__file__).resolve().parents[2] / "configs" / "ofq_digits_cpu.yaml"),
+        [
+            "fp.epochs=2",
+            "qat.epochs=2",
+            "qat.cga_epochs=1",
+            "qat.bits=[2]",
+            "data.limit=256",
+            "model.num_layers=1",
+            "model.hidden_size=32",
+            "model.mlp_size=64",
+        ],
+    )
     res = run_ofq(cfg, str(tmp_path / "ofq"), log=lambda s: None)
     saved = json.loads((tmp_path / "ofq" / "results.json").read_text())
     assert set(saved["runs"]) == {"lsq-w2a2", "ofq-w2a2"} and res["runs"].keys() == saved["runs"].keys()
@@ -211,8 +238,16 @@ def test_deit_swaps_and_trains(method):
     from transformers import DeiTConfig, DeiTForImageClassification
 
     torch.manual_seed(0)
-    cfg = DeiTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=1,
-                     num_attention_heads=4, intermediate_size=64, num_labels=10)
+    cfg = DeiTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=10,
+    )
     model = DeiTForImageClassification(cfg).eval()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():

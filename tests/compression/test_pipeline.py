@@ -1,4 +1,5 @@
 """Model-level compensation (sequential), LoRA export that peft and vLLM read, dense export, byte accounting."""
+
 import copy
 import json
 
@@ -37,8 +38,9 @@ def test_eora_beats_svd_on_every_layer_and_brings_the_model_closer(kind):
     results = {}
     for method in ("svd", "eora"):
         model = copy.deepcopy(comp)
-        results[method] = compensate_model(model, ref, _batches(), rank=8, method=method, log=lambda s: None,
-                                           activation_aware=True)
+        results[method] = compensate_model(
+            model, ref, _batches(), rank=8, method=method, log=lambda s: None, activation_aware=True
+        )
         assert sum(isinstance(m, Compensated) for m in model.modules()) == len(ref)
         with torch.no_grad():
             after = model(**ids).logits
@@ -58,6 +60,7 @@ def test_later_blocks_calibrate_on_the_compensated_earlier_ones(monkeypatch):
     def spy(model, names, batches, max_tokens):
         seen.append([type(model.get_submodule(n)).__name__ for n in ref if ".layers.0." in n])
         return real(model, names, batches, max_tokens)
+
     monkeypatch.setattr(pipeline, "capture_inputs", spy)
     compensate_model(comp, ref, _batches(), rank=4, log=lambda s: None)
     assert seen[0] == ["Linear"] * 7 and seen[1] == ["Compensated"] * 7

@@ -14,9 +14,7 @@ EXAMPLES = int(os.environ.get("GDPO_HYPOTHESIS_EXAMPLES", "60"))  # raise for a 
 
 def _two_rollout_batch():
     # three prompts, two rollouts each, two binary rewards; reward totals per group: (0,1), (0,2), (1,2)
-    return torch.tensor([[0., 0.], [0., 1.],
-                         [0., 0.], [1., 1.],
-                         [1., 0.], [1., 1.]])
+    return torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 
 
 def test_grpo_collapses_distinct_reward_combinations():
@@ -43,11 +41,18 @@ def test_gdpo_keeps_reward_combinations_apart():
 
 
 def test_grpo_weights_and_scales():
-    r = torch.tensor([[1., 0.], [0., 1.], [1., 1.], [0., 0.]])
+    r = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     adv = grpo_advantages(r, 2, weights=[2.0, 1.0])
     # totals 2, 1 | 3, 0 -> group 1 +/- 0.5/(0.7071+eps), group 2 +/- 1.5/(2.1213+eps)
-    assert adv.tolist() == pytest.approx([0.5 / (math.sqrt(0.5) + EPS), -0.5 / (math.sqrt(0.5) + EPS),
-                                          1.5 / (math.sqrt(4.5) + EPS), -1.5 / (math.sqrt(4.5) + EPS)], abs=1e-6)
+    assert adv.tolist() == pytest.approx(
+        [
+            0.5 / (math.sqrt(0.5) + EPS),
+            -0.5 / (math.sqrt(0.5) + EPS),
+            1.5 / (math.sqrt(4.5) + EPS),
+            -1.5 / (math.sqrt(4.5) + EPS),
+        ],
+        abs=1e-6,
+    )
     centred = grpo_advantages(r, 2, weights=[2.0, 1.0], scale="none")
     assert centred.tolist() == pytest.approx([0.5, -0.5, 1.5, -1.5])
     batch = grpo_advantages(r, 2, weights=[2.0, 1.0], scale="batch")
@@ -57,7 +62,7 @@ def test_grpo_weights_and_scales():
 
 def test_nan_rewards_never_leak_and_all_nan_sample_gets_zero():
     nan = float("nan")
-    r = torch.tensor([[1., nan], [0., 1.], [nan, nan], [1., 0.]])
+    r = torch.tensor([[1.0, nan], [0.0, 1.0], [nan, nan], [1.0, 0.0]])
     for adv in (gdpo_advantages(r, 2), grpo_advantages(r, 2)):
         assert torch.isfinite(adv).all()
         assert adv[2] == 0.0

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gdpo.config import (DEFAULT_CONFIG, Config, ConfigError, config_reference, load_config, to_dict)
+from gdpo.config import DEFAULT_CONFIG, Config, ConfigError, config_reference, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,9 +28,18 @@ def test_every_preset_in_configs_validates():
 
 
 def test_dotted_overrides_with_types_and_list_indices():
-    cfg = load_config(None, ["trainer.prompts_per_step=8", "algorithm.estimator=grpo", "rollout.top_p=0.9",
-                             "rewards.functions.1.kwargs={alpha: 0.4}", "learner.target_modules=[q_proj,v_proj]",
-                             "cluster.address=null", "learner.lr=2e-3"])
+    cfg = load_config(
+        None,
+        [
+            "trainer.prompts_per_step=8",
+            "algorithm.estimator=grpo",
+            "rollout.top_p=0.9",
+            "rewards.functions.1.kwargs={alpha: 0.4}",
+            "learner.target_modules=[q_proj,v_proj]",
+            "cluster.address=null",
+            "learner.lr=2e-3",
+        ],
+    )
     assert cfg.learner.lr == 2e-3
     assert cfg.trainer.prompts_per_step == 8
     assert cfg.algorithm.estimator == "grpo"
@@ -46,25 +55,37 @@ def test_config_is_frozen():
         cfg.trainer.steps = 3
 
 
-@pytest.mark.parametrize("override, message", [
-    ("trainer.prompts_per_stp=8", r"unknown config key 'trainer.prompts_per_stp'.*did you mean 'trainer.prompts_per_step'"),
-    ("trainer.prompts_per_step=eight", r"'trainer.prompts_per_step' must be an integer, got 'eight'"),
-    ("trainer.prompts_per_step=2.5", r"'trainer.prompts_per_step' must be an integer"),
-    ("algorithm.estimator=ppo", r"'algorithm.estimator' = 'ppo' is not allowed \(allowed: 'gdpo', 'grpo'\)"),
-    ("rollout.samples_per_prompt=1", r"'rollout.samples_per_prompt'.*'gdpo' estimator.*needs >= 2"),
-    ("rewards.functions.0.name=nope", r"'rewards.functions.0.name': unknown reward 'nope' \(registered: accuracy,"),
-    ("rewards.functions.1.condition_on=format", r"'rewards.functions.1.condition_on': must name a reward listed before"),
-    ("learner.zero_stage=1", r"'learner.zero_stage' = 1 is not allowed \(allowed: 2, 3\)"),
-    ("sft.num_heads=4", r"'sft.num_heads': head_dim = 32 < 64"),
-    ("learner.dora_dropout=1.5", r"'learner.dora_dropout': must be in \[0, 1\)"),
-    ("trainer.steps=0", r"'trainer.steps': must be >= 1"),
-    ("rollout.top_p=1.5", r"'rollout.top_p': must be in \(0, 1\]"),
-    ("learner.lr=.nan", r"'learner.lr' must be finite"),
-    ("model.trust_remote_code=yes please", r"'model.trust_remote_code' must be true or false"),
-    ("rewards.functions.5.weight=1", r"'rewards.functions.5': index '5' is out of range 0..1"),
-    ("noequals", r"not of the form key=value"),
-    ("algorithm.filter_zero_variance=[length]", r"'algorithm.filter_zero_variance': 'length' is not a configured reward"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "trainer.prompts_per_stp=8",
+            r"unknown config key 'trainer.prompts_per_stp'.*did you mean 'trainer.prompts_per_step'",
+        ),
+        ("trainer.prompts_per_step=eight", r"'trainer.prompts_per_step' must be an integer, got 'eight'"),
+        ("trainer.prompts_per_step=2.5", r"'trainer.prompts_per_step' must be an integer"),
+        ("algorithm.estimator=ppo", r"'algorithm.estimator' = 'ppo' is not allowed \(allowed: 'gdpo', 'grpo'\)"),
+        ("rollout.samples_per_prompt=1", r"'rollout.samples_per_prompt'.*'gdpo' estimator.*needs >= 2"),
+        ("rewards.functions.0.name=nope", r"'rewards.functions.0.name': unknown reward 'nope' \(registered: accuracy,"),
+        (
+            "rewards.functions.1.condition_on=format",
+            r"'rewards.functions.1.condition_on': must name a reward listed before",
+        ),
+        ("learner.zero_stage=1", r"'learner.zero_stage' = 1 is not allowed \(allowed: 2, 3\)"),
+        ("sft.num_heads=4", r"'sft.num_heads': head_dim = 32 < 64"),
+        ("learner.dora_dropout=1.5", r"'learner.dora_dropout': must be in \[0, 1\)"),
+        ("trainer.steps=0", r"'trainer.steps': must be >= 1"),
+        ("rollout.top_p=1.5", r"'rollout.top_p': must be in \(0, 1\]"),
+        ("learner.lr=.nan", r"'learner.lr' must be finite"),
+        ("model.trust_remote_code=yes please", r"'model.trust_remote_code' must be true or false"),
+        ("rewards.functions.5.weight=1", r"'rewards.functions.5': index '5' is out of range 0..1"),
+        ("noequals", r"not of the form key=value"),
+        (
+            "algorithm.filter_zero_variance=[length]",
+            r"'algorithm.filter_zero_variance': 'length' is not a configured reward",
+        ),
+    ],
+)
 def test_bad_input_names_the_key_and_allowed_values(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
@@ -89,6 +110,7 @@ def test_bad_files(tmp_path):
 
 def test_yaml_round_trip(tmp_path):
     import yaml
+
     cfg = load_config(None, ["trainer.steps=3"])
     out = tmp_path / "c.yaml"
     out.write_text(yaml.safe_dump(to_dict(cfg)))
@@ -101,6 +123,7 @@ def test_every_field_is_documented():
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
             if dataclasses.is_dataclass(f.type) if not isinstance(f.type, str) else False:
                 walk(f.type)
+
     walk(Config)
     ref = config_reference()
     assert "`trainer.prompts_per_step`" in ref and "`rewards.functions.N.condition_on`" in ref
@@ -116,8 +139,12 @@ def test_readme_config_reference_is_generated_from_the_schema():
 def test_lr_schedules():
     from gdpo.learner import lr_factor
 
-    cos = lr_factor(load_config(None, ["trainer.steps=10", "learner.lr_schedule=cosine", "learner.lr_warmup_steps=2",
-                                       "learner.min_lr_ratio=0.1"]))
+    cos = lr_factor(
+        load_config(
+            None,
+            ["trainer.steps=10", "learner.lr_schedule=cosine", "learner.lr_warmup_steps=2", "learner.min_lr_ratio=0.1"],
+        )
+    )
     assert [cos(0), cos(1)] == [0.5, 1.0]
     assert cos(2) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1) and cos(6) == pytest.approx(0.55)
     const = lr_factor(load_config(None, ["trainer.steps=10", "learner.lr_schedule=constant"]))
@@ -132,5 +159,10 @@ def test_correctness_aware_rewards_cannot_be_conditioned_and_l1_needs_its_target
         load_config(None, ["rewards.functions=[{name: accuracy}, {name: l1_exact, kwargs: {target_tokens: 40}}]"])
     with pytest.raises(ConfigError, match=r"put \{target_tokens\} in data.template"):
         load_config(None, ["rewards.functions=[{name: accuracy}, {name: l1_max}]"])
-    load_config(None, ["rewards.functions=[{name: accuracy}, {name: l1_max}]",
-                       "data.template='{question}\nThink for {target_tokens} tokens.\n'"])
+    load_config(
+        None,
+        [
+            "rewards.functions=[{name: accuracy}, {name: l1_max}]",
+            "data.template='{question}\nThink for {target_tokens} tokens.\n'",
+        ],
+    )

@@ -1,4 +1,5 @@
 """The project's DoRA against peft's: forward, gradients, files both ways, merge round trip, errors."""
+
 import json
 
 import pytest
@@ -24,8 +25,12 @@ def _pair(in_f, out_f, bias, rank=4, alpha=8.0, dropout=0.0, use_rslora=False, s
     base = nn.Sequential(nn.Linear(in_f, out_f, bias=bias))
     ours = dora.apply_dora(nn.Sequential(nn.Linear(in_f, out_f, bias=bias)), ["0"], rank, alpha, dropout, use_rslora)
     ours[0].base_layer.load_state_dict(base[0].state_dict())
-    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
-                                                 target_modules=["0"], use_dora=True))
+    peft_model = get_peft_model(
+        base,
+        LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora, target_modules=["0"], use_dora=True
+        ),
+    )
     _randomize(peft_model)
     layer = peft_model.base_model.model[0]
     with torch.no_grad():
@@ -39,12 +44,20 @@ def _grads(model, x, dy):
     x = x.clone().requires_grad_(True)
     y = model(x)
     y.backward(dy)
-    return y.detach(), x.grad, {n.split(".")[-1].replace("weight", ""): p.grad.clone()
-                                 for n, p in model.named_parameters() if p.requires_grad}
+    return (
+        y.detach(),
+        x.grad,
+        {
+            n.split(".")[-1].replace("weight", ""): p.grad.clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        },
+    )
 
 
-@pytest.mark.parametrize("in_f,out_f,bias,use_rslora", [(64, 48, True, False), (32, 96, False, False),
-                                                        (80, 80, False, True)])
+@pytest.mark.parametrize(
+    "in_f,out_f,bias,use_rslora", [(64, 48, True, False), (32, 96, False, False), (80, 80, False, True)]
+)
 def test_forward_and_gradients_match_peft(in_f, out_f, bias, use_rslora):
     ours, peft_model, layer = _pair(in_f, out_f, bias, use_rslora=use_rslora)
     x = torch.randn(3, 7, in_f)  # [batch, seq, in]
@@ -56,8 +69,9 @@ def test_forward_and_gradients_match_peft(in_f, out_f, bias, use_rslora):
     torch.testing.assert_close(dx0, dx1, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g0["lora_A"], layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(g0["lora_B"], layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g0["lora_magnitude_vector"], layer.lora_magnitude_vector["default"].weight.grad,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        g0["lora_magnitude_vector"], layer.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-5
+    )
     assert g0["lora_B"].abs().max() > 0  # the check can fail: the adapter is not at its zero init
 
 
@@ -71,8 +85,9 @@ def test_dropout_path_matches_peft_under_the_same_rng():
     y1, dx1, _ = _grads(peft_model, x, dy)
     torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx0, dx1, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(g0["lora_magnitude_vector"], layer.lora_magnitude_vector["default"].weight.grad,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        g0["lora_magnitude_vector"], layer.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-5
+    )
     ours.eval()  # dropout is off in eval: the fused path gives the same as peft's eval forward
     peft_model.eval()
     torch.testing.assert_close(ours(x), peft_model(x), rtol=1e-5, atol=1e-5)
@@ -100,8 +115,11 @@ def test_init_is_the_base_layer_and_only_adapters_train():
     model = dora.apply_dora(base, ["0"], rank=2, alpha=4)
     assert isinstance(model[0], dora.DoraLinear) and not isinstance(model[2], dora.DoraLinear)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)  # B = 0, m = ‖W0‖: the base output
-    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == \
-        ["0.lora_A", "0.lora_B", "0.lora_magnitude_vector"]
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        "0.lora_A",
+        "0.lora_B",
+        "0.lora_magnitude_vector",
+    ]
 
 
 def test_merge_unmerge_round_trip_is_exact_and_disable_gives_the_base():
@@ -129,8 +147,16 @@ def _tiny_lm(seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -154,8 +180,9 @@ def test_adapter_saved_by_the_project_loads_in_peft(tmp_path):
 def test_adapter_saved_by_peft_loads_into_the_project(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    theirs = get_peft_model(_tiny_lm(), LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS, use_dora=True,
-                                                   task_type="CAUSAL_LM")).eval()
+    theirs = get_peft_model(
+        _tiny_lm(), LoraConfig(r=4, lora_alpha=16, target_modules=TARGETS, use_dora=True, task_type="CAUSAL_LM")
+    ).eval()
     _randomize(theirs)
     theirs.save_pretrained(tmp_path / "peft")
     ours = dora.load_adapter(_tiny_lm(), tmp_path / "peft")
@@ -205,6 +232,10 @@ def test_bf16_on_gpu_matches_peft_with_the_triton_norm():
     torch.testing.assert_close(dx0.float(), dx1.float(), rtol=2e-2, atol=2e-2)
     w = ours[0]
     from kernels.dora_norm import dora_row_norm_reference, dora_row_norm_triton
-    torch.testing.assert_close(dora_row_norm_triton(w.base_layer.weight, w.lora_A, w.lora_B, w.scale),
-                               dora_row_norm_reference(w.base_layer.weight, w.lora_A, w.lora_B, w.scale),
-                               rtol=1e-3, atol=1e-3)
+
+    torch.testing.assert_close(
+        dora_row_norm_triton(w.base_layer.weight, w.lora_A, w.lora_B, w.scale),
+        dora_row_norm_reference(w.base_layer.weight, w.lora_A, w.lora_B, w.scale),
+        rtol=1e-3,
+        atol=1e-3,
+    )

@@ -1,4 +1,5 @@
 """pass@k, length statistics and AES against hand-computed values."""
+
 import math
 from itertools import combinations
 
@@ -63,8 +64,13 @@ def test_floor_figures_and_the_shortcut_detector():
     assert not skips_required_steps("we need 3+4-2\n3+4=7\ncheck: 7 is right\n7-2=5\n\\boxed{5}", shortest)
     assert skips_required_steps("3+4-2=5\n\\boxed{5}", shortest)  # one line for two steps: a shortcut
     assert skips_required_steps("7-2=5\n3+4=7\n\\boxed{5}", shortest)  # out of order
-    m = floor_metrics([20, 30, 10, 40], [20, 20, 20, 20], [True, True, True, False],
-                      [shortest, "x", "3+4-2=5\n\\boxed{5}", "y"], [shortest] * 4)
+    m = floor_metrics(
+        [20, 30, 10, 40],
+        [20, 20, 20, 20],
+        [True, True, True, False],
+        [shortest, "x", "3+4-2=5\n\\boxed{5}", "y"],
+        [shortest] * 4,
+    )
     assert m["floor_tokens"] == 20 and m["tokens_over_floor"] == pytest.approx(25 / 20)
     assert m["below_floor_rate"] == 0.25  # the 10-token answer
     assert m["shortcut_rate"] == 0.5  # two correct answers lack a required line ("x" and the one-line answer)

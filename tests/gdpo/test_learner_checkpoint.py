@@ -1,5 +1,6 @@
 """Learner checkpoints under real DeepSpeed (gloo, 1 rank, ZeRO-2 and ZeRO-3): only the trainable state
 is saved, and a learner built afresh (other adapter initialization) continues bit for bit."""
+
 import os
 
 import pytest
@@ -17,15 +18,23 @@ def _worker(rank, port, stage, model_path, out_dir):
     from gdpo.config import load_config
 
     def build(seed):
-        cfg = load_config(None, [f"learner.zero_stage={stage}", "learner.lr=1e-2", "learner.micro_batch_per_worker=4",
-                                 f"trainer.seed={seed}"])
+        cfg = load_config(
+            None,
+            [
+                f"learner.zero_stage={stage}",
+                "learner.lr=1e-2",
+                "learner.micro_batch_per_worker=4",
+                f"trainer.seed={seed}",
+            ],
+        )
         model, tok = learner.build_policy(model_path, cfg)
         return cfg, model, tok, learner.make_engine(model, cfg)
 
     def step(cfg, model, engine, batch):
         batch = learner.attach_logprobs(model, batch, cfg)
-        learner.train_step(engine, batch, cfg, global_tokens=float(batch.loss_mask[:, 1:].sum()), global_seqs=8.0,
-                           world_size=1)
+        learner.train_step(
+            engine, batch, cfg, global_tokens=float(batch.loss_mask[:, 1:].sum()), global_seqs=8.0, world_size=1
+        )
 
     def adapters(model):
         with learner.gathered(model, stage):
@@ -49,10 +58,21 @@ def _worker(rank, port, stage, model_path, out_dir):
     step(cfg2, model2, engine2, batch)  # needs the optimizer's moments and step count to match
     resumed = adapters(model2)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    frozen_bytes = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()
-                       if not p.requires_grad) * 4
-    torch.save({"saved": saved, "straight": straight, "fresh": fresh, "loaded": loaded, "resumed": resumed,
-                "trainable": trainable, "frozen_bytes": frozen_bytes}, os.path.join(out_dir, "result.pt"))
+    frozen_bytes = (
+        sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if not p.requires_grad) * 4
+    )
+    torch.save(
+        {
+            "saved": saved,
+            "straight": straight,
+            "fresh": fresh,
+            "loaded": loaded,
+            "resumed": resumed,
+            "trainable": trainable,
+            "frozen_bytes": frozen_bytes,
+        },
+        os.path.join(out_dir, "result.pt"),
+    )
 
 
 @pytest.mark.parametrize("stage", [2, 3])

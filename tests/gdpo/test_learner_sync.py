@@ -1,5 +1,6 @@
 """Learner pieces without Ray or DeepSpeed: the importance-ratio denominator (``_adapted_lm`` also
 serves the weight-sync tests)."""
+
 import pytest
 import torch
 
@@ -13,8 +14,15 @@ def _adapted_lm(seed=0, dtype=torch.float32):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = Qwen2ForCausalLM(cfg).to(dtype)
     dora.apply_dora(model, ["q_proj", "v_proj", "down_proj"], 4, 8.0)
     for p in model.parameters():

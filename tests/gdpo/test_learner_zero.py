@@ -1,4 +1,5 @@
 """The learner under real DeepSpeed (gloo, 2 ranks): one GDPO step gives the same policy with ZeRO-2 and ZeRO-3."""
+
 import os
 from pathlib import Path
 
@@ -17,12 +18,19 @@ def _fixed_batch(tokenizer):
 
     g = torch.Generator().manual_seed(0)
     prompts = [tokenizer.encode(f"Compute {a}+{b}-1\n") for a, b in [(3, 4), (9, 2), (5, 5), (1, 8)]]
-    completions = [torch.randint(3, tokenizer.vocab_size, (int(n),), generator=g).tolist()
-                   for n in torch.randint(5, 20, (8,), generator=g)]
-    rb = RolloutBatch(prompt_ids=[prompts[i // 2] for i in range(8)], completion_ids=completions,
-                      completions=[""] * 8, finish_reasons=["stop"] * 8,
-                      sampling_logprobs=[[0.0] * len(c) for c in completions], group_ids=[i // 2 for i in range(8)],
-                      policy_version=0)
+    completions = [
+        torch.randint(3, tokenizer.vocab_size, (int(n),), generator=g).tolist()
+        for n in torch.randint(5, 20, (8,), generator=g)
+    ]
+    rb = RolloutBatch(
+        prompt_ids=[prompts[i // 2] for i in range(8)],
+        completion_ids=completions,
+        completions=[""] * 8,
+        finish_reasons=["stop"] * 8,
+        sampling_logprobs=[[0.0] * len(c) for c in completions],
+        group_ids=[i // 2 for i in range(8)],
+        policy_version=0,
+    )
     return TrainBatch.from_rollouts(rb, torch.randn(8, generator=g), tokenizer.pad_token_id)
 
 
@@ -31,8 +39,16 @@ def _worker(rank, world, port, stage, model_path, out_dir):
     from gdpo.config import load_config
 
     torch.manual_seed(0)
-    cfg = load_config(None, [f"learner.zero_stage={stage}", f"learner.num_workers={world}", "learner.lr=1e-2",
-                             "learner.micro_batch_per_worker=2", "algorithm.kl_coef=0.05"])
+    cfg = load_config(
+        None,
+        [
+            f"learner.zero_stage={stage}",
+            f"learner.num_workers={world}",
+            "learner.lr=1e-2",
+            "learner.micro_batch_per_worker=2",
+            "algorithm.kl_coef=0.05",
+        ],
+    )
     learner.init_distributed(rank, world, "127.0.0.1", port, backend="gloo")
     model, tok = learner.build_policy(model_path, cfg)
     engine = learner.make_engine(model, cfg)
@@ -49,8 +65,9 @@ def _worker(rank, world, port, stage, model_path, out_dir):
 
 def _run(stage, model_path, out_dir):
     port = weight_sync.free_port("127.0.0.1")
-    mp.start_processes(_worker, args=(2, port, stage, model_path, str(out_dir)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, port, stage, model_path, str(out_dir)), nprocs=2, join=True, start_method="spawn"
+    )
 
     res = torch.load(out_dir / "result.pt")
     return res["grad_norm"], load_file(res["path"])
@@ -67,8 +84,10 @@ def test_zero2_and_zero3_publish_the_same_policy(tmp_path):
     base = load_file(str(next(Path(path).glob("*.safetensors"))))
     moved = max((w2[k] - base[k]).abs().max().item() for k in w2)
     worst = max((w2[k] - w3[k]).abs().max().item() for k in w2)
-    print(f"ZeRO-2 vs ZeRO-3: max abs diff {worst:.2e}; the step moved weights by {moved:.2e}; "
-          f"grad norms {norm2:.6f} / {norm3:.6f}")
+    print(
+        f"ZeRO-2 vs ZeRO-3: max abs diff {worst:.2e}; the step moved weights by {moved:.2e}; "
+        f"grad norms {norm2:.6f} / {norm3:.6f}"
+    )
     assert moved > 1e-4, moved  # the step changed the policy, so agreement means something
     # The two stages sum gradients in different orders. Adam's first step is lr·g/(|g| + eps): for the few
     # adapter entries whose gradient is near zero, that order's last-bit noise moves the update by a share

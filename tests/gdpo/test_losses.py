@@ -67,8 +67,13 @@ def test_logprobs_and_entropy():
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(2, 12), st.integers(1, 6), st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
-       st.integers(0, 10_000), st.data())
+@given(
+    st.integers(2, 12),
+    st.integers(1, 6),
+    st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]),
+    st.integers(0, 10_000),
+    st.data(),
+)
 def test_micro_batch_split_gives_same_loss_and_gradient(n, t, mode, seed, data):
     g = torch.Generator().manual_seed(seed)
     logits_param = torch.randn(n, t, generator=g).requires_grad_(True)
@@ -87,8 +92,12 @@ def test_micro_batch_split_gives_same_loss_and_gradient(n, t, mode, seed, data):
     bounds = [0, *cuts, n]
     total = torch.zeros(())
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        total = total + policy_loss(logits_param[lo:hi] * 0.1, old[lo:hi], adv[lo:hi], mask[lo:hi],
-                                    ref_logp=ref[lo:hi], **kw).loss
+        total = (
+            total
+            + policy_loss(
+                logits_param[lo:hi] * 0.1, old[lo:hi], adv[lo:hi], mask[lo:hi], ref_logp=ref[lo:hi], **kw
+            ).loss
+        )
     (grad_split,) = torch.autograd.grad(total, logits_param)
     assert total.item() == pytest.approx(full.item(), abs=1e-6)
     assert torch.allclose(grad_split, grad_full, atol=1e-7)

@@ -1,4 +1,5 @@
 """The training prompt stream: a seeded order per epoch, resumable at any cursor."""
+
 import random
 
 from gdpo.data import PromptSet
@@ -28,5 +29,5 @@ def test_takes_follow_the_seeded_order_across_epochs_and_resumes():
     fresh = PromptStream(data, seed=5)  # a resumed run starts a new stream at a cursor
     assert [int(p[1:]) for p in fresh.take(40, 9).prompts] == _reference(n, 5, 40, 9)
     assert sorted(got[:n]) == list(range(n))  # each epoch is a permutation
-    assert got[:n] != got[n:2 * n]  # reshuffled per epoch
+    assert got[:n] != got[n : 2 * n]  # reshuffled per epoch
     assert _reference(n, 6, 0, n) != got[:n]  # and per seed

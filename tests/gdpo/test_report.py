@@ -1,4 +1,5 @@
 """The report over eval directories and a training run: tables, embedded images, errors."""
+
 import base64
 import io
 import json
@@ -14,8 +15,12 @@ def _eval_dir(path, correct, tokens, base=None):
     path.mkdir(parents=True)
     metrics = summarize(correct, tokens, [t >= 100 for t in tokens], [i // 2 for i in range(len(tokens))], [1])
     base_metrics = json.loads((base / "results.json").read_text())["metrics"] if base else None
-    results = {"metrics": metrics, "against_base": against_base(metrics, base_metrics) if base else None,
-               "base": str(base.resolve()) if base else None, "data": "task:chain_arith"}
+    results = {
+        "metrics": metrics,
+        "against_base": against_base(metrics, base_metrics) if base else None,
+        "base": str(base.resolve()) if base else None,
+        "data": "task:chain_arith",
+    }
     (path / "results.json").write_text(json.dumps(results))
     (path / "samples.jsonl").write_text("".join(json.dumps({"tokens": t}) + "\n" for t in tokens))
     return path
@@ -23,14 +28,35 @@ def _eval_dir(path, correct, tokens, base=None):
 
 def _run_dir(path):
     path.mkdir(parents=True)
-    rows = [{"step": s, "reward/accuracy/mean": 0.6 + 0.01 * s, "reward/length_budget/mean": 0.1 * s,
-             "tokens/mean": 70 - s, "tokens/p90": 90 - s} for s in range(1, 11)]
+    rows = [
+        {
+            "step": s,
+            "reward/accuracy/mean": 0.6 + 0.01 * s,
+            "reward/length_budget/mean": 0.1 * s,
+            "tokens/mean": 70 - s,
+            "tokens/p90": 90 - s,
+        }
+        for s in range(1, 11)
+    ]
     rows[4].update({"eval/accuracy": 0.9, "eval/mean_tokens": 60.0})
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "summary.json").write_text(json.dumps({
-        "baseline": {"accuracy": 0.95, "mean_tokens": 74.0, "p90_tokens": 90, "truncation_rate": 0.0},
-        "final": {"accuracy": 0.94, "mean_tokens": 41.0, "p90_tokens": 50, "truncation_rate": 0.0,
-                  "floor_tokens": 20.5, "tokens_over_floor": 2.0, "shortcut_rate": 0.005}, "steps": 10}))
+    (path / "summary.json").write_text(
+        json.dumps(
+            {
+                "baseline": {"accuracy": 0.95, "mean_tokens": 74.0, "p90_tokens": 90, "truncation_rate": 0.0},
+                "final": {
+                    "accuracy": 0.94,
+                    "mean_tokens": 41.0,
+                    "p90_tokens": 50,
+                    "truncation_rate": 0.0,
+                    "floor_tokens": 20.5,
+                    "tokens_over_floor": 2.0,
+                    "shortcut_rate": 0.005,
+                },
+                "steps": 10,
+            }
+        )
+    )
     return path
 
 

@@ -2,6 +2,7 @@
 (``gdpo.trainer._run``) and run-directory code (``gdpo.checkpoints``) over an in-process stand-in for the
 Ray cluster (tests/helpers/fake_run.py). A killed process is a real ``os._exit`` in a subprocess; the
 resume runs in a fresh one, and must end exactly where a straight run ends."""
+
 import json
 import subprocess
 import sys
@@ -17,8 +18,13 @@ STEPS = 6  # save_every 2, eval_every 3: checkpoints at 2, 4, 6
 
 
 def _proc(out: Path, steps: int = STEPS, crash: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tests.helpers.fake_run", str(out), str(steps), *([crash] if crash else [])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tests.helpers.fake_run", str(out), str(steps), *([crash] if crash else [])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _outcome(out: Path) -> dict:
@@ -26,8 +32,11 @@ def _outcome(out: Path) -> dict:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     drop = ("time/", "perf/", "sync/MB_per_s")
     rows = [{k: v for k, v in r.items() if not k.startswith(drop)} for r in rows]
-    return {"policy": json.loads((out / "final" / "policy.json").read_text()), "rows": rows,
-            "summary": json.loads((out / "summary.json").read_text())}
+    return {
+        "policy": json.loads((out / "final" / "policy.json").read_text()),
+        "rows": rows,
+        "summary": json.loads((out / "summary.json").read_text()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +49,10 @@ def straight(tmp_path_factory) -> dict:
     return result
 
 
-@pytest.mark.parametrize("crash", ["after_baseline", "after_row@3", "torn_row@3", "before_manifest@4",
-                                   "after_commit@4", "after_row@6", "in_final"])
+@pytest.mark.parametrize(
+    "crash",
+    ["after_baseline", "after_row@3", "torn_row@3", "before_manifest@4", "after_commit@4", "after_row@6", "in_final"],
+)
 def test_a_kill_anywhere_then_resume_ends_as_the_straight_run(tmp_path, straight, crash):
     out = tmp_path / "run"
     killed = _proc(out, crash=crash)
@@ -142,9 +153,17 @@ def test_a_finished_run_without_checkpoints_cannot_be_extended(tmp_path):
         fake_run.run(str(out), STEPS, "learner.lr_schedule=constant")
 
 
-@pytest.mark.parametrize("change", ["learner.lr=5e-3", "trainer.seed=7", "algorithm.estimator=grpo",
-                                    "trainer.prompts_per_step=4", "data.eval_size=3",
-                                    "rewards.functions.1.kwargs.alpha=0.2"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "learner.lr=5e-3",
+        "trainer.seed=7",
+        "algorithm.estimator=grpo",
+        "trainer.prompts_per_step=4",
+        "data.eval_size=3",
+        "rewards.functions.1.kwargs.alpha=0.2",
+    ],
+)
 def test_a_changed_config_is_refused_naming_the_key(tmp_path, change):
     out = tmp_path / "run"
     assert _proc(out, crash="after_row@3").returncode == 137
@@ -168,8 +187,9 @@ def test_resume_safe_changes_pass_and_are_logged(tmp_path, straight):
     out = tmp_path / "run"
     assert _proc(out, crash="after_row@3").returncode == 137
     logs = []
-    fake_run.run(str(out), STEPS, "trainer.eval_every=3", "rollout.num_workers=2", "cluster.sync_timeout_s=60",
-                 log=logs.append)
+    fake_run.run(
+        str(out), STEPS, "trainer.eval_every=3", "rollout.num_workers=2", "cluster.sync_timeout_s=60", log=logs.append
+    )
     assert any("resuming with" in m and "rollout.num_workers: 1 -> 2" in m for m in logs), logs
     assert _outcome(out) == straight
 
@@ -220,7 +240,9 @@ def test_resume_never_unpickles_the_checkpoint(tmp_path):
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
+
     import pickle
+
     (_checkpoint(out, 2) / "rng.pt").write_bytes(pickle.dumps(Payload()))
     fake_run.run(str(out), STEPS)
     assert not marker.exists()

@@ -1,4 +1,5 @@
 """The trainer's advantage stage: conditions, the zero-variance filter, then the estimator on what is kept."""
+
 import pytest
 import torch
 
@@ -11,9 +12,16 @@ REWARDS = "rewards.functions=[{name: accuracy}, {name: length_budget, condition_
 
 def test_gdpo_batch_statistics_are_those_of_the_kept_groups():
     cfg = load_config(None, [REWARDS, "rollout.samples_per_prompt=2", "algorithm.filter_zero_variance=[accuracy]"])
-    values = torch.tensor([[1.0, 1.0], [0.0, 1.0],   # group 0: accuracy varies -> kept
-                           [1.0, 0.0], [1.0, 1.0],   # group 1: all correct -> filtered
-                           [0.0, 0.0], [1.0, 0.0]])  # group 2: kept
+    values = torch.tensor(
+        [
+            [1.0, 1.0],
+            [0.0, 1.0],  # group 0: accuracy varies -> kept
+            [1.0, 0.0],
+            [1.0, 1.0],  # group 1: all correct -> filtered
+            [0.0, 0.0],
+            [1.0, 0.0],
+        ]
+    )  # group 2: kept
     step = compute_advantages(values, ["accuracy", "length_budget"], cfg)
     assert step.keep.tolist() == [True, True, False, False, True, True]
     assert step.raw[1, 1] == 0.0  # length paid only to correct answers (Eq. 8)

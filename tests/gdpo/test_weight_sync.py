@@ -1,4 +1,5 @@
 """The real weight path into vLLM: DoRA learner -> merged weights -> file or gloo broadcast -> reload_weights."""
+
 import os
 from pathlib import Path
 import threading
@@ -58,8 +59,16 @@ def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
     """Learner 0's side here, the engine's in vLLM's worker: open a group, send ``version`` (the engine expects
     ``expect``, default the same), close. Returns what the engine's receive returned or raised."""
     listen = weight_sync.listen_socket("127.0.0.1")
-    spec = SyncGroup("gloo", "127.0.0.1", listen.getsockname()[1], 2, f"e2e-{version}-{expect}", 60.0, 64 << 10,
-                     weight_sync.manifest_of(tensors))
+    spec = SyncGroup(
+        "gloo",
+        "127.0.0.1",
+        listen.getsockname()[1],
+        2,
+        f"e2e-{version}-{expect}",
+        60.0,
+        64 << 10,
+        weight_sync.manifest_of(tensors),
+    )
     opened = _Background(weight_sync.engine_open, llm, spec, 1)
     comm = weight_sync.open_comm(spec, 0, "cpu", listen)
     assert opened.get() == [1]
@@ -67,6 +76,7 @@ def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
     sender = comm
     if corrupt_call is not None:
         from tests.gdpo.test_weight_sync_protocol import _Corrupting
+
         sender = _Corrupting(comm, corrupt_call)
     weight_sync.publish(tensors, version, 64 << 10, comm=sender)
     try:
@@ -144,8 +154,12 @@ def test_after_a_sync_cached_prompt_blocks_are_not_reused(tmp_path):
     rollout.generate(llm, [prompt], 2, max_new_tokens=16, temperature=1.0, seed=1)  # caches the prompt's blocks
 
     model, tok = _perturbed_policy(path, cfg, 0)
-    assert _broadcast(llm, weight_sync.sync_tensors(model, weight_sync.sync_module_names(
-        model, cfg.learner.target_modules)), 1) == 1
+    assert (
+        _broadcast(
+            llm, weight_sync.sync_tensors(model, weight_sync.sync_module_names(model, cfg.learner.target_modules)), 1
+        )
+        == 1
+    )
     batch = rollout.generate(llm, [prompt], 2, max_new_tokens=16, temperature=1.0, seed=1)
     worst = _worst(batch.sampling_logprobs, _learner_logprobs(model, batch, tok.pad_token_id))
     assert worst < 1e-3, worst
@@ -153,6 +167,7 @@ def test_after_a_sync_cached_prompt_blocks_are_not_reused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- node-local weight files
+
 
 def test_weight_dirs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     import socket
@@ -163,8 +178,11 @@ def test_weight_dirs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, monke
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
     host = socket.gethostname()
-    for name, owner in (("dead", f"{host} {dead_pid}"), ("live", f"{host} {os.getpid()}"),
-                        ("elsewhere", f"other-host {dead_pid}")):
+    for name, owner in (
+        ("dead", f"{host} {dead_pid}"),
+        ("live", f"{host} {os.getpid()}"),
+        ("elsewhere", f"other-host {dead_pid}"),
+    ):
         d = tmp_path / f"gdpo-weights-{name}-x"
         d.mkdir()
         (d / "owner").write_text(owner)

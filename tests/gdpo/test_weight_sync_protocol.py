@@ -1,6 +1,7 @@
 """The weight-sync protocol without vLLM: buckets, checksums, transports, the weight file, and the
 broadcast between real processes over gloo (each receiver also holding its own default
 torch.distributed world, as DeepSpeed and vLLM processes do)."""
+
 import dataclasses
 import hashlib
 import multiprocessing as mp
@@ -25,6 +26,7 @@ def _tensors(model):
 
 
 # ----------------------------------------------------------------------------- pure pieces
+
 
 def test_plan_is_deterministic_aligned_and_sends_an_oversize_tensor_alone():
     man = [("a", "float32", [3]), ("b", "bfloat16", [5]), ("c", "float32", [1000]), ("d", "float32", [2])]
@@ -85,8 +87,9 @@ def test_weight_file_is_a_safetensors_file_of_the_merged_weights(tmp_path, bucke
     assert sorted(got) == sorted(expected)
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
-                           model.model.layers[0].self_attn.q_proj.base_layer.weight)  # merged, not the base
+    assert not torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"], model.model.layers[0].self_attn.q_proj.base_layer.weight
+    )  # merged, not the base
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"policy_version": "3"}
         assert sorted(k for k, _ in weight_sync.read_file(f, path, 3, digest)) == sorted(expected)
@@ -113,19 +116,22 @@ def test_publish_replaces_the_previous_version_and_weights_dirs_are_private(tmp_
 
 # ----------------------------------------------------------------------------- over gloo, between processes
 
+
 def _receiver(inbox, outbox) -> None:
     import torch.distributed as dist
 
     # this process's own default world (DeepSpeed's or vLLM's in real use); the sync group is beside it
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{weight_sync.free_port('127.0.0.1')}",
-                            rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{weight_sync.free_port('127.0.0.1')}", rank=0, world_size=1
+    )
     while (job := inbox.get()) is not None:
         spec = SyncGroup(**job["spec"])
         comm = weight_sync.open_comm(spec, job["rank"], "cpu")
         got = []
         try:
-            incoming = weight_sync.receive(comm, job.get("manifest", spec.manifest), job["version"],
-                                           spec.bucket_bytes, "cpu")
+            incoming = weight_sync.receive(
+                comm, job.get("manifest", spec.manifest), job["version"], spec.bucket_bytes, "cpu"
+            )
             if job.get("fail") == "die":
                 next(iter(incoming))  # the header and the first bucket arrived; then the process is gone
                 os._exit(1)
@@ -178,8 +184,16 @@ def _round(receivers, tensors, version, bucket_bytes, *, timeout_s=60.0, jobs=No
     procs, boxes = receivers
     jobs = jobs or {}
     listen = weight_sync.listen_socket("127.0.0.1")
-    spec = SyncGroup("gloo", "127.0.0.1", listen.getsockname()[1], 1 + len(who), f"t{time.monotonic_ns()}",
-                     timeout_s, bucket_bytes, weight_sync.manifest_of(tensors))
+    spec = SyncGroup(
+        "gloo",
+        "127.0.0.1",
+        listen.getsockname()[1],
+        1 + len(who),
+        f"t{time.monotonic_ns()}",
+        timeout_s,
+        bucket_bytes,
+        weight_sync.manifest_of(tensors),
+    )
     for rank, r in enumerate(who, start=1):
         boxes[r][0].put({"spec": dataclasses.asdict(spec), "rank": rank, "version": version, **jobs.get(r, {})})
     comm = weight_sync.open_comm(spec, 0, "cpu", listen)
@@ -213,9 +227,11 @@ def test_a_tensor_larger_than_a_tens_of_mib_bucket(receivers):
     g = torch.Generator().manual_seed(2)
     big = torch.randn(2560, 4096, generator=g)  # 40 MiB, over the 32 MiB bucket
     small = torch.randn(7, 3, generator=g).to(torch.bfloat16)
-    tensors = [SyncTensor("small.weight", (7, 3), torch.bfloat16, lambda: small),
-               SyncTensor("big.weight", tuple(big.shape), torch.float32, lambda: big),
-               SyncTensor("tail.bias", (7,), torch.bfloat16, lambda: small[:, 0].contiguous())]
+    tensors = [
+        SyncTensor("small.weight", (7, 3), torch.bfloat16, lambda: small),
+        SyncTensor("big.weight", tuple(big.shape), torch.float32, lambda: big),
+        SyncTensor("tail.bias", (7,), torch.bfloat16, lambda: small[:, 0].contiguous()),
+    ]
     sent, replies, _ = _round(receivers, tensors, 1, 32 << 20)
     for status, got in replies:
         assert status == "ok"

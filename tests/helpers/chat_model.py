@@ -1,9 +1,12 @@
 """A small local causal LM with a chat template, built here (random weights, nothing downloaded)."""
+
 from pathlib import Path
 
 # ChatML, the form Qwen2.5-Instruct's template produces for one user turn
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_chat_model(out: Path, max_positions: int = 2048) -> Path:
@@ -18,10 +21,21 @@ def build_chat_model(out: Path, max_positions: int = 2048) -> Path:
     tok = build_tokenizer(0)
     tok.chat_template = CHATML
     tok.model_max_length = max_positions
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=max_positions,
-                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      bos_token_id=tok.eos_token_id, use_sliding_window=False)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id,
+        use_sliding_window=False,
+    )
     torch.manual_seed(0)
     Qwen2ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

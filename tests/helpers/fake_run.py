@@ -7,6 +7,7 @@ or seeds, or loses the optimizer state ends on another value than a straight run
 ``python -m tests.helpers.fake_run OUT STEPS [CRASH]`` runs it in a fresh process; CRASH names the
 point where the process dies with ``os._exit(137)`` (no cleanup, as a SIGKILL).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,10 +44,15 @@ class FakeCluster:
         rows = [(p, i) for p in prompts for i in range(k)]
         good = [(_hash(p, seed, i) % 1000) / 1000 < 0.3 + (0.1 * abs(self.policy)) % 0.6 for p, i in rows]
         lengths = [3 + _hash(p, seed, i, "n") % 5 for p, i in rows]
-        return RolloutBatch(prompt_ids=[[1, 2]] * len(rows), completion_ids=[[5] * n for n in lengths],
-                            completions=["ok" if g else "no" for g in good], finish_reasons=["stop"] * len(rows),
-                            sampling_logprobs=[[0.0] * n for n in lengths],
-                            group_ids=[j // k for j in range(len(rows))], policy_version=self.version)
+        return RolloutBatch(
+            prompt_ids=[[1, 2]] * len(rows),
+            completion_ids=[[5] * n for n in lengths],
+            completions=["ok" if g else "no" for g in good],
+            finish_reasons=["stop"] * len(rows),
+            sampling_logprobs=[[0.0] * n for n in lengths],
+            group_ids=[j // k for j in range(len(rows))],
+            policy_version=self.version,
+        )
 
     def generate(self, prompts, k, sampling, seed):
         return self.collect(self.submit_generate(prompts, k, sampling, seed))
@@ -55,9 +61,15 @@ class FakeCluster:
         pass
 
     def score(self, batch, prompts, columns) -> RewardMatrix:
-        return RewardMatrix(names=self.names, values=torch.tensor(
-            [[(1.0 if c == "ok" else 0.0) if n == "accuracy" else -len(ids) / 10 for n in self.names]
-             for c, ids in zip(batch.completions, batch.completion_ids)]))
+        return RewardMatrix(
+            names=self.names,
+            values=torch.tensor(
+                [
+                    [(1.0 if c == "ok" else 0.0) if n == "accuracy" else -len(ids) / 10 for n in self.names]
+                    for c, ids in zip(batch.completions, batch.completion_ids)
+                ]
+            ),
+        )
 
     def sleep_engines(self):
         pass
@@ -99,8 +111,18 @@ def inputs() -> RunInputs:
 def config(out: str, steps: int, *extra: str):
     from gdpo.config import load_config
 
-    return load_config(None, [f"trainer.output_dir={out}", f"trainer.steps={steps}", "trainer.prompts_per_step=3",
-                              "rollout.samples_per_prompt=4", "trainer.save_every=2", "trainer.eval_every=3", *extra])
+    return load_config(
+        None,
+        [
+            f"trainer.output_dir={out}",
+            f"trainer.steps={steps}",
+            "trainer.prompts_per_step=3",
+            "rollout.samples_per_prompt=4",
+            "trainer.save_every=2",
+            "trainer.eval_every=3",
+            *extra,
+        ],
+    )
 
 
 def run(out: str, steps: int, *extra: str, log=lambda msg: None) -> dict:
@@ -127,8 +149,10 @@ def arm_crash(point: str) -> None:
     name, _, at = point.partition("@")
     at = int(at or 0)
     if name == "after_baseline":  # summary.json has the baseline; no step has run
+
         def init(self, *a, **k):
             die()
+
         metrics.MetricsLogger.__init__ = init
     elif name in ("after_row", "torn_row"):  # a step's metrics row written (whole or cut short), not saved
         original_log = metrics.MetricsLogger.log
@@ -142,6 +166,7 @@ def arm_crash(point: str) -> None:
                 original_log(self, row)
                 die()
             original_log(self, row)
+
         metrics.MetricsLogger.log = log
     elif name == "before_manifest":  # the learners' and driver's files written, no manifest, no rename
         original_manifest = checkpoints.write_manifest
@@ -150,6 +175,7 @@ def arm_crash(point: str) -> None:
             if f"step-{at:06d}" in directory.name:
                 die()
             original_manifest(directory)
+
         checkpoints.write_manifest = write_manifest
     elif name == "after_commit":  # the checkpoint renamed into place, older ones not yet pruned
         original_prune = trainer.prune_checkpoints
@@ -159,6 +185,7 @@ def arm_crash(point: str) -> None:
             if state.name == f"step-{at:06d}":
                 die()
             original_prune(out, run_id, keep, log)
+
         trainer.prune_checkpoints = prune
     elif name == "in_final":  # the final evaluation done, the final policy not written
         FakeCluster.save_final = lambda self, directory: die()

@@ -1,4 +1,5 @@
 """Reward plugins that crash their worker process once (for fault-tolerance tests)."""
+
 import os
 
 

@@ -11,6 +11,7 @@ losing B), both hosts one ``gdpo_learner_slot`` (a learner on each) and ``gdpo_r
 (A two, B one). ``reserve_a_slot`` holds one of A's rollout slots so that a PACK placement puts one
 engine on each host; ``release_a_slot`` frees it, so that an engine from a lost B can move to A.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,13 +33,19 @@ def can_unshare() -> str:
     """'' where a private /dev/shm can be made here, else the reason it cannot."""
     if shutil.which("unshare") is None:
         return "no unshare(1) on this machine"
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "mount -t tmpfs -o size=1m tmpfs /dev/shm"], capture_output=True, text=True)
-    return "" if probe.returncode == 0 else f"unshare -m with a private /dev/shm is not permitted: {probe.stderr.strip()}"
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+        capture_output=True,
+        text=True,
+    )
+    return (
+        "" if probe.returncode == 0 else f"unshare -m with a private /dev/shm is not permitted: {probe.stderr.strip()}"
+    )
 
 
 def _free_port() -> int:
     from gdpo.weight_sync import free_port
+
     return free_port("127.0.0.1")
 
 
@@ -50,11 +57,17 @@ class TwoHosts:
         # Ray 2.6x guards the cluster and its job API with a token; one machine's hosts share the default
         # one (~/.ray/auth_token, made below if missing: `ray start` does not make it), which this process's Ray
         # picks up too
-        self.env.update(PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
-                        VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false",
-                        # a lost host is declared dead within seconds, not the default half minute
-                        RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
-                        RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000")
+        self.env.update(
+            PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            RAY_AUTH_MODE="token",
+            VLLM_CPU_KVCACHE_SPACE="1",
+            TOKENIZERS_PARALLELISM="false",
+            # a lost host is declared dead within seconds, not the default half minute
+            RAY_health_check_period_ms="1000",
+            RAY_health_check_timeout_ms="1000",
+            RAY_health_check_failure_threshold="3",
+            RAY_health_check_initial_delay_ms="1000",
+        )
         self.ip_a = ray.util.get_node_ip_address()
         self.ip_b = "127.0.0.2" if self.ip_a != "127.0.0.2" else "127.0.0.3"
         token = self._ray("get-auth-token", "--generate")  # the default token, made if this machine has none yet
@@ -62,18 +75,44 @@ class TwoHosts:
             raise RuntimeError(f"ray get-auth-token --generate failed: {token.stderr[-2000:]}")
         self.gcs = f"{self.ip_a}:{_free_port()}"
         self.dashboard = f"http://127.0.0.1:{_free_port()}"
-        head = self._ray("start", "--head", f"--node-ip-address={self.ip_a}", f"--port={self.gcs.split(':')[1]}",
-                         "--num-cpus=4", f"--resources={json.dumps(HEAD_RESOURCES)}", "--dashboard-host=127.0.0.1",
-                         f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}", "--disable-usage-stats")
+        head = self._ray(
+            "start",
+            "--head",
+            f"--node-ip-address={self.ip_a}",
+            f"--port={self.gcs.split(':')[1]}",
+            "--num-cpus=4",
+            f"--resources={json.dumps(HEAD_RESOURCES)}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard.rsplit(':', 1)[1]}",
+            "--disable-usage-stats",
+        )
         if head.returncode != 0:
             raise RuntimeError(f"ray start --head failed: {head.stderr[-2000:]}")
         self.b_log = open(tmp / "host_b.log", "w")
         self.b = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c",
-             "mount -t tmpfs -o size=4g tmpfs /dev/shm && exec \"$0\" \"$@\"", RAY, "start", f"--address={self.gcs}",
-             f"--node-ip-address={self.ip_b}", "--num-cpus=3", f"--resources={json.dumps(B_RESOURCES)}", "--block",
-             "--disable-usage-stats"],
-            env=self.env, cwd=ROOT, stdout=self.b_log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                'mount -t tmpfs -o size=4g tmpfs /dev/shm && exec "$0" "$@"',
+                RAY,
+                "start",
+                f"--address={self.gcs}",
+                f"--node-ip-address={self.ip_b}",
+                "--num-cpus=3",
+                f"--resources={json.dumps(B_RESOURCES)}",
+                "--block",
+                "--disable-usage-stats",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self.b_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         # "auto" (this machine's newest cluster: the head just started) is the connection on which Ray picks up
         # the default token itself; an explicit address would need RAY_AUTH_MODE=token before Ray was imported
         ray.init(address="auto", log_to_driver=True)
@@ -92,8 +131,10 @@ class TwoHosts:
         deadline = time.time() + timeout
         while len([x for x in ray.nodes() if x["Alive"]]) != n:
             if time.time() > deadline:
-                raise RuntimeError(f"the cluster did not reach {n} live hosts in {timeout}s (host B log: "
-                                   f"{Path(self.b_log.name).read_text()[-2000:]})")
+                raise RuntimeError(
+                    f"the cluster did not reach {n} live hosts in {timeout}s (host B log: "
+                    f"{Path(self.b_log.name).read_text()[-2000:]})"
+                )
             time.sleep(0.5)
 
     def _node_id(self, ip: str) -> str:

@@ -1,4 +1,5 @@
 """Reward plugins used by the tests (importable by spawned processes as tests.helpers.plugins)."""
+
 import time
 
 
@@ -43,7 +44,7 @@ def numpy_inf(prompts, completions, **fields):
 
 
 def huge_int(prompts, completions, **fields):
-    return [10 ** 400 for _ in completions]
+    return [10**400 for _ in completions]
 
 
 CALLS = []

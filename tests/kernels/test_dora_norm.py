@@ -1,4 +1,5 @@
 """The DoRA row-norm kernels against the materialized norm; the Triton one under TRITON_INTERPRET=1."""
+
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ CASES = [(37, 70, 3, 0.5), (64, 128, 16, 2.0), (33, 200, 20, 0.25)]  # odd sizes
 def test_reference_matches_the_materialized_norm(n_out, n_in, rank, s):
     g = torch.Generator().manual_seed(n_out)
     w0, a, b = (torch.randn(*shape, generator=g) for shape in ((n_out, n_in), (rank, n_in), (n_out, rank)))
-    torch.testing.assert_close(dora_norm.dora_row_norm_reference(w0, a, b, s), _materialized(w0, a, b, s),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        dora_norm.dora_row_norm_reference(w0, a, b, s), _materialized(w0, a, b, s), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("n_out,n_in,rank,s", CASES)

@@ -1,4 +1,5 @@
 """FP4 kernels: nibble packing and fake quantization, Triton (under TRITON_INTERPRET=1) against torch."""
+
 import pytest
 import torch
 
@@ -57,13 +58,14 @@ def _check_fake_quant(e_bits, m_bits):
     x = torch.randn(37, 70, generator=g) * 3
     x[0, :4] = torch.tensor([0.0, -0.0, 1e9, -1e9])  # zeros and clipping
     bias = torch.randn(37, generator=g)
-    shift = torch.randint(0, 2 ** e_bits, (70,), generator=g)
+    shift = torch.randint(0, 2**e_bits, (70,), generator=g)
     for s in (None, shift):
         out = fp4.fake_quant_rows_triton(x, e_bits, m_bits, bias, s, block=32)
         assert torch.equal(out, fp4.fake_quant_rows_reference(x, e_bits, m_bits, bias, s))
     xt = torch.randn(70, 37, generator=g).T  # strided input
-    assert torch.equal(fp4.fake_quant_rows_triton(xt, e_bits, m_bits, bias),
-                       fp4.fake_quant_rows_reference(xt, e_bits, m_bits, bias))
+    assert torch.equal(
+        fp4.fake_quant_rows_triton(xt, e_bits, m_bits, bias), fp4.fake_quant_rows_reference(xt, e_bits, m_bits, bias)
+    )
 
 
 @pytest.mark.gpu
@@ -73,7 +75,9 @@ def test_cuda_dispatch_matches_the_reference():
     x = torch.randn(256, 512, device="cuda")
     bias = torch.randn(256, device="cuda")
     shift = torch.randint(0, 4, (512,), device="cuda")
-    assert torch.equal(fp4.fake_quant_rows(x, 2, 1, bias, shift).cpu(),
-                       fp4.fake_quant_rows_reference(x.cpu(), 2, 1, bias.cpu(), shift.cpu()))
+    assert torch.equal(
+        fp4.fake_quant_rows(x, 2, 1, bias, shift).cpu(),
+        fp4.fake_quant_rows_reference(x.cpu(), 2, 1, bias.cpu(), shift.cpu()),
+    )
     codes = torch.randint(0, 16, (256, 511), device="cuda", dtype=torch.uint8)
     assert torch.equal(fp4.unpack_nibbles(fp4.pack_nibbles(codes), 511).cpu(), codes.cpu())

@@ -18,8 +18,17 @@ def score(completions, answers):
 
 
 def test_answer_forms():
-    completions = ["so \\boxed{18}", "work...\n#### 18", "The answer is 18", "$\\frac{1}{2}$", "\\boxed{0.5}",
-                   "#### 1,000", "\\boxed{17}", "no number here", "\\boxed{x^2+1}"]
+    completions = [
+        "so \\boxed{18}",
+        "work...\n#### 18",
+        "The answer is 18",
+        "$\\frac{1}{2}$",
+        "\\boxed{0.5}",
+        "#### 1,000",
+        "\\boxed{17}",
+        "no number here",
+        "\\boxed{x^2+1}",
+    ]
     answers = ["18", "18", "18", "0.5", "\\frac{1}{2}", "1000", "18", "18", "1+x^2"]
     assert score(completions, answers) == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
 
@@ -86,8 +95,9 @@ def test_gsm8k_gold_solutions_verify_and_shuffled_pairs_do_not():
     rng = random.Random(0)
     shuffled = solutions[:]
     rng.shuffle(shuffled)
-    pairs = [(s, g) for s, g in zip(shuffled, golds)
-             if s.rsplit("####", 1)[1].strip().replace(",", "") != g.replace(",", "")]  # same answer by chance is correct
+    pairs = [
+        (s, g) for s, g in zip(shuffled, golds) if s.rsplit("####", 1)[1].strip().replace(",", "") != g.replace(",", "")
+    ]  # same answer by chance is correct
     crossed = score([s for s, _ in pairs], [g for _, g in pairs])
     assert len(pairs) > 0.9 * len(rows)
     assert sum(v == 0.0 for v in crossed) / len(pairs) >= 0.99

@@ -1,4 +1,5 @@
 """The chain-arithmetic task's rewards of different scale and sparsity, on hand-written completions."""
+
 from rewards.chain_arith import chain_credit, no_restate, tight_budget
 
 SHORTEST = "3+4=7\n7-2=5\n\\boxed{5}"

@@ -4,8 +4,7 @@ import pytest
 
 from rewards import BoundReward, RewardError, score_rewards
 from rewards.format import format_reward
-from rewards.length import (cosine_length, dapo_overlong, efficient_sigmoid, kimi_length, l1_exact, l1_max,
-                            length_budget)
+from rewards.length import cosine_length, dapo_overlong, efficient_sigmoid, kimi_length, l1_exact, l1_max, length_budget
 
 
 def test_length_budget():
@@ -40,7 +39,9 @@ def test_cosine_length_is_the_papers_and_its_exceed_penalty_fires():
 
 def test_l1_exact_and_max():
     acc = {"accuracy": [1.0, 0.0, 1.0]}
-    assert l1_exact([], [""] * 3, [100, 100, 200], target_tokens=100, rewards=acc, alpha=0.001) == pytest.approx([1.0, 0.0, 0.9])
+    assert l1_exact([], [""] * 3, [100, 100, 200], target_tokens=100, rewards=acc, alpha=0.001) == pytest.approx(
+        [1.0, 0.0, 0.9]
+    )
     out = l1_max([], [""] * 3, [100, 100, 2000], target_tokens=[100, 100, 100], rewards=acc, alpha=0.001, delta=0.5)
     assert out == pytest.approx([0.5, 0.0, 0.0])
     with pytest.raises(RewardError, match="target_tokens"):
@@ -62,15 +63,17 @@ def test_correctness_dependency_errors_and_none():
 
 def test_length_rewards_see_earlier_columns_through_the_matrix():
     acc = BoundReward.from_name("tests.helpers.plugins:half")
-    kimi = BoundReward.from_name("kimi_length", {"correctness_from": "tests.helpers.plugins:half",
-                                                 "correct_threshold": 0.5})
+    kimi = BoundReward.from_name(
+        "kimi_length", {"correctness_from": "tests.helpers.plugins:half", "correct_threshold": 0.5}
+    )
     m = score_rewards([acc, kimi], ["p"] * 2, ["a", "b"], [3, 9], [0, 0], {})
     assert m.values[:, 1].tolist() == [0.5, -0.5]
 
 
 def test_format_reward():
-    out = format_reward([], ["x\n\\boxed{3}", "\\boxed{3} and more", "\\boxed{1}\\boxed{2}", "no answer",
-                             "\\boxed{\\frac{1}{2}}  "])
+    out = format_reward(
+        [], ["x\n\\boxed{3}", "\\boxed{3} and more", "\\boxed{1}\\boxed{2}", "no answer", "\\boxed{\\frac{1}{2}}  "]
+    )
     assert out == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert format_reward([], ["<a>1</a>", "1"], pattern=r"<a>\d+</a>") == [1.0, 0.0]
     with pytest.raises(RewardError, match="not a valid regex"):

@@ -3,14 +3,30 @@ from pathlib import Path
 
 import pytest
 
-from rewards import (BoundReward, RewardError, RewardTimeout, register_reward, registered_rewards, resolve_reward,
-                     score_rewards)
+from rewards import (
+    BoundReward,
+    RewardError,
+    RewardTimeout,
+    register_reward,
+    registered_rewards,
+    resolve_reward,
+    score_rewards,
+)
 from tests.helpers import plugins
 
 
 def test_builtins_are_registered():
-    for name in ["accuracy", "format", "length_budget", "kimi_length", "cosine_length", "dapo_overlong",
-                 "l1_exact", "l1_max", "efficient_sigmoid"]:
+    for name in [
+        "accuracy",
+        "format",
+        "length_budget",
+        "kimi_length",
+        "cosine_length",
+        "dapo_overlong",
+        "l1_exact",
+        "l1_max",
+        "efficient_sigmoid",
+    ]:
         assert name in registered_rewards()
 
 
@@ -20,6 +36,7 @@ def test_duplicate_name_is_an_error():
         return [1.0] * len(completions)
 
     with pytest.raises(RewardError, match="'test_dup_once' is already registered"):
+
         @register_reward("test_dup_once")
         def b(prompts, completions, **_):
             return [0.0] * len(completions)
@@ -32,8 +49,10 @@ def test_module_function_plugin():
 
 def test_file_plugin(tmp_path):
     f = tmp_path / "my_reward.py"
-    f.write_text("def brevity(prompts, completions, completion_token_counts, **_):\n"
-                 "    return [1.0 / (1 + n) for n in completion_token_counts]\n")
+    f.write_text(
+        "def brevity(prompts, completions, completion_token_counts, **_):\n"
+        "    return [1.0 / (1 + n) for n in completion_token_counts]\n"
+    )
     r = BoundReward.from_name(f"{f}:brevity")
     assert r.score(["p", "p"], ["a", "b"], {"completion_token_counts": [0, 3]}) == [1.0, 0.25]
 
@@ -49,12 +68,15 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     assert resolve_reward("shout")(["p", "p"], ["HI", "hi"]) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("name, message", [
-    ("no_such_reward", r"unknown reward 'no_such_reward' \(registered: accuracy"),
-    ("tests.helpers.nope:fn", r"cannot import module 'tests.helpers.nope'"),
-    ("tests.helpers.plugins:missing", r"has no function 'missing'"),
-    ("/no/such/file.py:fn", r"file not found"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no_such_reward", r"unknown reward 'no_such_reward' \(registered: accuracy"),
+        ("tests.helpers.nope:fn", r"cannot import module 'tests.helpers.nope'"),
+        ("tests.helpers.plugins:missing", r"has no function 'missing'"),
+        ("/no/such/file.py:fn", r"file not found"),
+    ],
+)
 def test_unresolvable_plugins(name, message):
     with pytest.raises(RewardError, match=message):
         resolve_reward(name)
@@ -62,8 +84,11 @@ def test_unresolvable_plugins(name, message):
 
 def test_plugin_that_raises_names_reward_plugin_and_sample():
     r = BoundReward.from_name("tests.helpers.plugins:raises_on_bad")
-    with pytest.raises(RewardError, match=r"reward 'tests.helpers.plugins:raises_on_bad' \(tests.helpers.plugins.raises_on_bad\) "
-                                          r"raised on sample 2: ZeroDivisionError"):
+    with pytest.raises(
+        RewardError,
+        match=r"reward 'tests.helpers.plugins:raises_on_bad' \(tests.helpers.plugins.raises_on_bad\) "
+        r"raised on sample 2: ZeroDivisionError",
+    ):
         r.score(["p"] * 3, ["ok", "fine", "bad"], {})
 
 
@@ -91,8 +116,9 @@ def test_none_and_nan_become_nan_in_the_matrix():
     def sometimes(prompts, completions, **_):
         return [None, float("nan"), 2]
 
-    m = score_rewards([BoundReward.from_name("test_sometimes_none")], ["p"] * 3, ["a", "b", "c"], [1, 2, 3],
-                      [0, 0, 0], {})
+    m = score_rewards(
+        [BoundReward.from_name("test_sometimes_none")], ["p"] * 3, ["a", "b", "c"], [1, 2, 3], [0, 0, 0], {}
+    )
     assert m.values.shape == (3, 1)
     assert m.values[:2].isnan().all() and m.values[2, 0] == 2.0
     assert m.stats()["reward/test_sometimes_none/unscored"] == 2.0
@@ -104,6 +130,7 @@ def test_matrix_checks_column_lengths():
 
 
 # ----------------------------------------------------------------------------- faults (issue 18)
+
 
 def test_a_hung_plugin_is_stopped_by_its_timeout_and_named():
     bound = BoundReward.from_name("tests.helpers.plugins:hangs")

@@ -15,8 +15,9 @@ def _log(_msg):
 def test_build_is_an_ordinary_hf_directory_and_cached(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    cfg = SFTConfig(cache_dir=str(tmp_path), steps=3, sequences_per_step=8, eval_problems=8, target_accuracy=0.0,
-                    max_steps=3)
+    cfg = SFTConfig(
+        cache_dir=str(tmp_path), steps=3, sequences_per_step=8, eval_problems=8, target_accuracy=0.0, max_steps=3
+    )
     path = ensure_tiny_policy(cfg, _log)
     assert path == policy_dir(cfg) and (path / "build.json").is_file()
     conf = AutoConfig.from_pretrained(path)
@@ -37,8 +38,9 @@ def test_build_is_an_ordinary_hf_directory_and_cached(tmp_path):
 def test_a_build_that_misses_its_target_stops_with_an_error_after_the_step_cap(tmp_path):
     from gdpo.tasks.tiny_policy import BuildFailed, _rounds
 
-    cfg = SFTConfig(cache_dir=str(tmp_path), steps=4, sequences_per_step=4, eval_problems=4, target_accuracy=1.0,
-                    max_steps=8)
+    cfg = SFTConfig(
+        cache_dir=str(tmp_path), steps=4, sequences_per_step=4, eval_problems=4, target_accuracy=1.0, max_steps=8
+    )
     assert _rounds(cfg) == [(4, cfg.lr), (2, cfg.lr / 2), (2, cfg.lr / 4)]  # 8 steps in all
     with pytest.raises(BuildFailed, match=r"after 8 steps, short of sft.target_accuracy = 100%: raise sft.max_steps"):
         ensure_tiny_policy(cfg, _log)  # four steps of a random model solve nothing
@@ -71,8 +73,9 @@ def test_the_floor_counts_tokens_as_the_policy_writes_them(tmp_path):
 
     trained = build_tokenizer(0)
     trained.save_pretrained(tmp_path)
-    Qwen2Config(vocab_size=len(trained), hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
-                intermediate_size=64).save_pretrained(tmp_path)
+    Qwen2Config(
+        vocab_size=len(trained), hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64
+    ).save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     solution = "1+3=4\n4+6=10\n\\boxed{10}"
     assert len(loaded(solution, add_special_tokens=False)["input_ids"]) == 19  # the premise: digits split
