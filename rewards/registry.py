@@ -182,7 +182,7 @@ class BoundReward:
         a signal can interrupt Python code; elsewhere the caller's deadline is the only bound)."""
         n = len(completions)
         call_fields = {**fields, **self.kwargs}
-        self._check_fields(call_fields)
+        self.check_fields(call_fields)
         start = time.monotonic()
         try:
             with _deadline(timeout_s, self.name, n):
@@ -197,9 +197,6 @@ class BoundReward:
             where = f"sample {idx}" if idx is not None else f"a batch of {n} samples"
             raise RewardError(f"reward '{self.name}' ({_describe(self.fn)}) raised on {where}: {err!r}") from err
         return self._check_output(out, n)
-
-    def _check_fields(self, call_fields: dict) -> None:
-        self.check_fields(call_fields)
 
     def check_fields(self, names) -> None:
         """Every parameter without a default must be among ``names`` (data columns, scorer fields, kwargs)."""
