@@ -36,6 +36,7 @@ from compression.eora import (
 from compression.fp4.qlinear import QuantEmbedding, QuantLinear
 from compression.fp4.search import quantize_input
 from gdpo.fileio import atomic_dir
+from gdpo.policy import save_tokenizer
 
 __all__ = [
     "Compensated",
@@ -154,7 +155,7 @@ def save_dense(model: nn.Module, out_dir: str, tokenizer=None) -> Path:
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
     return Path(out_dir)
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from gdpo.config import Config, ConfigError, to_dict
-from gdpo.fileio import atomic_write_text, fsync_dir, fsync_tree
+from gdpo.fileio import atomic_write_text, fsync_dir, fsync_tree, read_json_object
 
 MANIFEST = "manifest.json"
 # Keys a resume may change without changing what the run computes: how long it runs, how often it
@@ -273,11 +273,9 @@ def _read_summary(path: Path, log: Callable[[str], None]) -> dict:
 
 def _read_config(stored: Path) -> dict:
     try:
-        return json.loads(stored.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"trainer.output_dir: cannot read the run's config {stored} ({err}); choose a new directory"
-        ) from None
+        return read_json_object(stored)
+    except ValueError as err:
+        raise ConfigError(f"trainer.output_dir: cannot read the run's config ({err}); choose a new directory") from None
 
 
 def _check_changes(old: dict, cfg: Config, log: Callable[[str], None]) -> None:

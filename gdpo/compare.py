@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from gdpo.config import ConfigError, load_config, to_dict
-from gdpo.fileio import atomic_write_text
+from gdpo.fileio import atomic_write_text, read_json_object
 from gdpo.metrics import read_rows
 
 METRICS = [
@@ -108,10 +108,11 @@ def matched_weights(samples: list[dict], cfg) -> list[float]:
     return [r.weight / s if s > 1e-6 else r.weight for r, s in zip(cfg.rewards.functions, spreads)]
 
 
-def _read(path: Path):
+def _stored(path: Path) -> dict | None:
+    """What an earlier evaluation recorded of itself; None (evaluate again) when it is missing or damaged."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except ValueError:
         return None
 
 
@@ -206,7 +207,7 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
     unknown = [n for n in joint if n not in rewards]
     if unknown:
         raise ConfigError(f"--joint names {unknown}, not configured rewards (one of {rewards})")
-    model_path = resolve_model_path(base_cfg, log)
+    model_path = resolve_model_path(base_cfg.model.path, base_cfg.sft, log, what="config key 'model.path' =")
     started = time.time()
 
     def evaluate_once(name: str, model: str, base: str | None, cfg, run: Path | None = None) -> tuple[dict, list[dict]]:
@@ -225,7 +226,7 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
             "config": to_dict(cfg),
             "run": json.loads((run / "run.json").read_text())["run_id"] if run else None,
         }
-        if not (target / "results.json").is_file() or _read(target / "source.json") != json.loads(json.dumps(source)):
+        if not (target / "results.json").is_file() or _stored(target / "source.json") != json.loads(json.dumps(source)):
             log(f"[compare] evaluating {name}")
             evaluate_model(settings, cfg, str(target), log)
             atomic_write_text(target / "source.json", json.dumps(source, indent=1))

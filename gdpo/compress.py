@@ -126,41 +126,30 @@ def perplexity(model, batches) -> float:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64):
-    """Completions, token counts and finish reasons ("stop" / "length") of greedy decoding."""
-    tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    texts, counts, reasons = [], [], []
-    for lo in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[lo : lo + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id
-        )
-        for row in out[:, enc["input_ids"].shape[1] :].tolist():
-            if tokenizer.eos_token_id in row:
-                row, reason = row[: row.index(tokenizer.eos_token_id)], "stop"
-            else:
-                reason = "length"
-            texts.append(tokenizer.decode(row, skip_special_tokens=True))
-            counts.append(len(row))
-            reasons.append(reason)
-    return texts, counts, reasons
+    """Completions, token counts (EOS counted, as vLLM counts them) and finish reasons of greedy decoding."""
+    from gdpo.policy import completion_token_counts
+    from gdpo.policy import greedy_generate as generate
+
+    ids, reasons = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return texts, completion_token_counts(ids, reasons), reasons
 
 
 def evaluate(
     model, tokenizer, held_out: dict, cfg: Config, s: CompressSettings, label: str, log: Callable[[str], None]
 ) -> tuple[dict, list[dict]]:
-    from gdpo.eval_metrics import summarize
+    from gdpo.eval_metrics import held_out_metrics, is_correct
     from rewards import BoundReward, score_rewards
 
     t0 = time.time()
     ppl = perplexity(model, held_out["ppl_batches"])
     prompts, answers = held_out["prompts"], held_out["answers"]
     texts, counts, reasons = greedy_generate(model, tokenizer, prompts, s.max_new_tokens)
-    acc_spec = [(n, kw) for n, kw in cfg.rewards.specs() if n == "accuracy"]
-    rewards = [BoundReward.from_name(n, kw) for n, kw in acc_spec or [("accuracy", {})]]
+    spec = [(n, kw) for n, kw in cfg.rewards.specs() if n == cfg.rewards.correctness]  # validated: one
+    rewards = [BoundReward.from_name(n, kw) for n, kw in spec]
     matrix = score_rewards(rewards, prompts, texts, counts, list(range(len(prompts))), {"answer": answers})
-    correct = [v[0] == 1.0 for v in matrix.values.tolist()]
-    m = summarize(correct, counts, [r == "length" for r in reasons], list(range(len(prompts))))
+    correct = [is_correct(v[0]) for v in matrix.values.tolist()]
+    m = held_out_metrics(correct, counts, [r == "length" for r in reasons], list(range(len(prompts))), texts)
     metrics = {
         "perplexity": ppl,
         "accuracy": m["accuracy"],
@@ -249,12 +238,12 @@ def prepare(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print
 
     from compression.calib import CalibrationError, target_linears
     from compression.fp4.model import check_calibration
-    from gdpo.evaluation import EvalError, resolve_model_dir
+    from gdpo.policy import ModelPathError, resolve_model_path
 
     check_settings(s)
     try:
-        model_dir = resolve_model_dir(s.model, cfg, log)
-    except EvalError as err:
+        model_dir = resolve_model_path(s.model, cfg.sft, log, what="--model")
+    except ModelPathError as err:
         raise CompressError(str(err)) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
     eval_spec = s.eval_data or s.calib

@@ -148,6 +148,11 @@ class RewardsConfig:
     functions: tuple[RewardSpec, ...] = doc_factory(
         lambda: (RewardSpec(),), "the reward functions, in order (K columns of the reward matrix)"
     )
+    correctness: str = doc(
+        "accuracy",
+        "the reward whose score >= 1 marks a correct answer: every held-out accuracy, floor and shortcut "
+        "figure (training, gdpo eval, compare, compress) counts with it; must be one of rewards.functions",
+    )
     num_workers: int = doc(1, "reward worker actors")
     verifier_processes: int = doc(2, "math-verify worker processes per reward worker")
     verifier_timeout_s: float = doc(
@@ -645,6 +650,12 @@ def _validate_rewards(cfg: Config, need) -> None:
             )
     for name in cfg.algorithm.filter_zero_variance:
         need(name in names, "algorithm.filter_zero_variance", f"{name!r} is not a configured reward (one of {names})")
+    need(
+        cfg.rewards.correctness in names,
+        "rewards.correctness",
+        f"must name one of rewards.functions ({names}), got {cfg.rewards.correctness!r}: it decides which "
+        "answers count as correct",
+    )
 
 
 # ----------------------------------------------------------------------------- documentation

@@ -1,6 +1,13 @@
 """Token-efficiency metrics of an evaluation: pass@k, length statistics, and the change against a base.
 
-Pure functions over per-sample records (no model, no vLLM), so they are tested in milliseconds.
+Pure functions over per-sample records (no model, no vLLM), so they are tested in milliseconds. This is
+the one definition of each held-out figure: the trainer's baseline/final/periodic evaluations, ``gdpo
+eval``, ``gdpo compress`` and the tiny policy's build all call ``held_out_metrics``, so the same name
+means the same number in ``summary.json``, ``results.json`` and ``compress.json``.
+
+- correct: a sample whose correctness reward (``rewards.correctness``, ``accuracy`` by default) scores
+  at least 1; an unscored sample (None / NaN) is not correct. accuracy is the share of correct samples.
+- token percentiles (median, p90) interpolate linearly between order statistics (numpy's default).
 
 - pass@k: the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on
   Code", Eq. 1): ``1 - C(n-c, k) / C(n, k)`` per prompt with n samples of which c are correct, averaged
@@ -89,6 +96,39 @@ def summarize(
     for k in sorted(set(ks) | {per_prompt}):
         if 1 <= k <= per_prompt:
             out[f"pass@{k}"] = _mean([pass_at_k(per_prompt, sum(v), k) for v in groups.values()])
+    return out
+
+
+def is_correct(score) -> bool:
+    """The module's one definition of a correct sample: its correctness reward is at least 1 (None and
+    NaN, an answer the verifier could not score, are not correct)."""
+    return score is not None and score >= 1.0  # NaN >= 1.0 is False
+
+
+def reward_means(values: Sequence[Sequence[float]], names: Sequence[str]) -> dict[str, float]:
+    """``reward/NAME/mean`` over the samples each reward scored (NaN = unscored, left out)."""
+    out = {}
+    for k, name in enumerate(names):
+        scored = [v[k] for v in values if v[k] == v[k]]
+        out[f"reward/{name}/mean"] = sum(scored) / len(scored) if scored else float("nan")
+    return out
+
+
+def held_out_metrics(
+    correct: Sequence[bool],
+    tokens: Sequence[int],
+    truncated: Sequence[bool],
+    group_ids: Sequence[int],
+    completions: Sequence[str],
+    floors: Sequence[int] | None = None,
+    shortest: Sequence[str] | None = None,
+    ks: Sequence[int] = (),
+) -> dict[str, float]:
+    """Every held-out figure over N samples: ``summarize``, plus the floor figures where the data knows
+    each sample's floor (``floors`` and ``shortest``, per sample)."""
+    out = summarize(correct, tokens, truncated, group_ids, ks)
+    if floors is not None and shortest is not None:
+        out.update(floor_metrics(tokens, floors, correct, completions, shortest))
     return out
 
 

@@ -2,7 +2,7 @@
 
 Every input is checked before the model loads: the model directory, the data source and its columns,
 the sampling settings and the base evaluation. Outputs (written atomically):
-- ``DIR/results.json``: metrics (``gdpo.eval_metrics.summarize``; against ``--base``: token reduction %,
+- ``DIR/results.json``: metrics (``gdpo.eval_metrics.held_out_metrics``; against ``--base``: token reduction %,
   accuracy change, AES with its coefficients), sampling settings, model path, data source, config hash,
   package versions.
 - ``DIR/samples.jsonl``: one row per sample: prompt index, prompt, completion, tokens, finish reason,
@@ -20,9 +20,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
 
-from gdpo.config import BUILTIN_TINY_POLICY, Config, to_dict
+from gdpo.config import Config, to_dict
 from gdpo.data import DataError, build_prompts, load_rows
-from gdpo.eval_metrics import against_base, floor_metrics, summarize
+from gdpo.eval_metrics import against_base, held_out_metrics, is_correct, reward_means
 from gdpo.fileio import atomic_write_text
 from gdpo.preflight import add_floor_column, check_prompt_lengths, model_context
 
@@ -47,21 +47,13 @@ class EvalSettings:
 
 
 def resolve_model_dir(path: str, cfg: Config, log: Callable[[str], None] = print) -> str:
-    """The HF directory to load: ``path`` itself, its ``merged/`` (a run's final/) or ``final/merged/``."""
-    if path == BUILTIN_TINY_POLICY:
-        from gdpo.tasks.tiny_policy import ensure_tiny_policy
+    """``--model``: any form ``gdpo.policy.resolve_model_path`` accepts (the same as ``model.path``)."""
+    from gdpo.policy import ModelPathError, resolve_model_path
 
-        return str(ensure_tiny_policy(cfg.sft, log))
-    p = Path(path)
-    for cand in (p, p / "merged", p / "final" / "merged"):
-        if (cand / "config.json").is_file():
-            return str(cand)
-    if not p.exists():
-        raise EvalError(f"--model {path}: no such directory")
-    raise EvalError(
-        f"--model {path}: not an HF model directory (no config.json), nor a run directory or a run's "
-        f"final/ (no merged/config.json)"
-    )
+    try:
+        return resolve_model_path(path, cfg.sft, log, what="--model")
+    except ModelPathError as err:
+        raise EvalError(str(err)) from None
 
 
 def load_base(path: Optional[str]) -> Optional[dict]:
@@ -90,8 +82,6 @@ def check_settings(s: EvalSettings, cfg: Config) -> None:
         raise EvalError(f"--limit must be >= 0, got {s.limit}")
     if not 0 < s.top_p <= 1:
         raise EvalError(f"--top-p must be in (0, 1], got {s.top_p}")
-    if "accuracy" not in [r.name for r in cfg.rewards.functions]:
-        raise EvalError("rewards.functions must include 'accuracy': it decides which samples are correct")
     if s.lora is not None:
         lora_rank(s.lora)
     bad = [k for k in s.pass_ks if not 1 <= k <= s.samples_per_prompt]
@@ -180,32 +170,25 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
     rewards = [BoundReward.from_name(name, kwargs) for name, kwargs in cfg.rewards.specs()]
     t0 = time.time()
     llm = rollout.make_engine(model_dir, cfg, seed=s.seed, lora_rank=lora_rank(s.lora) if s.lora else 0)
-    samples, values, names = _generate_and_score(llm, data, s, temperature, rewards, score_rewards)
-    elapsed = time.time() - t0
-    acc = names.index("accuracy")
-    correct = [v[acc] == 1.0 for v in values]
-    tokens = [r["tokens"] for r in samples]
-    metrics = summarize(
-        correct,
-        tokens,
-        [r["finish_reason"] == "length" for r in samples],
-        [r["prompt_index"] for r in samples],
-        s.pass_ks,
+    samples, values, names = _generate_and_score(
+        llm, data, s, temperature, rewards, score_rewards, cfg.rewards.correctness
     )
-    if "floor_tokens" in data.columns:  # the data knows each problem's floor
-        floors, shortest = data.columns["floor_tokens"], data.columns["shortest_solution"]
-        metrics.update(
-            floor_metrics(
-                tokens,
-                [floors[r["prompt_index"]] for r in samples],
-                correct,
-                [r["completion"] for r in samples],
-                [shortest[r["prompt_index"]] for r in samples],
-            )
-        )
-    for k, name in enumerate(names):
-        scored = [v[k] for v in values if v[k] == v[k]]
-        metrics[f"reward/{name}/mean"] = sum(scored) / len(scored) if scored else float("nan")
+    elapsed = time.time() - t0
+    acc = names.index(cfg.rewards.correctness)
+    correct = [is_correct(v[acc]) for v in values]
+    index = [r["prompt_index"] for r in samples]
+    floors = data.columns.get("floor_tokens")  # where the data knows each problem's floor
+    metrics = held_out_metrics(
+        correct,
+        [r["tokens"] for r in samples],
+        [r["finish_reason"] == "length" for r in samples],
+        index,
+        [r["completion"] for r in samples],
+        floors=[floors[i] for i in index] if floors else None,
+        shortest=[data.columns["shortest_solution"][i] for i in index] if floors else None,
+        ks=s.pass_ks,
+    )
+    metrics.update(reward_means(values, names))
     for row, v, ok in zip(samples, values, correct):
         row["rewards"] = {name: (None if v[k] != v[k] else v[k]) for k, name in enumerate(names)}
         row["correct"] = ok
@@ -236,7 +219,9 @@ def evaluate_model(s: EvalSettings, cfg: Config, out_dir: str, log: Callable[[st
     return results
 
 
-def _generate_and_score(llm, data, s: EvalSettings, temperature: float, rewards, score_rewards, chunk: int = 32):
+def _generate_and_score(
+    llm, data, s: EvalSettings, temperature: float, rewards, score_rewards, correctness: str, chunk: int = 32
+):
     from tqdm import tqdm
 
     from gdpo import rollout
@@ -276,7 +261,7 @@ def _generate_and_score(llm, data, s: EvalSettings, temperature: float, rewards,
                     }
                 )
             bar.update(len(part))
-            acc = sum(v[names.index("accuracy")] == 1.0 for v in values) / len(values)
+            acc = sum(is_correct(v[names.index(correctness)]) for v in values) / len(values)
             bar.set_postfix(accuracy=f"{acc:.3f}", tokens=f"{sum(r['tokens'] for r in samples) / len(samples):.1f}")
     return samples, values, names
 

@@ -73,3 +73,17 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     os.replace(tmp, out)
     fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; a ``ValueError`` naming the file when it cannot be read, is not
+    UTF-8 JSON, or holds something other than an object. Callers add what the file was for."""
+    import json
+
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value

@@ -17,6 +17,7 @@ import torch
 from gdpo.config import Config
 from gdpo import dora, weight_sync
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
+from gdpo.policy import save_tokenizer
 from gdpo.records import TrainBatch, WeightUpdate
 
 
@@ -407,4 +408,4 @@ def _save_final(model, tokenizer, directory: str) -> None:
     model.save_pretrained(
         os.path.join(directory, "merged"), state_dict=dora.merged_state_dict(model), safe_serialization=True
     )
-    tokenizer.save_pretrained(os.path.join(directory, "merged"))
+    save_tokenizer(tokenizer, os.path.join(directory, "merged"))

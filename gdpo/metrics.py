@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from gdpo.eval_metrics import percentile
 from gdpo.fileio import atomic_write_text
 
 BAR_KEYS = (
@@ -28,11 +29,16 @@ BAR_KEYS = (
 
 
 def token_stats(counts: list[int]) -> dict[str, float]:
-    s = sorted(counts)
-    if not s:
+    """A step's completion lengths; percentiles as every held-out figure computes them
+    (``gdpo.eval_metrics.percentile``)."""
+    if not counts:
         return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "max": math.nan}
-    pick = lambda q: float(s[min(len(s) - 1, int(math.ceil(q * len(s))) - 1)])  # noqa: E731
-    return {"mean": sum(s) / len(s), "p50": pick(0.5), "p90": pick(0.9), "max": float(s[-1])}
+    return {
+        "mean": sum(counts) / len(counts),
+        "p50": percentile(counts, 50),
+        "p90": percentile(counts, 90),
+        "max": float(max(counts)),
+    }
 
 
 def read_rows(path: Path, log: Callable[[str], None] = print) -> list[dict]:

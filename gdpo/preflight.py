@@ -16,6 +16,9 @@ from gdpo.config import Config, ConfigError
 from gdpo.data import DataError, PromptSet, load_prompts
 
 
+MODEL_KEY = "config key 'model.path' ="
+
+
 @dataclass
 class RunInputs:
     model_path: str  # the HF directory (or hub id) every worker loads
@@ -119,7 +122,7 @@ def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunInputs:
     """Resolve and check everything above; the trainer hands the result to the workers."""
     from gdpo.policy import resolve_model_path
 
-    return _prepare(cfg, resolve_model_path(cfg, log))
+    return _prepare(cfg, resolve_model_path(cfg.model.path, cfg.sft, log, what=MODEL_KEY))
 
 
 def check_run(cfg: Config, log: Callable[[str], None] = print) -> None:
@@ -127,6 +130,7 @@ def check_run(cfg: Config, log: Callable[[str], None] = print) -> None:
     policy (minutes) when it is not cached yet; then only what needs no model is checked (the data,
     the templates, the rewards' fields)."""
     from gdpo.config import BUILTIN_TINY_POLICY
+    from gdpo.policy import resolve_model_path
     from gdpo.tasks.tiny_policy import policy_dir
 
     if cfg.model.path == BUILTIN_TINY_POLICY and not (policy_dir(cfg.sft) / "build.json").is_file():
@@ -138,7 +142,7 @@ def check_run(cfg: Config, log: Callable[[str], None] = print) -> None:
                 raise DataError(f"data.{role}: {err}") from None
             check_reward_fields(cfg, data, role)
         return
-    _prepare(cfg, str(policy_dir(cfg.sft)) if cfg.model.path == BUILTIN_TINY_POLICY else cfg.model.path)
+    _prepare(cfg, resolve_model_path(cfg.model.path, cfg.sft, log, build=False, what=MODEL_KEY))
 
 
 def _prepare(cfg: Config, model_path: str) -> RunInputs:

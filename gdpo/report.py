@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from gdpo.fileio import atomic_write_text
+from gdpo.fileio import atomic_write_text, read_json_object
 from gdpo.metrics import read_rows
 
 
@@ -67,12 +67,9 @@ class RunDir:
 
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ReportError(f"{path}: unreadable ({err})") from None
-    if not isinstance(value, dict):
-        raise ReportError(f"{path}: expected a JSON object")
-    return value
+        return read_json_object(path)
+    except ValueError as err:
+        raise ReportError(str(err)) from None
 
 
 def _read_jsonl(path: Path) -> list[dict]:

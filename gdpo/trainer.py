@@ -22,7 +22,7 @@ from gdpo.checkpoints import RunPlan, commit_checkpoint, new_checkpoint_dir, ope
 from gdpo.config import Config, to_dict
 from gdpo.data import PromptSet
 from gdpo.fileio import atomic_write_text
-from gdpo.eval_metrics import floor_metrics
+from gdpo.eval_metrics import held_out_metrics, is_correct, reward_means
 from gdpo.metrics import MetricsLogger, token_stats
 from gdpo.preflight import RunInputs, prepare_run
 from gdpo.records import TrainBatch
@@ -136,33 +136,24 @@ def compute_advantages(values: torch.Tensor, names: list[str], cfg: Config) -> S
 
 
 def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
-    """Held-out accuracy and completion tokens with the eval sampling settings (greedy by default); where
-    the data knows each problem's floor (its shortest correct solution), the floor figures too."""
+    """Held-out figures (``gdpo.eval_metrics.held_out_metrics``, the same definitions as ``gdpo eval``)
+    with the eval sampling settings, greedy by default; where the data knows each problem's floor (its
+    shortest correct solution), the floor figures too."""
     sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.eval_temperature, "top_p": 1.0}
     batch = cluster.generate(data.prompts, 1, sampling, seed=10**6)
     matrix = cluster.score(batch, data.prompts, data.columns)
-    tokens = token_stats(batch.completion_token_counts)
-    out = {
-        "mean_tokens": tokens["mean"],
-        "p90_tokens": tokens["p90"],
-        "truncation_rate": batch.finish_reasons.count("length") / len(batch),
-    }
-    for k, name in enumerate(matrix.names):
-        col = matrix.values[:, k]
-        out[name] = float(torch.nan_to_num(col, nan=0.0).mean())
-    out["accuracy"] = out.get("accuracy", float("nan"))
-    if "floor_tokens" in data.columns:
-        correct = (torch.nan_to_num(matrix.values[:, matrix.names.index("accuracy")]) >= 1.0).tolist()
-        out.update(
-            floor_metrics(
-                batch.completion_token_counts,
-                data.columns["floor_tokens"],
-                correct,
-                batch.completions,
-                data.columns["shortest_solution"],
-            )
-        )
-    return out
+    values = matrix.values.tolist()
+    acc = matrix.names.index(cfg.rewards.correctness)
+    out = held_out_metrics(
+        [is_correct(v[acc]) for v in values],
+        batch.completion_token_counts,
+        [reason == "length" for reason in batch.finish_reasons],
+        batch.group_ids,
+        batch.completions,
+        floors=data.columns.get("floor_tokens"),
+        shortest=data.columns.get("shortest_solution"),
+    )
+    return {**out, **reward_means(values, matrix.names)}
 
 
 def save_checkpoint(
@@ -261,6 +252,11 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
                 batch = cluster.logprobs(batch)
             with clock("update"):
                 learn = cluster.update(batch)
+        else:  # every group filtered out (algorithm.filter_zero_variance): nothing to learn from this batch
+            log(
+                f"step {state.step + 1}: update skipped, {len(kept)} samples left after "
+                f"algorithm.filter_zero_variance for {len(cluster.learners)} learner(s); the policy is unchanged"
+            )
         if ahead is not None:
             with clock("rollout_wait"):  # the engines load the next version only after that rollout
                 cluster.wait(ahead[1])
@@ -280,6 +276,7 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
             "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
             "zero_variance_groups": int(adv.flat.all(1).sum()),
             "filtered_groups": int((~adv.keep).sum()) // k,
+            "update_skipped": int(not learn),
             "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
             "staleness": staleness,
             **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),

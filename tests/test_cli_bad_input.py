@@ -98,7 +98,12 @@ CASES = [
     ("check-config rewards.functions.1.name=accuracy", "is listed twice"),
     ("check-config algorithm.filter_zero_variance=[nope]", "algorithm.filter_zero_variance"),
     ("check-config rewards.functions=[]", "needs at least one reward"),
-    ("check-config rewards.functions.0.name=tests.helpers.plugins:needs_difficulty", "needs the field 'difficulty'"),
+    (
+        "check-config rewards.functions.0.name=tests.helpers.plugins:needs_difficulty "
+        "rewards.correctness=tests.helpers.plugins:needs_difficulty",
+        "needs the field 'difficulty'",
+    ),
+    ("check-config rewards.correctness=efficient_sigmoid_typo", "'rewards.correctness': must name one of"),
     # --- data
     ("check-config data.train=/nonexistent/train.jsonl", "data file not found"),
     ("check-config data.train={bad_json}", "bad.jsonl:2: not valid JSON"),

@@ -91,11 +91,40 @@ def test_train_writes_outputs(straight):
 
     from gdpo.policy import resolve_model_path
 
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(load_config(), log=lambda m: None))
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(load_config().model.path, load_config().sft, log=lambda m: None)
+    )
     with_adapter = PeftModel.from_pretrained(base, straight / "final" / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(straight / "final" / "merged").eval()
     ids = torch.tensor([[5, 9, 13, 21, 8, 30, 7]])
     torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gdpo_eval_reports_the_same_figures_as_the_run_for_the_same_model(straight, tmp_path):
+    """One definition of each held-out figure: ``gdpo eval`` of the run's final policy, on the same
+    problems with the same (greedy) sampling, reports what the run's ``summary.json`` says of it."""
+    from gdpo.cli import main
+
+    straight, summary = straight
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(straight), "--data", "task:chain_arith", "--max-new-tokens", "96", "--out", str(out)]
+    assert main([*args, *[o for o in SMALL if o.startswith("data.")]]) == 0  # the run directory is a model path
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    final = summary["final"]
+    assert metrics["prompts"] == final["prompts"] == 8
+    for key in (
+        "accuracy",
+        "mean_tokens",
+        "median_tokens",
+        "p90_tokens",
+        "truncation_rate",
+        "floor_tokens",
+        "tokens_over_floor",
+        "shortcut_rate",
+        "reward/accuracy/mean",
+        "reward/efficient_sigmoid/mean",
+    ):
+        assert metrics[key] == pytest.approx(final[key], nan_ok=True), key
 
 
 def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight, tmp_path):

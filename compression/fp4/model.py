@@ -32,6 +32,7 @@ from compression.calib import (
 )
 from compression.fp4.qlinear import QuantEmbedding, QuantLinear, layer_meta
 from gdpo.fileio import atomic_dir
+from gdpo.policy import save_tokenizer
 from compression.fp4.search import QuantSetting, SearchGrid, quantize_layer, search_embedding, split_rows
 
 __all__ = ["quantize_model", "save_quantized", "load_quantized", "FORMAT_VERSION"]
@@ -165,7 +166,7 @@ def save_quantized(model: nn.Module, quant: dict, out_dir: str, tokenizer=None) 
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "gdpo_quantization": "fp4"})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         (tmp / "quantization.json").write_text(json.dumps(quant, indent=2) + "\n")
     out = Path(out_dir)
     return out

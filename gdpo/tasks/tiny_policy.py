@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from gdpo.config import SFTConfig
+from gdpo.fileio import atomic_write_text
 from gdpo.tasks import chain_arith
 
 BUILD_VERSION = 3  # bump when the task text, tokenizer or training recipe changes
@@ -46,6 +47,10 @@ def ensure_tiny_policy(cfg: SFTConfig, log: Callable[[str], None] = print) -> Pa
     out = policy_dir(cfg)
     if (out / "build.json").is_file():
         log(f"tiny policy: reusing cached build {out}")
+        stats = json.loads((out / "build.json").read_text())
+        if "held_out" not in stats:  # built by an older gdpo, whose figures had other definitions
+            stats["held_out"] = evaluate_policy(out, cfg.eval_problems, seed=cfg.seed, threads=cfg.threads)
+            atomic_write_text(out / "build.json", json.dumps(stats, indent=2))
         return out
     log(f"tiny policy: building {out} (SFT, {cfg.steps} steps)")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -220,51 +225,39 @@ def build_tiny_policy(cfg: SFTConfig, out: Path, log: Callable[[str], None] = pr
             "steps": done,
             "rounds": history,
             "final_loss": loss_ema,
-            **metrics,
+            "held_out": metrics,  # greedy, sft.eval_problems held-out problems of the evaluations' seed
         }
     finally:
         torch.set_num_threads(threads)
 
 
 def greedy_accuracy(model, tokenizer, problems: list) -> float:
+    """Share of ``problems`` the model answers correctly by greedy decoding (the build's criterion)."""
+    from gdpo.policy import greedy_generate
+
     prompts = [TEMPLATE.format(question=p.question) for p in problems]
-    texts = tokenizer.batch_decode(greedy_completions(model, tokenizer, prompts), skip_special_tokens=True)
-    return _accuracy(prompts, texts, problems)
+    ids, _ = greedy_generate(model, tokenizer, prompts, max_new_tokens=128)
+    correct = _correct(prompts, tokenizer.batch_decode(ids, skip_special_tokens=True), problems)
+    return sum(correct) / len(problems)
 
 
-def _accuracy(prompts: list[str], texts: list[str], problems: list) -> float:
+def _correct(prompts: list[str], texts: list[str], problems: list) -> list[bool]:
+    from gdpo.eval_metrics import is_correct
     from rewards import BoundReward
 
-    correct = BoundReward.from_name("accuracy").score(prompts, texts, {"answer": [str(p.answer) for p in problems]})
-    return sum(c or 0.0 for c in correct) / len(problems)
-
-
-@torch.no_grad()
-def greedy_completions(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 64
-) -> list[list[int]]:
-    """Greedy completion token ids (without the EOS) for each prompt, with HF generate (left padding)."""
-    tokenizer.padding_side = "left"
-    out: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
-            out.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
-    return out
+    scores = BoundReward.from_name("accuracy").score(prompts, texts, {"answer": [str(p.answer) for p in problems]})
+    return [is_correct(c) for c in scores]
 
 
 def evaluate_policy(
     path: Path | str, n_problems: int, seed: int = 0, max_new_tokens: int = 128, threads: Optional[int] = None
 ) -> dict:
-    """Greedy accuracy and verbosity of a chain-arithmetic policy on held-out problems."""
-    from gdpo.policy import load_policy
+    """The held-out figures (``gdpo.eval_metrics.held_out_metrics``: accuracy, tokens, the floor) of a
+    chain-arithmetic policy, greedy, on ``n_problems`` held-out problems of ``seed``: the same figures a
+    training run's baseline reports for the same problems."""
+    from gdpo.eval_metrics import held_out_metrics
+    from gdpo.policy import completion_token_counts, greedy_generate, load_policy
+    from gdpo.preflight import solution_encoder
 
     if threads:
         torch.set_num_threads(threads)
@@ -272,14 +265,16 @@ def evaluate_policy(
     model.eval()
     probs = chain_arith.problems("eval", n_problems, seed)
     prompts = [TEMPLATE.format(question=p.question) for p in probs]
-    ids = greedy_completions(model, tokenizer, prompts, max_new_tokens)
-    accuracy = _accuracy(prompts, tokenizer.batch_decode(ids, skip_special_tokens=True), probs)
-    lengths = [len(x) for x in ids]
-    shortest = [len(tokenizer(chain_arith.shortest_solution(p), add_special_tokens=False)["input_ids"]) for p in probs]
-    return {
-        "eval_problems": len(probs),
-        "greedy_accuracy": accuracy,
-        "mean_completion_tokens": sum(lengths) / len(lengths),
-        "mean_shortest_solution_tokens": sum(shortest) / len(shortest),
-        "verbosity_ratio": (sum(lengths) / len(lengths)) / (sum(shortest) / len(shortest)),
-    }
+    ids, reasons = greedy_generate(model, tokenizer, prompts, max_new_tokens)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    encode = solution_encoder(str(path), tokenizer)
+    shortest = [chain_arith.shortest_solution(p) for p in probs]
+    return held_out_metrics(
+        _correct(prompts, texts, probs),
+        completion_token_counts(ids, reasons),
+        [r == "length" for r in reasons],
+        list(range(len(probs))),
+        texts,
+        floors=[len(encode(text)) + 1 for text in shortest],  # EOS counted, as in every floor figure
+        shortest=shortest,
+    )

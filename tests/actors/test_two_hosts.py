@@ -81,7 +81,7 @@ def test_learners_and_engines_on_two_hosts(hosts):
         ],
     )
     logs = []
-    cluster = Cluster(cfg, resolve_model_path(cfg, log=lambda m: None), log=logs.append)
+    cluster = Cluster(cfg, resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None), log=logs.append)
     try:
         learner_hosts = ray.get([w.node.remote() for w in cluster.learners])
         assert {node for node, _ in learner_hosts} == {hosts.node_a, hosts.node_b}  # one DeepSpeed rank per host

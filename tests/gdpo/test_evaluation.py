@@ -155,7 +155,9 @@ def test_eval_reads_gsm8k_files(tmp_path):
 
     if not os.path.isfile(GSM8K):
         pytest.skip("the shared GSM8K data is not beside the project")
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(load_config(), log=lambda m: None))
+    tok = AutoTokenizer.from_pretrained(
+        resolve_model_path(load_config().model.path, load_config().sft, log=lambda m: None)
+    )
     rows = [json.loads(line) for line in open(GSM8K)][:300]
     short = sorted(rows, key=lambda r: len(tok(r["question"] + "\n")["input_ids"]))[:4]
     data = tmp_path / "gsm8k_short.jsonl"

@@ -80,7 +80,7 @@ def test_checkpoint_holds_the_trainable_state_and_a_fresh_learner_continues(tmp_
     from gdpo.config import load_config
     from gdpo.policy import resolve_model_path
 
-    path = resolve_model_path(load_config(), log=lambda m: None)
+    path = resolve_model_path(load_config().model.path, load_config().sft, log=lambda m: None)
     port = weight_sync.free_port("127.0.0.1")
     mp.start_processes(_worker, args=(port, stage, path, str(tmp_path)), nprocs=1, join=True, start_method="spawn")
     res = torch.load(tmp_path / "result.pt")

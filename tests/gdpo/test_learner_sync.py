@@ -69,4 +69,4 @@ def test_adapters_on_tied_embeddings_are_refused():
 
     cfg = load_config(None, ["learner.target_modules=[q_proj, lm_head]"])
     with pytest.raises(ValueError, match=r"learner.target_modules.*\['lm_head'\].*tied"):
-        learner.build_policy(resolve_model_path(cfg, log=lambda m: None), cfg)
+        learner.build_policy(resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None), cfg)

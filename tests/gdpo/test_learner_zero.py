@@ -77,7 +77,7 @@ def test_zero2_and_zero3_publish_the_same_policy(tmp_path):
     from gdpo.config import load_config
     from gdpo.policy import resolve_model_path
 
-    path = resolve_model_path(load_config(), log=lambda m: None)
+    path = resolve_model_path(load_config().model.path, load_config().sft, log=lambda m: None)
     norm2, w2 = _run(2, path, tmp_path / "z2")
     norm3, w3 = _run(3, path, tmp_path / "z3")
     assert sorted(w2) == sorted(w3) and len(w2) > 0

@@ -37,7 +37,9 @@ def test_a_missing_chat_template_stops_train_before_ray_starts(tmp_path):
     from gdpo.policy import resolve_model_path
     from gdpo.trainer import train
 
-    tiny = resolve_model_path(load_config(), log=lambda m: None)  # its tokenizer has no chat template
+    tiny = resolve_model_path(
+        load_config().model.path, load_config().sft, log=lambda m: None
+    )  # its tokenizer has no chat template
     cfg = _preset(f"model.path={tiny}", f"trainer.output_dir={tmp_path}")
     with pytest.raises(
         DataError, match="data.train: data.use_chat_template is true but the tokenizer has no chat template"
@@ -77,8 +79,12 @@ def test_prompts_longer_than_the_context_and_a_context_past_the_model_are_refuse
 
 def test_an_unloadable_model_path_is_named(tmp_path):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"'model.path' = '.*nowhere': no tokenizer could be loaded"):
+    with pytest.raises(ConfigError, match=r"'model.path' = /.*nowhere: no such directory"):
         prepare_run(load_config(None, [f"model.path={tmp_path / 'nowhere'}"]), log=lambda m: None)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')  # no tokenizer files
+    with pytest.raises(ConfigError, match=r"'model.path' = '.*model': no tokenizer could be loaded"):
+        prepare_run(load_config(None, [f"model.path={tmp_path / 'model'}"]), log=lambda m: None)
 
 
 def test_engine_settings_are_checked_with_the_config():

@@ -92,7 +92,7 @@ def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
 def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(tmp_path):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = load_config()
-    path = resolve_model_path(cfg, log=lambda m: None)
+    path = resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None)
     llm = rollout.make_engine(path, cfg)
     engine_cfg = llm.llm_engine.vllm_config.model_config
     assert engine_cfg.enforce_eager and engine_cfg.max_model_len == 256  # CPU: eager; the model's whole context
@@ -145,7 +145,7 @@ def test_after_a_sync_cached_prompt_blocks_are_not_reused(tmp_path):
     must come from the new weights (the sampler's log-probs equal the learner's), not the old KV."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = load_config()
-    path = resolve_model_path(cfg, log=lambda m: None)
+    path = resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None)
     llm = rollout.make_engine(path, cfg)
     cache = llm.llm_engine.vllm_config.cache_config
     assert cache.enable_prefix_caching

@@ -4,7 +4,8 @@ import pytest
 
 from gdpo.config import load_config
 from gdpo.tasks import chain_arith
-from gdpo.tasks.tiny_policy import TEMPLATE, ensure_tiny_policy, greedy_completions
+from gdpo.policy import greedy_generate
+from gdpo.tasks.tiny_policy import TEMPLATE, ensure_tiny_policy
 
 
 @pytest.mark.e2e
@@ -19,7 +20,7 @@ def test_vllm_serves_the_tiny_policy_like_hf():
     prompts = [TEMPLATE.format(question=p.question) for p in problems]
 
     tok = AutoTokenizer.from_pretrained(path)
-    hf_ids = greedy_completions(AutoModelForCausalLM.from_pretrained(path).eval(), tok, prompts, 128)
+    hf_ids, _ = greedy_generate(AutoModelForCausalLM.from_pretrained(path).eval(), tok, prompts, 128)
 
     llm = vllm.LLM(model=path, dtype="float32", max_model_len=256, seed=0, enforce_eager=True)
     try:
