@@ -186,7 +186,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_ofq(args) -> int:
-    from gdpo.ofq import load_ofq_config, run_ofq
+    from compression.ofq.experiment import load_ofq_config, run_ofq
 
     cfg = load_ofq_config(args.config, args.overrides)
     results = run_ofq(cfg, args.out)

@@ -171,7 +171,7 @@ def test_ofq_presets_validate_and_bad_keys_are_named():
     from pathlib import Path
 
     from gdpo.config import ConfigError
-    from gdpo.ofq import load_ofq_config
+    from compression.ofq.experiment import load_ofq_config
 
     root = Path(__file__).resolve().parents[2] / "configs"
     digits = load_ofq_config(str(root / "ofq_digits_cpu.yaml"))
@@ -192,7 +192,7 @@ def test_ofq_presets_validate_and_bad_keys_are_named():
 def test_ofq_run_end_to_end_shrunk(tmp_path):
     import json
 
-    from gdpo.ofq import load_ofq_config, run_ofq
+    from compression.ofq.experiment import load_ofq_config, run_ofq
     from pathlib import Path
 
     cfg = load_ofq_config(
@@ -221,7 +221,7 @@ def test_ofq_run_end_to_end_shrunk(tmp_path):
 
 def test_cga_started_mid_training_trains_the_merged_qk(tmp_path):
     from gdpo.config import from_dict
-    from gdpo.ofq import OFQConfig, load_images, train
+    from compression.ofq.experiment import OFQConfig, load_images, train
 
     cfg = from_dict(OFQConfig, {"data": {"limit": 128}, "qat": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}})
     data = load_images(cfg.data, 0)
