@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+PRESETS = Path(__file__).resolve().parent / "configs"  # shipped inside the package (package data)
+DEFAULT_CONFIG = PRESETS / "tiny_cpu.yaml"
 BUILTIN_TINY_POLICY = "builtin:tiny-chain-arith"
 
 
@@ -317,12 +318,26 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML preset (the embedded default when None), apply dotted overrides, validate."""
-    raw = read_yaml(Path(path) if path is not None else DEFAULT_CONFIG)
+    raw = read_yaml(preset_path(path) if path is not None else DEFAULT_CONFIG)
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(Config, raw)
     validate(cfg)
     return cfg
+
+
+def preset_path(spec: str | Path) -> Path:
+    """A config file: ``spec`` itself where that file exists, else the preset of that name shipped in the
+    package (``multireward_cpu``, ``multireward_cpu.yaml`` or ``configs/multireward_cpu.yaml``, so the
+    paths of a source checkout work from any directory and from an installed wheel)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    if (PRESETS / name).is_file() and path.parent in (Path("."), Path("configs")):
+        return PRESETS / name
+    presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {spec} (nor a preset of that name; presets: {presets})")
 
 
 def read_yaml(path: Path) -> dict:

@@ -23,7 +23,7 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from gdpo.config import ConfigError, apply_override, doc, doc_factory, from_dict, read_yaml, to_dict
+from gdpo.config import ConfigError, apply_override, doc, doc_factory, from_dict, preset_path, read_yaml, to_dict
 from gdpo.fileio import atomic_write_text
 
 
@@ -113,7 +113,7 @@ def validate(cfg: OFQConfig) -> None:
 
 
 def load_ofq_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> OFQConfig:
-    raw = read_yaml(Path(path))
+    raw = read_yaml(preset_path(path))
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(OFQConfig, raw)

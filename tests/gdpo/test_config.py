@@ -19,7 +19,7 @@ def test_default_config_is_the_embedded_preset_and_validates():
 
 
 def test_every_preset_in_configs_validates():
-    presets = sorted((ROOT / "configs").glob("*.yaml"))
+    presets = sorted((ROOT / "gdpo" / "configs").glob("*.yaml"))
     assert presets
     for preset in presets:
         if preset.name.startswith(("ofq", "compress")):
@@ -166,3 +166,16 @@ def test_correctness_aware_rewards_cannot_be_conditioned_and_l1_needs_its_target
             "data.template='{question}\nThink for {target_tokens} tokens.\n'",
         ],
     )
+
+
+def test_presets_load_by_name_from_any_directory_and_a_wrong_name_lists_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the presets come from the package
+    for spec in ("multireward_cpu", "multireward_cpu.yaml", "configs/multireward_cpu.yaml"):
+        assert load_config(spec).rewards.functions[1].name == "chain_credit"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "multireward_cpu.yaml").write_text("trainer: {steps: 7}\n")
+    assert load_config("configs/multireward_cpu.yaml").trainer.steps == 7  # a file that exists wins
+    with pytest.raises(ConfigError, match=r"config file not found: multireward\.yaml \(nor a preset .*tiny_cpu"):
+        load_config("multireward.yaml")
+    with pytest.raises(ConfigError, match="config file not found: elsewhere/tiny_cpu.yaml"):
+        load_config("elsewhere/tiny_cpu.yaml")  # a path with another directory is a path, not a preset
