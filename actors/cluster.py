@@ -30,7 +30,7 @@ from actors.rollout import RolloutWorker
 from actors.sync import EngineSync, LearnerFailed, learner_failed
 from gdpo import learner as learner_fns
 from gdpo.config import Config
-from gdpo.records import RolloutBatch, SyncReport, TrainBatch, WeightUpdate
+from gdpo.records import RolloutBatch, SamplingSettings, SyncReport, TrainBatch, WeightUpdate
 from rewards import RewardMatrix, RewardTimeout
 
 __all__ = ["Cluster", "LearnerFailed", "WorkerFailed", "ray_init"]
@@ -223,12 +223,14 @@ class Cluster:
         self.reward_workers[i] = self._new_reward(i)
 
     # ------------------------------------------------------------------ work
-    def generate(self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int) -> RolloutBatch:
+    def generate(
+        self, prompts: list[str], samples_per_prompt: int, sampling: SamplingSettings, seed: int
+    ) -> RolloutBatch:
         """Split prompts over the rollout workers; a worker that dies is replaced and its share retried."""
         return self.collect(self.submit_generate(prompts, samples_per_prompt, sampling, seed))
 
     def submit_generate(
-        self, prompts: list[str], samples_per_prompt: int, sampling: dict, seed: int
+        self, prompts: list[str], samples_per_prompt: int, sampling: SamplingSettings, seed: int
     ) -> "PendingRollout":
         """Start a rollout on the engines' current policy version and return at once (``collect`` gets it)."""
         shares = _split(len(prompts), len(self.rollouts))
@@ -236,7 +238,7 @@ class Cluster:
         def call(i: int):
             lo, hi = shares[i]
             return self.rollouts[i].generate.remote(
-                self.version, prompts[lo:hi], samples_per_prompt, {**sampling, "seed": seed + lo}
+                self.version, prompts[lo:hi], samples_per_prompt, sampling.kwargs(seed + lo)
             )
 
         indices = [i for i, (lo, hi) in enumerate(shares) if hi > lo]
@@ -444,6 +446,12 @@ class Cluster:
 
     def load(self, directory: str) -> None:
         self._learner_call([w.load.remote(directory) for w in self.learners], "checkpoint load")
+
+    def resume(self, directory: str, version: int) -> SyncReport:
+        """Load a checkpoint into the learners and put its policy, as ``version``, into every engine."""
+        self.load(directory)
+        self.version = version - 1
+        return self.sync()
 
     def shutdown(self) -> None:
         if self.weights is not None and self.learners:

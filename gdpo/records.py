@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the engines sample one call's completions (``gdpo.rollout.generate``'s keyword arguments)."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+
+    @classmethod
+    def for_rollout(cls, cfg) -> "SamplingSettings":
+        """The training rollouts' settings (``rollout.*``)."""
+        r = cfg.rollout
+        return cls(r.max_new_tokens, r.temperature, r.top_p, r.min_new_tokens)
+
+    @classmethod
+    def for_held_out(cls, cfg) -> "SamplingSettings":
+        """The trainer's held-out evaluations: ``rollout.eval_temperature`` (greedy by default), no nucleus."""
+        return cls(cfg.rollout.max_new_tokens, cfg.rollout.eval_temperature)
+
+    def kwargs(self, seed: int) -> dict:
+        return {**asdict(self), "seed": seed}
 
 
 @dataclass

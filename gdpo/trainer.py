@@ -25,7 +25,7 @@ from gdpo.fileio import atomic_write_text
 from gdpo.eval_metrics import held_out_metrics, is_correct, reward_means
 from gdpo.metrics import MetricsLogger, token_stats
 from gdpo.preflight import RunInputs, prepare_run
-from gdpo.records import TrainBatch
+from gdpo.records import SamplingSettings, TrainBatch
 
 
 @dataclass
@@ -139,8 +139,7 @@ def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
     """Held-out figures (``gdpo.eval_metrics.held_out_metrics``, the same definitions as ``gdpo eval``)
     with the eval sampling settings, greedy by default; where the data knows each problem's floor (its
     shortest correct solution), the floor figures too."""
-    sampling = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.eval_temperature, "top_p": 1.0}
-    batch = cluster.generate(data.prompts, 1, sampling, seed=10**6)
+    batch = cluster.generate(data.prompts, 1, SamplingSettings.for_held_out(cfg), seed=10**6)
     matrix = cluster.score(batch, data.prompts, data.columns)
     values = matrix.values.tolist()
     acc = matrix.names.index(cfg.rewards.correctness)
@@ -201,10 +200,8 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
         ckpt = plan.checkpoint
         saved = json.loads((ckpt / "trainer_state.json").read_text())
         state = RunState(**{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__})
-        cluster.load(str(ckpt))
         set_rng_state(json.loads((ckpt / "rng.json").read_text()))
-        cluster.version = state.version - 1
-        cluster.sync()
+        cluster.resume(str(ckpt), state.version)  # the learners' state, and its policy in every engine
         log(f"resumed from {ckpt} at step {state.step} (policy version {state.version})")
     if "baseline" not in summary:  # measured on the initial policy only (``open_run`` checks): before any update
         summary["baseline"] = evaluate(cluster, cfg, eval_data)
@@ -214,12 +211,7 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
     _write_json(summary_path, summary)  # without an earlier final evaluation: this run is not finished
     metrics = MetricsLogger(plan.out, cfg.trainer.steps, initial=state.step, log=log)
     n_prompts, k = cfg.trainer.prompts_per_step, cfg.rollout.samples_per_prompt
-    sampling = {
-        "max_new_tokens": cfg.rollout.max_new_tokens,
-        "temperature": cfg.rollout.temperature,
-        "top_p": cfg.rollout.top_p,
-        "min_new_tokens": cfg.rollout.min_new_tokens,
-    }
+    sampling = SamplingSettings.for_rollout(cfg)
 
     def start_rollout(step: int):  # ``step`` completed steps before it: the same prompts and seed either way
         prompts = stream.take(state.cursor + (step - state.step) * n_prompts, n_prompts)

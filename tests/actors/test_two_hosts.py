@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from gdpo.records import SamplingSettings
 from tests.helpers.multinode import RAY, ROOT, TwoHosts, can_unshare
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multinode]
@@ -44,7 +45,7 @@ def _step(cluster, cfg, data, seed):
     from gdpo.trainer import compute_advantages
 
     k = cfg.rollout.samples_per_prompt
-    rollouts = cluster.generate(data.prompts, k, {"max_new_tokens": 48, "temperature": 1.0, "top_p": 1.0}, seed=seed)
+    rollouts = cluster.generate(data.prompts, k, SamplingSettings(max_new_tokens=48, temperature=1.0), seed=seed)
     matrix = cluster.score(
         rollouts,
         [p for p in data.prompts for _ in range(k)],
@@ -109,7 +110,7 @@ def test_learners_and_engines_on_two_hosts(hosts):
 
         # the engine on the other host dies: its replacement catches up over the broadcast before sampling
         ray.kill(cluster.rollouts[remote])
-        again = cluster.generate(data.prompts[:2], 2, {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}, seed=2)
+        again = cluster.generate(data.prompts[:2], 2, SamplingSettings(max_new_tokens=8, temperature=1.0), seed=2)
         assert cluster.restarts["rollout"] == 1 and again.policy_version == 1
         assert cluster.weights.nodes[remote] != home and cluster.weights.transport[remote] == "collective"
         assert _gap(cluster, remote, rollouts, batch) < 1e-3

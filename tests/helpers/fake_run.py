@@ -97,6 +97,11 @@ class FakeCluster:
     def load(self, directory):
         self.policy, self.moment = json.loads((Path(directory) / "deepspeed" / "state.json").read_text())
 
+    def resume(self, directory, version):
+        self.load(directory)
+        self.version = version - 1
+        return self.sync()
+
     def save_final(self, directory):
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / "policy.json").write_text(json.dumps(self.policy))
