@@ -30,7 +30,15 @@ from actors.rollout import RolloutWorker
 from actors.sync import EngineSync, LearnerFailed, learner_failed
 from gdpo import learner as learner_fns
 from gdpo.config import Config
-from gdpo.records import RolloutBatch, SamplingSettings, SyncReport, TrainBatch, WeightUpdate
+from gdpo.records import (
+    RolloutBatch,
+    SamplingSettings,
+    SyncReport,
+    TrainBatch,
+    UpdateStats,
+    UpdateSums,
+    WeightUpdate,
+)
 from rewards import RewardMatrix, RewardTimeout
 
 __all__ = ["Cluster", "LearnerFailed", "WorkerFailed", "ray_init"]
@@ -359,11 +367,10 @@ class Cluster:
             )
         )
 
-    def update(self, batch: TrainBatch) -> dict[str, float]:
+    def update(self, batch: TrainBatch) -> UpdateStats:
         """``learner.updates_per_step`` optimizer steps over the batch, data parallel."""
         m = len(self.learners)
-        sums: dict[str, float] = {}
-        grad_norms, first_drift = [], None
+        per_step: list[UpdateSums] = []
         for ulo, uhi in _split(len(batch), self.cfg.learner.updates_per_step):
             mini = batch.slice(ulo, uhi)
             tokens = float(mini.loss_mask[:, 1:].sum())
@@ -374,23 +381,8 @@ class Cluster:
                 ],
                 "update",
             )
-            grad_norms.append(parts[0].pop("grad_norm"))  # the clipped global norm, the same on every rank
-            for p in parts:
-                p.pop("grad_norm", None)
-                for key, v in p.items():
-                    sums[key] = sums.get(key, 0.0) + v
-            if first_drift is None:  # before any optimizer step: the learner's policy against the sampler's
-                first_drift = sums["drift_tokens"] / max(sums["tokens"], 1.0)
-        tok = max(sums["tokens"], 1.0)
-        return {
-            "loss": sums["loss"] / len(grad_norms),
-            "kl": sums["kl_tokens"] / tok,
-            "clip_ratio": sums["clipped_tokens"] / tok,
-            "entropy": sums["entropy_tokens"] / tok,
-            "grad_norm": sum(grad_norms) / len(grad_norms),
-            "logprob_drift": float(first_drift or 0.0),
-            "forward_tokens": sums["forward_tokens"],
-        }
+            per_step.append(sum(parts[1:], parts[0]))
+        return UpdateStats.from_sums(per_step)
 
     def sleep_engines(self) -> None:
         """``rollout.sleep_level`` > 0: engines give their GPU memory to the learners' update."""

@@ -18,7 +18,7 @@ from gdpo.config import Config
 from gdpo import dora, weight_sync
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
 from gdpo.policy import save_tokenizer
-from gdpo.records import TrainBatch, WeightUpdate
+from gdpo.records import TrainBatch, UpdateSums, WeightUpdate
 
 
 def build_policy(model_path: str, cfg: Config):
@@ -152,20 +152,11 @@ def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = Tru
 
 def train_step(
     engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, global_seqs: float, world_size: int
-) -> dict[str, float]:
+) -> UpdateSums:
     """One optimizer step on this rank's share of the batch; returns this rank's metric sums."""
     alg = cfg.algorithm
     slices = _micro_slices(len(batch), cfg.learner.micro_batch_per_worker)
-    sums = {
-        "loss": 0.0,
-        "pg_loss": 0.0,
-        "kl_tokens": 0.0,
-        "clipped_tokens": 0.0,
-        "entropy_tokens": 0.0,
-        "tokens": 0.0,
-        "forward_tokens": 0.0,
-        "drift_tokens": 0.0,
-    }
+    sums = UpdateSums()
     engine.train()
     for i, (lo, hi) in enumerate(slices):
         mb = batch.slice(lo, hi)
@@ -192,17 +183,17 @@ def train_step(
         n_tok = mask.sum().item()
         with torch.no_grad():
             ent = (entropy_from_logits(logits.detach()) * mask).sum().item()
-        sums["loss"] += out.loss.item()
-        sums["pg_loss"] += out.pg_loss.item()
-        sums["kl_tokens"] += out.kl.item() * n_tok
-        sums["clipped_tokens"] += out.clip_fraction.item() * n_tok
-        sums["entropy_tokens"] += ent
-        sums["tokens"] += n_tok
-        sums["forward_tokens"] += mb.attention_mask.sum().item()
+        sums.loss += out.loss.item()
+        sums.pg_loss += out.pg_loss.item()
+        sums.kl_tokens += out.kl.item() * n_tok
+        sums.clipped_tokens += out.clip_fraction.item() * n_tok
+        sums.entropy_tokens += ent
+        sums.tokens += n_tok
+        sums.forward_tokens += mb.attention_mask.sum().item()
         if mb.sampling_logprobs is not None:  # how far the learner's policy is from the one that sampled
-            sums["drift_tokens"] += ((logp.detach() - mb.sampling_logprobs).abs() * mask).sum().item()
+            sums.drift_tokens += ((logp.detach() - mb.sampling_logprobs).abs() * mask).sum().item()
     engine.step()
-    sums["grad_norm"] = float(engine.get_global_grad_norm() or 0.0)
+    sums.grad_norm = float(engine.get_global_grad_norm() or 0.0)
     return sums
 
 

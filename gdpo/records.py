@@ -8,6 +8,59 @@ import torch
 from torch import Tensor
 
 
+@dataclass
+class UpdateSums:
+    """One learner rank's sums over its share of one optimizer step; ranks add up with ``+``."""
+
+    loss: float = 0.0  # the rank's loss (already scaled by the global denominators)
+    pg_loss: float = 0.0
+    kl_tokens: float = 0.0  # per-token KL x tokens
+    clipped_tokens: float = 0.0  # tokens whose importance ratio was clipped
+    entropy_tokens: float = 0.0
+    tokens: float = 0.0  # completion (loss) tokens
+    forward_tokens: float = 0.0  # every token through the forward pass, padding excluded
+    drift_tokens: float = 0.0  # |learner - sampler| log-prob x tokens
+    grad_norm: float = 0.0  # the clipped global norm: the same on every rank, so not added
+
+    def __add__(self, other: "UpdateSums") -> "UpdateSums":
+        out = UpdateSums(**{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__})
+        out.grad_norm = self.grad_norm
+        return out
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What one step's update reports (a ``metrics.jsonl`` row's learner columns)."""
+
+    loss: float  # mean over the step's optimizer steps
+    kl: float  # per completion token
+    clip_ratio: float  # share of completion tokens clipped
+    entropy: float  # per completion token
+    grad_norm: float  # mean over the optimizer steps
+    logprob_drift: float  # before the first optimizer step: learner vs sampler, per token
+    forward_tokens: float
+
+    @classmethod
+    def from_sums(cls, per_step: list[UpdateSums]) -> "UpdateStats":
+        """From each optimizer step's sums over all ranks (``learner.updates_per_step`` of them)."""
+        total = per_step[0]
+        for s in per_step[1:]:
+            total = total + s
+        tok = max(total.tokens, 1.0)
+        return cls(
+            loss=total.loss / len(per_step),
+            kl=total.kl_tokens / tok,
+            clip_ratio=total.clipped_tokens / tok,
+            entropy=total.entropy_tokens / tok,
+            grad_norm=sum(s.grad_norm for s in per_step) / len(per_step),
+            logprob_drift=per_step[0].drift_tokens / max(per_step[0].tokens, 1.0),
+            forward_tokens=total.forward_tokens,
+        )
+
+    def row(self) -> dict[str, float]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class SamplingSettings:
     """How the engines sample one call's completions (``gdpo.rollout.generate``'s keyword arguments)."""

@@ -25,7 +25,7 @@ from gdpo.fileio import atomic_write_text
 from gdpo.eval_metrics import held_out_metrics, is_correct, reward_means
 from gdpo.metrics import MetricsLogger, token_stats
 from gdpo.preflight import RunInputs, prepare_run
-from gdpo.records import SamplingSettings, TrainBatch
+from gdpo.records import SamplingSettings, TrainBatch, UpdateStats
 
 
 @dataclass
@@ -237,7 +237,7 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
             kept = torch.nonzero(adv.keep).squeeze(1)
         with clock("sleep"):
             cluster.sleep_engines()  # rollout.sleep_level > 0: the engines' GPU memory goes to the update
-        learn = {}
+        learn: UpdateStats | None = None  # None: the update was skipped
         if len(kept) >= len(cluster.learners):
             batch = batch if len(kept) == len(batch) else batch.select(kept)
             with clock("logprobs"):
@@ -263,17 +263,18 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
             "step": state.step,
             "policy_version": state.version,
             **matrix.stats(),
-            **learn,
+            **(learn.row() if learn else {}),
             **{f"tokens/{k_}": v for k_, v in token_stats(counts).items()},
             "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
             "zero_variance_groups": int(adv.flat.all(1).sum()),
             "filtered_groups": int((~adv.keep).sum()) // k,
-            "update_skipped": int(not learn),
+            "update_skipped": int(learn is None),
             "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
             "staleness": staleness,
             **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
             "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
-            "perf/learner_tokens_per_s": learn.get("forward_tokens", 0.0) / max(clock.times.get("update", 0.0), 1e-9),
+            "perf/learner_tokens_per_s": (learn.forward_tokens if learn else 0.0)
+            / max(clock.times.get("update", 0.0), 1e-9),
             "sync/bytes": synced.num_bytes,
             "sync/publish_s": synced.publish_s,
             "sync/load_s": synced.load_s,

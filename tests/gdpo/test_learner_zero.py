@@ -60,7 +60,7 @@ def _worker(rank, world, port, stage, model_path, out_dir):
     names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
     msg = learner.publish_weights(model, names, 1, rank=rank, zero_stage=stage, directory=out_dir)
     if rank == 0:
-        torch.save({"grad_norm": sums["grad_norm"], "path": msg.path}, os.path.join(out_dir, "result.pt"))
+        torch.save({"grad_norm": sums.grad_norm, "path": msg.path}, os.path.join(out_dir, "result.pt"))
 
 
 def _run(stage, model_path, out_dir):

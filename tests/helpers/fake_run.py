@@ -20,7 +20,7 @@ import torch
 
 from gdpo.data import PromptSet
 from gdpo.preflight import RunInputs
-from gdpo.records import RolloutBatch, SyncReport
+from gdpo.records import RolloutBatch, SyncReport, UpdateStats, UpdateSums
 from rewards import RewardMatrix
 
 
@@ -80,11 +80,12 @@ class FakeCluster:
     def logprobs(self, batch):
         return batch
 
-    def update(self, batch) -> dict:
+    def update(self, batch) -> UpdateStats:
         signal = float((batch.advantages * torch.arange(1, len(batch) + 1)).sum())
         self.moment = 0.5 * self.moment + signal
         self.policy += 0.01 * self.moment + 0.001
-        return {"loss": signal, "grad_norm": abs(signal), "forward_tokens": float(batch.loss_mask.sum())}
+        sums = UpdateSums(loss=signal, tokens=1.0, forward_tokens=float(batch.loss_mask.sum()), grad_norm=abs(signal))
+        return UpdateStats.from_sums([sums])
 
     def sync(self) -> SyncReport:
         self.version += 1
