@@ -64,7 +64,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from gdpo.evaluation import EvalSettings, evaluate_model
+    from gdpo.eval.evaluate import EvalSettings, evaluate_model
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -115,7 +115,7 @@ def print_eval(results: dict, out: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from gdpo.report import write_report
+    from gdpo.eval.report import write_report
 
     page = write_report(args.dirs, args.out, title=args.title)
     print(f"report: {page} (and report.md, PNGs in {args.out})")
@@ -123,7 +123,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from gdpo.compare import compare, parse_arms
+    from gdpo.eval.compare import compare, parse_arms
 
     estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
     joint = [j.strip() for j in args.joint.split(",") if j.strip()] if args.joint else []
@@ -326,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _input_errors() -> tuple[type, ...]:
     """Errors that mean bad input (a key, flag, file or sample the message names): exit code 2."""
     from gdpo.compress import CompressError
-    from gdpo.evaluation import EvalError
-    from gdpo.report import ReportError
+    from gdpo.eval.evaluate import EvalError
+    from gdpo.eval.report import ReportError
     from rewards import RewardError
 
     return ConfigError, DataError, RewardError, EvalError, ReportError, CompressError

@@ -138,7 +138,7 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
 def evaluate(
     model, tokenizer, held_out: dict, cfg: Config, s: CompressSettings, label: str, log: Callable[[str], None]
 ) -> tuple[dict, list[dict]]:
-    from gdpo.eval_metrics import held_out_metrics, is_correct
+    from gdpo.eval.metrics import held_out_metrics, is_correct
     from rewards import BoundReward, score_rewards
 
     t0 = time.time()
@@ -374,8 +374,8 @@ def run_pipeline(job: _Job) -> dict:
     from compression.fp4.search import QuantSetting
     from compression.pipeline import compensate_model, save_dense, save_lora, storage_bytes
     from compression.prune import prune_linears
-    from gdpo.evaluation import EvalSettings, evaluate_model
-    from gdpo.report import write_report
+    from gdpo.eval.evaluate import EvalSettings, evaluate_model
+    from gdpo.eval.report import write_report
 
     s, out, log = job.s, job.out, job.log
     stages = stages_of(s.pipeline)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from gdpo.eval_metrics import percentile
+from gdpo.eval.metrics import percentile
 from gdpo.fileio import atomic_write_text
 
 BAR_KEYS = (
@@ -30,7 +30,7 @@ BAR_KEYS = (
 
 def token_stats(counts: list[int]) -> dict[str, float]:
     """A step's completion lengths; percentiles as every held-out figure computes them
-    (``gdpo.eval_metrics.percentile``)."""
+    (``gdpo.eval.metrics.percentile``)."""
     if not counts:
         return {"mean": math.nan, "p50": math.nan, "p90": math.nan, "max": math.nan}
     return {

@@ -22,7 +22,7 @@ from gdpo.checkpoints import RunPlan, commit_checkpoint, new_checkpoint_dir, ope
 from gdpo.config import Config, to_dict
 from gdpo.data import PromptSet
 from gdpo.fileio import atomic_write_text
-from gdpo.eval_metrics import held_out_metrics, is_correct, reward_means
+from gdpo.eval.metrics import held_out_metrics, is_correct, reward_means
 from gdpo.metrics import MetricsLogger, token_stats
 from gdpo.preflight import RunInputs, prepare_run
 from gdpo.records import SamplingSettings, TrainBatch, UpdateStats
@@ -136,7 +136,7 @@ def compute_advantages(values: torch.Tensor, names: list[str], cfg: Config) -> S
 
 
 def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
-    """Held-out figures (``gdpo.eval_metrics.held_out_metrics``, the same definitions as ``gdpo eval``)
+    """Held-out figures (``gdpo.eval.metrics.held_out_metrics``, the same definitions as ``gdpo eval``)
     with the eval sampling settings, greedy by default; where the data knows each problem's floor (its
     shortest correct solution), the floor figures too."""
     batch = cluster.generate(data.prompts, 1, SamplingSettings.for_held_out(cfg), seed=10**6)

@@ -2,6 +2,7 @@
 config and every preset load by name (`gdpo demo` needs no source tree)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_wheel_installed_outside_the_checkout_finds_its_presets(tmp_path):
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(".git", ".venv", ".cache", "build", "dist", "*.egg-info", "runs", "__pycache__"),
+    )
     subprocess.run(
         [
             sys.executable,
@@ -21,7 +28,7 @@ def test_a_wheel_installed_outside_the_checkout_finds_its_presets(tmp_path):
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(src),
         ],
         check=True,
         cwd=tmp_path,

@@ -242,7 +242,7 @@ def greedy_accuracy(model, tokenizer, problems: list) -> float:
 
 
 def _correct(prompts: list[str], texts: list[str], problems: list) -> list[bool]:
-    from gdpo.eval_metrics import is_correct
+    from gdpo.eval.metrics import is_correct
     from rewards import BoundReward
 
     scores = BoundReward.from_name("accuracy").score(prompts, texts, {"answer": [str(p.answer) for p in problems]})
@@ -252,10 +252,10 @@ def _correct(prompts: list[str], texts: list[str], problems: list) -> list[bool]
 def evaluate_policy(
     path: Path | str, n_problems: int, seed: int = 0, max_new_tokens: int = 128, threads: Optional[int] = None
 ) -> dict:
-    """The held-out figures (``gdpo.eval_metrics.held_out_metrics``: accuracy, tokens, the floor) of a
+    """The held-out figures (``gdpo.eval.metrics.held_out_metrics``: accuracy, tokens, the floor) of a
     chain-arithmetic policy, greedy, on ``n_problems`` held-out problems of ``seed``: the same figures a
     training run's baseline reports for the same problems."""
-    from gdpo.eval_metrics import held_out_metrics
+    from gdpo.eval.metrics import held_out_metrics
     from gdpo.policy import completion_token_counts, greedy_generate, load_policy
     from gdpo.preflight import solution_encoder
 

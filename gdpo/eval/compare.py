@@ -187,9 +187,9 @@ def compare(
 
 
 def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log) -> dict:
-    from gdpo.evaluation import EvalSettings, evaluate_model
+    from gdpo.eval.evaluate import EvalSettings, evaluate_model
     from gdpo.policy import resolve_model_path
-    from gdpo.report import write_report
+    from gdpo.eval.report import write_report
     from gdpo.trainer import train
 
     root = Path(out)

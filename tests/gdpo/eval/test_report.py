@@ -7,8 +7,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from gdpo import report
-from gdpo.eval_metrics import against_base, summarize
+from gdpo.eval import report
+from gdpo.eval.metrics import against_base, summarize
 
 
 def _eval_dir(path, correct, tokens, base=None):

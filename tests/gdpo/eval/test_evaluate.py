@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from gdpo import evaluation
+from gdpo.eval import evaluate as evaluation
 from gdpo.cli import main
 from gdpo.config import load_config
 

@@ -2,7 +2,7 @@
 
 Every input is checked before the model loads: the model directory, the data source and its columns,
 the sampling settings and the base evaluation. Outputs (written atomically):
-- ``DIR/results.json``: metrics (``gdpo.eval_metrics.held_out_metrics``; against ``--base``: token reduction %,
+- ``DIR/results.json``: metrics (``gdpo.eval.metrics.held_out_metrics``; against ``--base``: token reduction %,
   accuracy change, AES with its coefficients), sampling settings, model path, data source, config hash,
   package versions.
 - ``DIR/samples.jsonl``: one row per sample: prompt index, prompt, completion, tokens, finish reason,
@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from gdpo.config import Config, to_dict
 from gdpo.data import DataError, build_prompts, load_rows
-from gdpo.eval_metrics import against_base, held_out_metrics, is_correct, reward_means
+from gdpo.eval.metrics import against_base, held_out_metrics, is_correct, reward_means
 from gdpo.fileio import atomic_write_text
 from gdpo.preflight import add_floor_column, check_prompt_lengths, model_context
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gdpo.compare import joint_success, matched_weights, paired_differences, parse_arms
+from gdpo.eval.compare import joint_success, matched_weights, paired_differences, parse_arms
 from gdpo.config import ConfigError, load_config
 
 

@@ -5,7 +5,7 @@ from itertools import combinations
 
 import pytest
 
-from gdpo import eval_metrics as em
+from gdpo.eval import metrics as em
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 2, 1), (5, 2, 2), (5, 2, 4), (6, 0, 3), (6, 6, 1), (8, 3, 5)])
@@ -58,7 +58,7 @@ def test_aes_rewards_shorter_and_punishes_accuracy_loss_more_than_it_rewards_gai
 
 
 def test_floor_figures_and_the_shortcut_detector():
-    from gdpo.eval_metrics import floor_metrics, skips_required_steps
+    from gdpo.eval.metrics import floor_metrics, skips_required_steps
 
     shortest = "3+4=7\n7-2=5\n\\boxed{5}"
     assert not skips_required_steps("we need 3+4-2\n3+4=7\ncheck: 7 is right\n7-2=5\n\\boxed{5}", shortest)
