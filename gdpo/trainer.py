@@ -222,12 +222,16 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
     ahead = None  # (prompts, pending rollout) started during the previous step (trainer.rollout_ahead)
     while state.step < cfg.trainer.steps:
         clock = StageClock()
+
+        # rollout: this step's prompts, sampled on the engines' current policy version
         with clock("rollout_wait"):
             prompts, pending = ahead or start_rollout(state.step)
             rollouts = cluster.collect(pending)
         ahead = None
         if cfg.trainer.rollout_ahead and state.step + 1 < cfg.trainer.steps:
             ahead = start_rollout(state.step + 1)  # samples the current version while this step learns
+
+        # rewards and advantages: every sample scored, the estimator over the groups kept for training
         with clock("reward"):
             sample_prompts = [p for p in prompts.prompts for _ in range(k)]
             columns = {c: [v for v in vals for _ in range(k)] for c, vals in prompts.columns.items()}
@@ -235,6 +239,8 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
             adv = compute_advantages(matrix.values, matrix.names, cfg)
             batch = TrainBatch.from_rollouts(rollouts, adv.values, cluster.pad_id)
             kept = torch.nonzero(adv.keep).squeeze(1)
+
+        # update: reference log-probs, then learner.updates_per_step optimizer steps (a skip is logged)
         with clock("sleep"):
             cluster.sleep_engines()  # rollout.sleep_level > 0: the engines' GPU memory goes to the update
         learn: UpdateStats | None = None  # None: the update was skipped
@@ -249,6 +255,8 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
                 f"step {state.step + 1}: update skipped, {len(kept)} samples left after "
                 f"algorithm.filter_zero_variance for {len(cluster.learners)} learner(s); the policy is unchanged"
             )
+
+        # weight sync: the new policy version into every engine (after a rollout ahead has finished)
         if ahead is not None:
             with clock("rollout_wait"):  # the engines load the next version only after that rollout
                 cluster.wait(ahead[1])
@@ -256,45 +264,53 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
             cluster.wake_engines()  # weights back (level 2: the base reloaded) before the new version lands
         with clock("sync"):
             synced = cluster.sync()
-        staleness = cluster.version - 1 - rollouts.policy_version  # versions between sampler and learner
         state = RunState(step=state.step + 1, cursor=state.cursor + n_prompts, version=cluster.version)
-        counts = rollouts.completion_token_counts
-        row = {
-            "step": state.step,
-            "policy_version": state.version,
-            **matrix.stats(),
-            **(learn.row() if learn else {}),
-            **{f"tokens/{k_}": v for k_, v in token_stats(counts).items()},
-            "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
-            "zero_variance_groups": int(adv.flat.all(1).sum()),
-            "filtered_groups": int((~adv.keep).sum()) // k,
-            "update_skipped": int(learn is None),
-            "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
-            "staleness": staleness,
-            **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
-            "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
-            "perf/learner_tokens_per_s": (learn.forward_tokens if learn else 0.0)
-            / max(clock.times.get("update", 0.0), 1e-9),
-            "sync/bytes": synced.num_bytes,
-            "sync/publish_s": synced.publish_s,
-            "sync/load_s": synced.load_s,
-            "sync/file_engines": synced.file_engines,
-            "sync/broadcast_engines": synced.collective_engines,
-            "sync/MB_per_s": synced.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
-            "restarts/rollout": cluster.restarts["rollout"],
-            "restarts/reward": cluster.restarts["reward"],
-        }
+
+        # log, evaluate every trainer.eval_every steps, checkpoint every trainer.save_every steps
+        row = step_row(state, rollouts, matrix, adv, learn, synced, clock, cluster, cfg)
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.steps:
             row.update({f"eval/{k_}": v for k_, v in evaluate(cluster, cfg, eval_data).items()})
         metrics.log(row)
         if state.step % cfg.trainer.save_every == 0 or state.step == cfg.trainer.steps:
             save_checkpoint(cluster, state, plan, cfg, log=log)
+
     metrics.close()
     summary["final"] = evaluate(cluster, cfg, eval_data)
     summary["steps"] = state.step
     cluster.save_final(str(plan.out / "final"))
     _write_json(summary_path, summary)
     return summary
+
+
+def step_row(state: RunState, rollouts, matrix, adv: StepAdvantages, learn, synced, clock, cluster, cfg) -> dict:
+    """One ``metrics.jsonl`` row: rewards, update statistics, tokens, stage times, sync and restarts."""
+    k = cfg.rollout.samples_per_prompt
+    counts = rollouts.completion_token_counts
+    return {
+        "step": state.step,
+        "policy_version": state.version,
+        **matrix.stats(),
+        **(learn.row() if learn else {}),
+        **{f"tokens/{k_}": v for k_, v in token_stats(counts).items()},
+        "truncation_rate": rollouts.finish_reasons.count("length") / len(rollouts),
+        "zero_variance_groups": int(adv.flat.all(1).sum()),
+        "filtered_groups": int((~adv.keep).sum()) // k,
+        "update_skipped": int(learn is None),
+        "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
+        "staleness": state.version - 1 - rollouts.policy_version,  # versions between sampler and learner
+        **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
+        "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
+        "perf/learner_tokens_per_s": (learn.forward_tokens if learn else 0.0)
+        / max(clock.times.get("update", 0.0), 1e-9),
+        "sync/bytes": synced.num_bytes,
+        "sync/publish_s": synced.publish_s,
+        "sync/load_s": synced.load_s,
+        "sync/file_engines": synced.file_engines,
+        "sync/broadcast_engines": synced.collective_engines,
+        "sync/MB_per_s": synced.num_bytes / 2**20 / max(clock.times["sync"], 1e-9),
+        "restarts/rollout": cluster.restarts["rollout"],
+        "restarts/reward": cluster.restarts["reward"],
+    }
 
 
 def _write_json(path: Path, obj: dict) -> None:
