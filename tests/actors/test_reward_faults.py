@@ -69,6 +69,7 @@ def test_a_hung_plugin_is_killed_replaced_and_named(local_ray):
 def test_a_worker_that_keeps_dying_stops_at_the_restart_cap(local_ray):
     cluster = _scoring_cluster(
         "rewards.functions=[{name: 'tests.helpers.plugins:die_always'}]",
+        "rewards.correctness=tests.helpers.plugins:die_always",  # the only reward
         "rewards.num_workers=1",
         "cluster.max_restarts=1",
     )
