@@ -98,8 +98,8 @@ def test_learners_and_engines_on_two_hosts(hosts):
         rollouts, batch, stats = _step(cluster, cfg, data, seed=1)
         after = cluster.adapter_checksums()
         assert len(set(after)) == 1 and after[0] != before[0]  # both hosts' ranks took the same step
-        assert stats["logprob_drift"] < 1e-3  # before its first update the learner is the policy that sampled
-        assert stats["kl"] > 0  # the second mini-batch sees a policy the first one moved off the reference
+        assert stats.logprob_drift < 1e-3  # before its first update the learner is the policy that sampled
+        assert stats.kl > 0  # the second mini-batch sees a policy the first one moved off the reference
         stale = _gap(cluster, remote, rollouts, batch)
         report = cluster.sync()
         assert (report.version, report.file_engines, report.collective_engines) == (1, 1, 1)
