@@ -3,6 +3,7 @@ killed process or a lost machine never leaves half a file where a whole one is e
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -78,8 +79,6 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
 def read_json_object(path: Path) -> dict:
     """The JSON object in ``path``; a ``ValueError`` naming the file when it cannot be read, is not
     UTF-8 JSON, or holds something other than an object. Callers add what the file was for."""
-    import json
-
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:

@@ -84,8 +84,13 @@ def add_floor_column(data: PromptSet, tokenizer, model_path: str) -> None:
     ``solution_encoder``)."""
     shortest = data.columns.get("shortest_solution")
     if shortest:
-        encode = solution_encoder(model_path, tokenizer)
-        data.columns["floor_tokens"] = [len(encode(text)) + 1 for text in shortest]
+        data.columns["floor_tokens"] = floor_tokens(shortest, tokenizer, model_path)
+
+
+def floor_tokens(shortest: list[str], tokenizer, model_path: str) -> list[int]:
+    """Each shortest solution's length in the policy's tokens, EOS included (as completions count it)."""
+    encode = solution_encoder(model_path, tokenizer)
+    return [len(encode(text)) + 1 for text in shortest]
 
 
 def solution_encoder(model_path: str, tokenizer) -> Callable[[str], list[int]]:

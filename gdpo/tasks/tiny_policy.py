@@ -257,7 +257,7 @@ def evaluate_policy(
     training run's baseline reports for the same problems."""
     from gdpo.eval.metrics import held_out_metrics
     from gdpo.policy import completion_token_counts, greedy_generate, load_policy
-    from gdpo.preflight import solution_encoder
+    from gdpo.preflight import floor_tokens
 
     if threads:
         torch.set_num_threads(threads)
@@ -267,7 +267,6 @@ def evaluate_policy(
     prompts = [TEMPLATE.format(question=p.question) for p in probs]
     ids, reasons = greedy_generate(model, tokenizer, prompts, max_new_tokens)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    encode = solution_encoder(str(path), tokenizer)
     shortest = [chain_arith.shortest_solution(p) for p in probs]
     return held_out_metrics(
         _correct(prompts, texts, probs),
@@ -275,6 +274,6 @@ def evaluate_policy(
         [r == "length" for r in reasons],
         list(range(len(probs))),
         texts,
-        floors=[len(encode(text)) + 1 for text in shortest],  # EOS counted, as in every floor figure
+        floors=floor_tokens(shortest, tokenizer, str(path)),
         shortest=shortest,
     )
