@@ -374,7 +374,7 @@ def run_pipeline(job: _Job) -> dict:
     from compression.fp4.search import QuantSetting
     from compression.pipeline import compensate_model, save_dense, save_lora, storage_bytes
     from compression.prune import prune_linears
-    from gdpo.eval.evaluate import EvalSettings, evaluate_model
+    from gdpo.eval.evaluate import EvalEngine, EvalSettings, evaluate_model
     from gdpo.eval.report import write_report
 
     s, out, log = job.s, job.out, job.log
@@ -430,26 +430,29 @@ def run_pipeline(job: _Job) -> dict:
             }
 
     rows: dict = {}
-    for label, (model_path, lora) in served.items():
-        log(f"evaluating on vLLM: {label}")
-        settings = EvalSettings(
-            model=model_path,
-            data=job.eval_spec,
-            max_new_tokens=s.max_new_tokens,
-            limit=job.n_eval,
-            seed=s.seed,
-            lora=lora,
-            base=None if label == "full" else str(out / "evals" / "full"),
-        )
-        res = evaluate_model(settings, job.cfg, str(out / "evals" / label), log)
-        m = res["metrics"]
-        rows[label] = {
-            "accuracy": m["accuracy"],
-            "mean_tokens": m["mean_tokens"],
-            "truncation_rate": m["truncation_rate"],
-            "bytes": storage_bytes(models[label], pruned if label != "full" else (), factor_bits=s.factor_bits or 16),
-            **compensation.get(label, {}),
-        }
+    with EvalEngine(lora_rank=s.rank if len(stages) > 1 else 0, seed=s.seed) as engines:  # one for all
+        for label, (model_path, lora) in served.items():
+            log(f"evaluating on vLLM: {label}")
+            settings = EvalSettings(
+                model=model_path,
+                data=job.eval_spec,
+                max_new_tokens=s.max_new_tokens,
+                limit=job.n_eval,
+                seed=s.seed,
+                lora=lora,
+                base=None if label == "full" else str(out / "evals" / "full"),
+            )
+            res = evaluate_model(settings, job.cfg, str(out / "evals" / label), log, engines)
+            m = res["metrics"]
+            rows[label] = {
+                "accuracy": m["accuracy"],
+                "mean_tokens": m["mean_tokens"],
+                "truncation_rate": m["truncation_rate"],
+                "bytes": storage_bytes(
+                    models[label], pruned if label != "full" else (), factor_bits=s.factor_bits or 16
+                ),
+                **compensation.get(label, {}),
+            }
     if compressor == "fp4" and setting.a_bits:
         for label, model in models.items():
             if label == "full":

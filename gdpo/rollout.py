@@ -19,6 +19,26 @@ EXTENSION = "gdpo.vllm_ext.WeightSyncExtension"
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
 
+ENGINE_SETTINGS = (
+    "kv_cache_gib",
+    "cpu_reserved_cores",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "enforce_eager",
+    "sleep_level",
+)
+
+
+def engine_settings(cfg: Config) -> dict:
+    """The settings ``make_engine`` reads: two engines with equal settings serve a checkpoint alike."""
+    return {
+        "dtype": cfg.model.dtype,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        **{k: getattr(cfg.rollout, k) for k in ENGINE_SETTINGS},
+    }
+
+
 def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0):
     """A vLLM engine for the policy, with the weight-sync worker extension mixed in; ``lora_rank`` > 0
     enables serving one LoRA adapter of at most that rank."""
@@ -54,6 +74,25 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
     )
 
 
+_LORA_IDS: dict[tuple[str, int], int] = {}
+
+
+def lora_id(path: str) -> int:
+    """vLLM caches an adapter by its integer id: each adapter directory (and each rewrite of it) gets its
+    own, so one engine can serve several adapters in turn without serving a cached one in another's place."""
+    weights = os.path.join(path, "adapter_model.safetensors")
+    key = (os.path.realpath(path), os.stat(weights).st_mtime_ns if os.path.exists(weights) else 0)
+    return _LORA_IDS.setdefault(key, len(_LORA_IDS) + 1)
+
+
+def close_engine(llm) -> None:
+    """Stop the engine's processes now. Left to the garbage collector, vLLM's finalizer stops them at
+    some later point, logging to whatever stream was current when it was set up."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
 def generate(
     llm,
     prompts: list[str],
@@ -87,7 +126,7 @@ def generate(
     if lora_path:
         from vllm.lora.request import LoRARequest
 
-        lora = LoRARequest("adapter", 1, lora_path)
+        lora = LoRARequest(f"adapter-{lora_id(lora_path)}", lora_id(lora_path), lora_path)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
     batch = RolloutBatch([], [], [], [], [], [], policy_version, seconds=time.perf_counter() - t0)

@@ -39,6 +39,26 @@ class WeightSyncExtension:
         with safe_open(path, framework="pt") as f:  # memory-mapped: one tensor at a time, no full copy
             return self._gdpo_load(version, weight_sync.read_file(f, path, version, checksum))
 
+    def gdpo_load_checkpoint(self, model_dir: str) -> int:
+        """Every tensor of another checkpoint of this engine's architecture (its safetensors files, read
+        memory-mapped one tensor at a time), as policy version 0: evaluation reuses one engine across
+        checkpoints instead of starting one per checkpoint."""
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise weight_sync.SyncError(f"{model_dir} holds no *.safetensors weight files")
+
+        def tensors():
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key)
+
+        return self._gdpo_load(0, tensors())
+
     def gdpo_reload_base(self) -> None:
         """The base checkpoint from the model path; torn until a sync loads the policy over it."""
         self.gdpo_policy_version = weight_sync.TORN

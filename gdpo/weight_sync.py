@@ -617,6 +617,11 @@ def engine_receive(llm, version: int) -> int:
     return _settled(llm, _rpc(llm, "gdpo_sync_receive", version), version)
 
 
+def engine_load_checkpoint(llm, model_dir: str) -> int:
+    """Every worker loads the weights of another checkpoint of the engine's architecture (version 0)."""
+    return _settled(llm, _rpc(llm, "gdpo_load_checkpoint", str(model_dir)), 0)
+
+
 def engine_reload_base(llm) -> None:
     """Every worker reloads the model's own weights from its path (after a level-2 sleep dropped them)."""
     _rpc(llm, "gdpo_reload_base")

@@ -23,18 +23,19 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from gdpo.config import ConfigError, apply_override, doc, doc_factory, from_dict, preset_path, read_yaml, to_dict
+from gdpo.config import preset_path
+from gdpo.structured import ConfigError, build, doc, doc_factory, read_yaml, to_dict
 from gdpo.fileio import atomic_write_text
 
 
 @dataclass(frozen=True)
 class OFQData:
     source: str = doc("digits", "digits | imagefolder:PATH | hf:NAME[:CONFIG]")
-    image_size: int = doc(8, "images are resized to image_size x image_size")
+    image_size: int = doc(8, "images are resized to image_size x image_size", ge=1)
     num_channels: int = doc(1, "1 (grey) or 3 (RGB)")
-    test_fraction: float = doc(0.2, "digits: held-out share (stratified, seeded)")
-    augment_shift: int = doc(1, "random translation in pixels while training (0 = off)")
-    limit: int = doc(0, "use at most this many training images (0 = all)")
+    test_fraction: float = doc(0.2, "digits: held-out share (stratified, seeded)", gt=0, lt=1)
+    augment_shift: int = doc(1, "random translation in pixels while training (0 = off)", ge=0)
+    limit: int = doc(0, "use at most this many training images (0 = all)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -43,42 +44,42 @@ class OFQModel:
         "vit", "transformers class: ViTForImageClassification or DeiTForImageClassification"
     )
     pretrained: Optional[str] = doc(None, "a local transformers dir to start from (skips full-precision training)")
-    patch_size: int = doc(2, "patch size")
-    hidden_size: int = doc(64, "width")
-    num_layers: int = doc(4, "depth")
-    num_heads: int = doc(4, "attention heads")
-    mlp_size: int = doc(128, "MLP hidden width")
-    num_labels: int = doc(10, "classes")
+    patch_size: int = doc(2, "patch size", ge=1)
+    hidden_size: int = doc(64, "width", ge=1)
+    num_layers: int = doc(4, "depth", ge=1)
+    num_heads: int = doc(4, "attention heads", ge=1)
+    mlp_size: int = doc(128, "MLP hidden width", ge=1)
+    num_labels: int = doc(10, "classes", ge=2)
 
 
 @dataclass(frozen=True)
 class OFQTrain:
-    epochs: int = doc(150, "epochs")
-    lr: float = doc(2e-3, "peak AdamW learning rate (cosine to 1%)")
-    batch_size: int = doc(64, "images per step")
-    weight_decay: float = doc(0.05, "AdamW decoupled weight decay (not on biases, norms and LSQ steps)")
-    warmup_epochs: int = doc(5, "linear warm-up epochs")
+    epochs: int = doc(150, "epochs", ge=0)
+    lr: float = doc(2e-3, "peak AdamW learning rate (cosine to 1%)", gt=0)
+    batch_size: int = doc(64, "images per step", ge=1)
+    weight_decay: float = doc(0.05, "AdamW decoupled weight decay (not on biases, norms and LSQ steps)", ge=0)
+    warmup_epochs: int = doc(5, "linear warm-up epochs", ge=0)
 
 
 @dataclass(frozen=True)
 class OFQQat:
     bits: tuple[int, ...] = doc((4, 3, 2), "weight and activation bit widths to train")
     methods: tuple[str, ...] = doc(("lsq", "ofq"), "lsq (baseline) and/or ofq")
-    epochs: int = doc(60, "QAT epochs per method and bit width")
-    lr: float = doc(5e-4, "peak learning rate")
-    batch_size: int = doc(64, "images per step")
-    weight_decay: float = doc(0.05, "as in full-precision training")
-    warmup_epochs: int = doc(2, "linear warm-up epochs")
+    epochs: int = doc(60, "QAT epochs per method and bit width", ge=1)
+    lr: float = doc(5e-4, "peak learning rate", gt=0)
+    batch_size: int = doc(64, "images per step", ge=1)
+    weight_decay: float = doc(0.05, "as in full-precision training", ge=0)
+    warmup_epochs: int = doc(2, "linear warm-up epochs", ge=0)
     distill: bool = doc(True, "add KL(teacher || student) at T=1 from the full-precision model")
-    cga_epochs: int = doc(15, "OFQ: confidence-guided annealing over the last cga_epochs epochs (0 = off)")
-    cga_br: float = doc(0.05, "OFQ: freeze latent weights within this many steps of a rounding boundary")
-    near_br: float = doc(0.05, "the near-boundary metric's threshold, in steps")
+    cga_epochs: int = doc(15, "OFQ: confidence-guided annealing over the last cga_epochs epochs (0 = off)", ge=0)
+    cga_br: float = doc(0.05, "OFQ: freeze latent weights within this many steps of a rounding boundary", gt=0, lt=0.5)
+    near_br: float = doc(0.05, "the near-boundary metric's threshold, in steps", gt=0, le=0.5)
 
 
 @dataclass(frozen=True)
 class OFQConfig:
     seed: int = doc(0, "seed for the split, initialization and batching")
-    threads: int = doc(2, "torch intra-op threads")
+    threads: int = doc(2, "torch intra-op threads", ge=1)
     data: OFQData = doc_factory(OFQData, "images")
     model: OFQModel = doc_factory(OFQModel, "the vision transformer")
     fp: OFQTrain = doc_factory(OFQTrain, "full-precision training")
@@ -99,24 +100,16 @@ def validate(cfg: OFQConfig) -> None:
     need(d.image_size % m.patch_size == 0, "model.patch_size", f"must divide data.image_size {d.image_size}")
     need(m.hidden_size % m.num_heads == 0, "model.num_heads", f"must divide model.hidden_size {m.hidden_size}")
     need(d.num_channels in (1, 3), "data.num_channels", "must be 1 or 3")
-    need(0 < d.test_fraction < 1, "data.test_fraction", "must lie in (0, 1)")
     need(all(b in (2, 3, 4, 8) for b in q.bits) and q.bits, "qat.bits", f"must be among 2, 3, 4, 8, got {list(q.bits)}")
     need(
         set(q.methods) <= {"lsq", "ofq"} and q.methods, "qat.methods", f"must be lsq and/or ofq, got {list(q.methods)}"
     )
-    need(0 <= q.cga_epochs <= q.epochs, "qat.cga_epochs", f"must lie in 0..qat.epochs ({q.epochs})")
-    need(0 < q.cga_br < 0.5, "qat.cga_br", "must lie in (0, 0.5) quantization steps")
-    for sec, t in (("fp", cfg.fp), ("qat", cfg.qat)):
-        need(t.epochs >= 1 or (sec == "fp" and m.pretrained), f"{sec}.epochs", "must be >= 1")
-        need(t.lr > 0, f"{sec}.lr", "must be > 0")
-        need(t.batch_size >= 1, f"{sec}.batch_size", "must be >= 1")
+    need(q.cga_epochs <= q.epochs, "qat.cga_epochs", f"must lie in 0..qat.epochs ({q.epochs})")
+    need(cfg.fp.epochs >= 1 or m.pretrained, "fp.epochs", "must be >= 1 (0 only with model.pretrained)")
 
 
 def load_ofq_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> OFQConfig:
-    raw = read_yaml(preset_path(path))
-    for item in overrides:
-        apply_override(raw, item)
-    cfg = from_dict(OFQConfig, raw)
+    cfg = build(OFQConfig, read_yaml(preset_path(path)), overrides)
     validate(cfg)
     return cfg
 

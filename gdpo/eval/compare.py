@@ -11,6 +11,8 @@ Layout under OUT: ``runs/{arm}-seed{s}/`` (training runs), ``evals/base/`` and `
 (accuracy, mean tokens, truncation rate, AES, the joint success of ``--joint``, each reward's mean, the
 advantage scale), mean ± sample std over seeds; with a ``gdpo`` arm and several seeds, the paired
 difference of the joint success (GDPO minus each other arm) with its 95% confidence interval.
+The base policy is evaluated first (``grpo-matched`` needs its samples), then every run is trained, then
+the final policies are evaluated in a row on one vLLM engine, each loaded into it in turn.
 Re-running the same command skips finished runs and evaluations and resumes an interrupted run; a run
 directory of another config is refused (naming the keys), an evaluation of other settings, config or
 run is done again.
@@ -178,15 +180,18 @@ def compare(
         raise ConfigError(f"--samples-per-prompt must be >= 1, got {samples_per_prompt}")
     import ray
 
+    from gdpo.eval.evaluate import EvalEngine
+
     own_ray = not ray.is_initialized()  # an embedded Ray started by the first run is stopped at the end
     try:
-        return _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log)
+        with EvalEngine() as engines:  # evaluations in a row share one engine
+            return _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log, engines)
     finally:
         if own_ray and ray.is_initialized():
             ray.shutdown()
 
 
-def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log) -> dict:
+def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log, engines) -> dict:
     from gdpo.eval.evaluate import EvalSettings, evaluate_model
     from gdpo.policy import resolve_model_path
     from gdpo.eval.report import write_report
@@ -228,7 +233,7 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
         }
         if not (target / "results.json").is_file() or _stored(target / "source.json") != json.loads(json.dumps(source)):
             log(f"[compare] evaluating {name}")
-            evaluate_model(settings, cfg, str(target), log)
+            evaluate_model(settings, cfg, str(target), log, engines)
             atomic_write_text(target / "source.json", json.dumps(source, indent=1))
         samples = [json.loads(line) for line in (target / "samples.jsonl").read_text().splitlines() if line.strip()]
         return json.loads((target / "results.json").read_text()), samples
@@ -242,14 +247,18 @@ def _compare(config, overrides, arms, seeds, out, samples_per_prompt, joint, log
             log(f"[compare] {arm.name}: reward weights {dict(zip(rewards, weights[arm.name]))} (1/spread on the base)")
             for seed in range(seeds):
                 configs[(arm.name, seed)] = arm_config(arm, seed, extra)
-    results: dict[str, list[dict]] = {arm.name: [] for arm in arms}
-    adv_scale: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    engines.close()  # training needs the memory; the final policies share a new engine afterwards
     for seed in range(seeds):  # seed-major: an interrupted comparison still holds paired seeds
         for arm in arms:
             name, cfg = configs[(arm.name, seed)]
-            run = Path(cfg.trainer.output_dir)
             log(f"[compare] training {name} ({cfg.trainer.steps} steps)")
             train(cfg, log)  # a finished run returns at once; a run of another config is refused, naming the keys
+    results: dict[str, list[dict]] = {arm.name: [] for arm in arms}
+    adv_scale: dict[str, list[float]] = {arm.name: [] for arm in arms}
+    for seed in range(seeds):
+        for arm in arms:
+            name, cfg = configs[(arm.name, seed)]
+            run = Path(cfg.trainer.output_dir)
             res, samples = evaluate_once(name, str(run / "final"), str(root / "evals" / "base"), cfg, run)
             results[arm.name].append({**res, "joint": joint_success(samples, joint) if joint else float("nan")})
             adv_scale[arm.name].append(_mean_adv_std(run))

@@ -179,3 +179,72 @@ def test_presets_load_by_name_from_any_directory_and_a_wrong_name_lists_them(tmp
         load_config("multireward.yaml")
     with pytest.raises(ConfigError, match="config file not found: elsewhere/tiny_cpu.yaml"):
         load_config("elsewhere/tiny_cpu.yaml")  # a path with another directory is a path, not a preset
+
+
+def test_interpolation_resolves_and_a_missing_target_is_named():
+    cfg = load_config(None, ["trainer.output_dir=runs/${algorithm.estimator}-s${trainer.seed}", "trainer.seed=3"])
+    assert cfg.trainer.output_dir == "runs/gdpo-s3"
+    with pytest.raises(ConfigError, match=r"config key 'trainer.output_dir': .*'nope.x' not found"):
+        load_config(None, ["trainer.output_dir=${nope.x}"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "rewards.functions=[{nme: accuracy}]",
+            r"unknown config key 'rewards.functions.0.nme'; did you mean "
+            r"'rewards.functions.0.name'",
+        ),
+        ("rewards.functions.1.weight=heavy", r"'rewards.functions.1.weight' must be a number, got 'heavy'"),
+        ("rewards.functions.1.weight=.inf", r"'rewards.functions.1.weight' must be finite, got inf"),
+        ("rewards.functions.0=3", r"'rewards.functions.0' must be a mapping, got 3"),
+        ("learner=[1, 2]", r"'learner' must be a mapping, got list"),
+        ("rollout.max_model_len=abc", r"'rollout.max_model_len' must be an integer or null, got 'abc'"),
+        ("learner.target_modules=q_proj", r"'learner.target_modules' must be a list"),
+        ("cluster.rollout_timeout_s=.inf", r"'cluster.rollout_timeout_s' must be finite"),
+        ("rollout.cpu_reserved_cores=-1", r"'rollout.cpu_reserved_cores': must be >= 0, got -1"),
+    ],
+)
+def test_omegaconf_errors_name_the_key_in_the_projects_words(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def _bounded_fields(cls, prefix=""):
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _bounded_fields(hints[f.name], key + ".")
+        elif f.metadata.get("bounds"):
+            yield key, hints[f.name], f.metadata["bounds"]
+
+
+def test_every_field_bound_is_enforced_and_documented():
+    """For each bound in the schema's metadata, a value just outside it is refused naming the key."""
+    checked = 0
+    for key, tp, bounds in _bounded_fields(Config):
+        whole = int in (tp, *getattr(tp, "__args__", ()))
+        for op, limit in bounds.items():
+            step = 1 if whole else 1e-3
+            bad = {"ge": limit - step, "gt": limit, "le": limit + step, "lt": limit}[op]
+            with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': must be"):
+                load_config(None, [f"{key}={bad}"])
+            checked += 1
+    assert checked >= 40  # the schema's bounds are many; a walk that found none would pass vacuously
+    ref = config_reference()
+    assert "| `learner.dora_dropout` | float (in [0, 1)) |" in ref and "| `trainer.steps` | int (>= 1) |" in ref
+
+
+def test_the_ofq_config_uses_the_same_loader(tmp_path):
+    from compression.ofq.experiment import load_ofq_config
+
+    cfg = load_ofq_config("ofq_digits_cpu", ["qat.bits=[4, 2]", "fp.lr=${qat.lr}"])
+    assert cfg.qat.bits == (4, 2) and cfg.fp.lr == cfg.qat.lr
+    with pytest.raises(ConfigError, match=r"unknown config key 'qat.bitz'; did you mean 'qat.bits'"):
+        load_ofq_config("ofq_digits_cpu", ["qat.bitz=[4]"])
+    with pytest.raises(ConfigError, match=r"config key 'qat.cga_br': must be in \(0, 0.5\), got 0.7"):
+        load_ofq_config("ofq_digits_cpu", ["qat.cga_br=0.7"])

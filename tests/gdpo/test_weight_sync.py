@@ -88,12 +88,20 @@ def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
         comm.close()
 
 
-@pytest.mark.e2e
-def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(tmp_path):
+@pytest.fixture(scope="module")
+def engine():
+    """One engine for this module's tests (each ends with the engine back on the base checkpoint)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cfg = load_config()
     path = resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None)
     llm = rollout.make_engine(path, cfg)
+    yield llm, cfg, path
+    rollout.close_engine(llm)
+
+
+@pytest.mark.e2e
+def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(engine, tmp_path):
+    llm, cfg, path = engine
     engine_cfg = llm.llm_engine.vllm_config.model_config
     assert engine_cfg.enforce_eager and engine_cfg.max_model_len == 256  # CPU: eager; the model's whole context
     batch = rollout.generate(llm, ["Compute 3+4-2\n", "Compute 9-1+5\n"], 4, max_new_tokens=64, temperature=1.0, seed=3)
@@ -136,17 +144,22 @@ def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(tmp_path)
     after = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
     assert _worst(after, learner_lp2) < 1e-3, _worst(after, learner_lp2)
     assert _worst(after, learner_lp) > 1e-2
-    del llm
+
+    # a whole checkpoint from its directory (evaluation reuses one engine across checkpoints): the base again
+    with pytest.raises(SyncError, match=r"empty holds no \*\.safetensors weight files"):
+        weight_sync.engine_load_checkpoint(llm, str((tmp_path / "empty").mkdir() or tmp_path / "empty"))
+    assert weight_sync.engine_load_checkpoint(llm, path) == 0 and rollout.engine_version(llm) == 0
+    base_lp = _learner_logprobs(learner.build_policy(path, cfg)[0], batch, tok.pad_token_id)
+    back = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
+    assert _worst(back, base_lp) < 1e-3, _worst(back, base_lp)
+    assert _worst(back, learner_lp2) > 1e-2
 
 
 @pytest.mark.e2e
-def test_after_a_sync_cached_prompt_blocks_are_not_reused(tmp_path):
+def test_after_a_sync_cached_prompt_blocks_are_not_reused(engine, tmp_path):
     """A prompt longer than one KV block is cached by vLLM's prefix cache; after a sync its continuation
     must come from the new weights (the sampler's log-probs equal the learner's), not the old KV."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    cfg = load_config()
-    path = resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None)
-    llm = rollout.make_engine(path, cfg)
+    llm, cfg, path = engine
     cache = llm.llm_engine.vllm_config.cache_config
     assert cache.enable_prefix_caching
     prompt = "Compute " + "+".join(str(d) for d in [3, 4, 2, 7, 1, 9, 3, 2, 8, 5] * 9) + "\n"
@@ -163,7 +176,7 @@ def test_after_a_sync_cached_prompt_blocks_are_not_reused(tmp_path):
     batch = rollout.generate(llm, [prompt], 2, max_new_tokens=16, temperature=1.0, seed=1)
     worst = _worst(batch.sampling_logprobs, _learner_logprobs(model, batch, tok.pad_token_id))
     assert worst < 1e-3, worst
-    del llm
+    weight_sync.engine_load_checkpoint(llm, path)  # the base again, for the module's next test
 
 
 # ----------------------------------------------------------------------------- node-local weight files

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from gdpo import rollout
 from gdpo.config import load_config
 from gdpo.tasks import chain_arith
 from gdpo.policy import greedy_generate
@@ -26,7 +27,7 @@ def test_vllm_serves_the_tiny_policy_like_hf():
     try:
         outs = llm.generate(prompts, vllm.SamplingParams(temperature=0.0, max_tokens=128))
     finally:
-        del llm
+        rollout.close_engine(llm)
     vllm_ids = [list(o.outputs[0].token_ids) for o in outs]
     vllm_ids = [ids[:-1] if ids and ids[-1] == tok.eos_token_id else ids for ids in vllm_ids]
     same = sum(a == b for a, b in zip(hf_ids, vllm_ids))
