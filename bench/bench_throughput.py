@@ -1,7 +1,7 @@
 """Training throughput, side by side in one invocation: gdpo's trainer against TRL's GRPOTrainer.
 
     .venv/bin/python bench/bench_throughput.py [--steps 6] [--warmup 2] [--out /tmp/bench_throughput]
-        [--runs vllm,gdpo,gdpo-ahead,trl,trl-lora] [--vllm-reserved-cores 0]
+        [--runs vllm,gdpo,gdpo-ahead,trl,trl-lora] [--kl 0,0.05] [--vllm-reserved-cores 0]
 
 TRL is a benchmark-only extra: ``pip install -e '.[bench]'``.
 
@@ -17,6 +17,19 @@ length, learning rate, DoRA adapters (rank 8, alpha 16, every projection) and nu
   per-reward normalization), loss ``dapo`` (token mean, as gdpo's ``token-mean``), the same clip range,
   generation by transformers, peft's DoRA; ``trl-lora``: the same with plain LoRA adapters (peft's
   DoRA recomputes every weight norm at each decoding step, so this is TRL's faster setting).
+
+``--kl``: each value is one row of every training arm, the KL penalty to the base policy the same in
+all of them (gdpo ``algorithm.kl_coef``, k3 estimator, adapters off for the reference; TRL ``beta``, whose
+reference under peft is also the model with its adapters off). 0 is both off.
+
+The **floor** of a step is what its work costs at this machine's speed, both measured in the same
+invocation: the step's completion tokens at vLLM-alone's tokens/s (``vllm`` run), plus the learner's
+matrix-multiply FLOPs (forward 2N and backward 2N per token over prompt + completion, N the policy's
+matmul parameters; + 2N per token for the reference pass when KL is on; no weight gradients for the
+frozen base) at the fp32 matmul rate measured at the learner's shape. Each step is reported as a
+multiple of its floor, beside the targets of issue 20: gdpo <= 0.5x TRL's step (DoRA and LoRA), <= 1.25x
+its floor, rollout tokens/s >= 0.9x vLLM alone. The CPU (model, AVX-512 / AMX) is printed and saved:
+ratios measured on one CPU do not carry to another.
 
 The policy is a Qwen2-shaped model of about 24M parameters (hidden 512, 8 layers, 8 heads, 2 KV heads),
 randomly initialized by this script with the project's chain-arithmetic tokenizer and saved as a
@@ -142,11 +155,11 @@ def run_vllm(args) -> dict:
     }
 
 
-def run_gdpo(args, ahead: int) -> dict:
+def run_gdpo(args, ahead: int, kl: float, name: str) -> dict:
     from gdpo.trainer import train
 
-    out = args.out / f"gdpo-ahead{ahead}"
-    cfg = load_cfg(args, f"trainer.output_dir={out}", f"trainer.rollout_ahead={ahead}")
+    out = args.out / name
+    cfg = load_cfg(args, f"trainer.output_dir={out}", f"trainer.rollout_ahead={ahead}", f"algorithm.kl_coef={kl}")
     t0 = time.time()
     train(cfg, log=print)
     wall = time.time() - t0
@@ -171,7 +184,7 @@ def run_gdpo(args, ahead: int) -> dict:
     }
 
 
-def run_trl(args, dora: bool = True) -> dict:
+def run_trl(args, dora: bool, kl: float, name: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -184,7 +197,6 @@ def run_trl(args, dora: bool = True) -> dict:
     from gdpo.data import load_prompts
     from rewards import BoundReward, score_rewards
 
-    name = "trl" if dora else "trl-lora"
     cfg = load_cfg(args)
     data = load_prompts(cfg.data, "train", seed=0)
     ds = Dataset.from_list([{"prompt": p, "answer": a} for p, a in zip(data.prompts, data.columns["answer"])])
@@ -252,7 +264,7 @@ def run_trl(args, dora: bool = True) -> dict:
         weight_decay=0.0,
         max_grad_norm=cfg.learner.grad_clip,
         max_steps=args.steps,
-        beta=0.0,
+        beta=kl,
         loss_type="dapo",
         epsilon=cfg.algorithm.clip_eps_low,
         epsilon_high=cfg.algorithm.clip_eps_high,
@@ -327,7 +339,7 @@ def run_heldout(args, models: dict[str, str]) -> dict:
             "accuracy": float(raw[:, 0].nan_to_num(0.0).mean()),
             "mean_tokens": sum(batch.completion_token_counts) / len(batch),
         }
-        del llm
+        rollout.close_engine(llm)
     return out
 
 
@@ -386,10 +398,98 @@ def spawn(args, run: str, extra: list[str] = ()) -> dict:
     return {**json.loads(result.read_text()), "peak_rss_gib": peak[0] / 2**30}
 
 
+def cpu_info() -> dict:
+    """The CPU the figures were measured on (a ratio on an AMX Xeon does not carry to an AVX2-only EPYC)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "model": f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model "
+        f"{fields.get('model', '?')})",
+        "cores": os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags,
+        "amx": "amx_tile" in flags,
+    }
+
+
+def matmul_gflops(rows: int, hidden: int, inner: int, repeats: int = 5) -> float:
+    """fp32 matmul rate at the learner's shape ([rows, hidden] x [hidden, inner] and back), median."""
+    import torch
+
+    x, w = torch.randn(rows, hidden), torch.randn(hidden, inner)
+    (x @ w) @ w.T  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        (x @ w) @ w.T
+        times.append(time.perf_counter() - t0)
+    return 4 * rows * hidden * inner / statistics.median(times) / 1e9
+
+
+def learner_work(args) -> dict:
+    """Matmul parameters of the policy and the learner's tokens per step (prompt + completion, no padding)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from gdpo.data import load_prompts
+
+    cfg = load_cfg(args)
+    conf = AutoConfig.from_pretrained(cfg.model.path)
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(conf)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    prompts = load_prompts(cfg.data, "train", seed=0).prompts[: args.prompts]
+    prompt_tokens = statistics.fmean(len(tok(p)["input_ids"]) for p in prompts)
+    return {
+        "matmul_params": matmul,
+        "hidden": conf.hidden_size,
+        "intermediate": conf.intermediate_size,
+        "tokens_per_step": args.prompts * args.samples * (prompt_tokens + args.tokens),
+        "completion_tokens_per_step": args.prompts * args.samples * args.tokens,
+    }
+
+
+def floor_seconds(work: dict, kl: float, vllm_tok_s: float | None, gflops: float) -> dict:
+    passes = 4 + (2 if kl > 0 else 0)  # forward + activation backward; the reference forward with KL
+    learner = passes * work["matmul_params"] * work["tokens_per_step"] / (gflops * 1e9)
+    generate = work["completion_tokens_per_step"] / vllm_tok_s if vllm_tok_s else None
+    return {"learner_s": learner, "generate_s": generate, "total_s": learner + generate if generate else None}
+
+
+ARMS = {
+    "gdpo": "gdpo trainer: vLLM generation, Ray, DeepSpeed ZeRO-2 learner, DoRA r{r} a{a}",
+    "gdpo-ahead": "gdpo trainer, trainer.rollout_ahead=1 (rollout of step t+1 overlaps the update of step t)",
+    "trl": "TRL GRPOTrainer: transformers generation, peft DoRA r{r} a{a}",
+    "trl-lora": "TRL GRPOTrainer: transformers generation, peft LoRA r{r} a{a}",
+}
+
+
+def arm_name(arm: str, kl: float) -> str:
+    return arm if kl == 0 else f"{arm}@kl{kl:g}"
+
+
+def run_phase(args, phase: str) -> dict:
+    if phase == "vllm":
+        return run_vllm(args)
+    if phase == "heldout":
+        return run_heldout(args, json.loads((args.out / "models.json").read_text()))
+    arm, _, kl_text = phase.partition("@kl")
+    kl = float(kl_text or 0)
+    if arm in ("gdpo", "gdpo-ahead"):
+        return run_gdpo(args, int(arm == "gdpo-ahead"), kl, phase)
+    return run_trl(args, arm == "trl", kl, phase)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_throughput"))
-    ap.add_argument("--runs", default="vllm,gdpo,gdpo-ahead,trl")
+    ap.add_argument("--runs", default="vllm,gdpo,trl,trl-lora")
+    ap.add_argument("--kl", default="0", help="KL coefficients, one row of every training arm each (0 = off)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2, help="steps left out of the medians")
     ap.add_argument("--prompts", type=int, default=8)
@@ -409,30 +509,58 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.warmup >= args.steps:
         ap.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    arms = args.runs.split(",")
+    unknown = [a for a in arms if a != "vllm" and a not in ARMS]
+    if unknown:
+        ap.error(f"--runs: unknown {unknown} (vllm, {', '.join(ARMS)})")
+    try:
+        kls = [float(k) for k in args.kl.split(",")]
+    except ValueError:
+        ap.error(f"--kl {args.kl!r}: comma-separated numbers")
+    if any(k < 0 for k in kls):
+        ap.error(f"--kl {args.kl!r}: coefficients must be >= 0")
 
     if args.phase:  # a child process: one run, result as JSON
-        phases = {
-            "vllm": lambda: run_vllm(args),
-            "gdpo": lambda: run_gdpo(args, 0),
-            "gdpo-ahead": lambda: run_gdpo(args, 1),
-            "trl": lambda: run_trl(args),
-            "trl-lora": lambda: run_trl(args, dora=False),
-            "heldout": lambda: run_heldout(args, json.loads((args.out / "models.json").read_text())),
-        }
-        result = phases[args.phase]()
+        result = run_phase(args, args.phase)
         (args.out / f"{args.phase}.json").write_text(json.dumps(result, indent=2))
         return
 
     info = build_policy(args.out / "policy")
     info["memcpy_GB_per_s"] = memcpy_gb_per_s()
+    info["cpu"] = cpu_info()
+    work = learner_work(args)
+    info["learner_work"] = work
+    info["matmul_GFLOP_s"] = matmul_gflops(args.micro * args.tokens, work["hidden"], work["intermediate"])
+    cpu = info["cpu"]
     print(
-        f"policy: {info['parameters'] / 1e6:.1f}M parameters, vocab {info['vocab']}; "
-        f"memory copy {info['memcpy_GB_per_s']:.1f} GB/s"
+        f"CPU: {cpu['model']}, {cpu['cores']} cores, AVX2 {cpu['avx2']}, AVX-512 {cpu['avx512']}, AMX {cpu['amx']}\n"
+        f"policy: {info['parameters'] / 1e6:.1f}M parameters ({work['matmul_params'] / 1e6:.1f}M in matmuls), "
+        f"vocab {info['vocab']}; memory copy {info['memcpy_GB_per_s']:.1f} GB/s; fp32 matmul "
+        f"{info['matmul_GFLOP_s']:.0f} GFLOP/s at the learner's shape"
     )
+    cfg = load_cfg(args)
+    for arm in arms:
+        if arm == "vllm":
+            print("vllm: vLLM alone, the trainer's engine settings, one step's batch (the generation floor)")
+            continue
+        for kl in kls:
+            adapters = ARMS[arm].format(r=cfg.learner.dora_rank, a=f"{cfg.learner.dora_alpha:g}")
+            print(
+                f"{arm_name(arm, kl)}: {adapters}; KL {kl:g}{' (k3, reference = adapters off)' if kl else ''}; "
+                f"loss token mean, ratio clip [1-{cfg.algorithm.clip_eps_low}, 1+{cfg.algorithm.clip_eps_high}]; "
+                f"one AdamW step (lr {args.lr}, grad clip {cfg.learner.grad_clip}) per step; micro-batch {args.micro}; "
+                f"{args.prompts} x {args.samples} samples of {args.tokens} tokens; rewards {REWARDS}"
+            )
     results = {}
-    for run in args.runs.split(","):
-        print(f"=== {run}", flush=True)
-        results[run] = spawn(args, run)
+    for arm in arms:
+        for kl in [0.0] if arm == "vllm" else kls:
+            run = arm_name(arm, kl)
+            print(f"=== {run}", flush=True)
+            results[run] = {**spawn(args, run), "kl": kl}
+    vllm_rate = results.get("vllm", {}).get("rollout_tokens_per_s")
+    for run, r in results.items():
+        if run != "vllm":
+            r["floor"] = floor_seconds(work, r["kl"], vllm_rate, info["matmul_GFLOP_s"])
     models = {r: res["final_model"] for r, res in results.items() if "final_model" in res}
     if models:
         (args.out / "models.json").write_text(json.dumps(models))
@@ -442,24 +570,37 @@ def main() -> None:
     (args.out / "results.json").write_text(
         json.dumps({"policy": info, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
     )
-    print_table(results, args)
+    print_table(results, args, kls)
 
 
 def info_memcpy(args) -> float:
     return json.loads((args.out / "results.json").read_text())["policy"]["memcpy_GB_per_s"]
 
 
-def print_table(results: dict, args) -> None:
+def _target(label: str, value: float, limit: float, better: str) -> str:
+    met = value <= limit if better == "<=" else value >= limit
+    verdict = "met" if met else f"missed by {abs(value - limit):.2f}"
+    return f"{label}: {value:.2f} (target {better} {limit}: {verdict})"
+
+
+def print_table(results: dict, args, kls: list[float]) -> None:
     print(
         f"\n{args.prompts} prompts x {args.samples} samples x {args.tokens} tokens per step, {args.steps} steps "
         f"(median over the last {args.steps - args.warmup})"
     )
-    print("| run | s/step | rollout tok/s | overhead | peak RSS GiB | held-out reward | held-out tokens |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| run | KL | s/step | floor s | x floor | rollout tok/s | overhead | peak RSS GiB | held-out reward "
+        "| held-out tokens |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run, r in results.items():
-        held = r.get("heldout", {})
+        held, floor = r.get("heldout", {}), (r.get("floor") or {}).get("total_s")
+        step = r.get("seconds_per_step")
         cells = [
-            f"{r['seconds_per_step']:.1f}" if "seconds_per_step" in r else "-",
+            f"{r['kl']:g}" if run != "vllm" else "-",
+            f"{step:.1f}" if step else "-",
+            f"{floor:.1f}" if floor else "-",
+            f"{step / floor:.2f}" if step and floor else "-",
             f"{r['rollout_tokens_per_s']:.0f}",
             f"{100 * r['overhead_frac']:.1f}%" if "overhead_frac" in r else "-",
             f"{r['peak_rss_gib']:.2f}",
@@ -467,27 +608,33 @@ def print_table(results: dict, args) -> None:
             f"{held['mean_tokens']:.0f}" if held else "-",
         ]
         print(f"| {run} | " + " | ".join(cells) + " |")
-    for base in ("trl", "trl-lora"):
+    for kl in kls:
         for run in ("gdpo", "gdpo-ahead"):
-            if run in results and base in results:
+            name = arm_name(run, kl)
+            if name not in results:
+                continue
+            r = results[name]
+            for base in ("trl", "trl-lora"):
+                if arm_name(base, kl) in results:
+                    ratio = r["seconds_per_step"] / results[arm_name(base, kl)]["seconds_per_step"]
+                    print(_target(f"{name} / {arm_name(base, kl)} step time", ratio, 0.5, "<="))
+            if r["floor"]["total_s"]:
+                f = r["floor"]
                 print(
-                    f"{run} / {base} median step time: "
-                    f"{results[run]['seconds_per_step'] / results[base]['seconds_per_step']:.2f}"
+                    _target(f"{name} step / its floor", r["seconds_per_step"] / f["total_s"], 1.25, "<=")
+                    + f" [floor {f['total_s']:.1f} s = generation {f['generate_s']:.1f} s + learner matmuls "
+                    f"{f['learner_s']:.1f} s; stages: "
+                    + ", ".join(f"{k[5:]} {v:.1f}" for k, v in r["stages"].items() if k != "time/step" and v >= 0.05)
+                    + "]"
                 )
-    for run in ("gdpo", "gdpo-ahead"):
-        if "sync_publish_s" in results.get(run, {}):
-            r = results[run]
-            print(
-                f"{run} weight sync: {r['sync_bytes'] / 2**20:.1f} MiB, publish {r['sync_publish_s']:.2f} s + "
-                f"load {r['sync_load_s']:.2f} s; memory copy alone would take "
-                f"{r['sync_bytes'] / 1e9 / info_memcpy(args):.3f} s"
-            )
-    if "vllm" in results:
-        for run in ("gdpo", "gdpo-ahead"):
-            if run in results:
+            if "vllm" in results:
+                rate = r["rollout_tokens_per_s"] / results["vllm"]["rollout_tokens_per_s"]
+                print(_target(f"{name} rollout tok/s / vLLM alone", rate, 0.9, ">="))
+            if "sync_publish_s" in r:
                 print(
-                    f"{run} rollout tok/s / standalone vLLM: "
-                    f"{results[run]['rollout_tokens_per_s'] / results['vllm']['rollout_tokens_per_s']:.2f}"
+                    f"{name} weight sync: {r['sync_bytes'] / 2**20:.1f} MiB, publish {r['sync_publish_s']:.2f} s + "
+                    f"load {r['sync_load_s']:.2f} s; memory copy alone would take "
+                    f"{r['sync_bytes'] / 1e9 / info_memcpy(args):.3f} s"
                 )
 
 

@@ -193,7 +193,12 @@ class LearnerConfig:
     lr: float = doc(1e-3, "AdamW learning rate of the adapters", gt=0)
     weight_decay: float = doc(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = doc(1.0, "gradient norm clip", ge=0)
-    micro_batch_per_worker: int = doc(16, "sequences per forward/backward on each learner", ge=1)
+    micro_batch_per_worker: int = doc(
+        16,
+        "sequences per forward/backward on each learner; sequences of similar length are grouped and each "
+        "micro-batch is cut to its longest sequence (no step-wide padding)",
+        ge=1,
+    )
     updates_per_step: int = doc(
         1, "optimizer steps per rollout batch (mini-batches); > 1 makes updates off-policy", ge=1
     )

@@ -126,41 +126,66 @@ def lr_factor(cfg: Config):
     return factor
 
 
-def _micro_slices(n: int, micro: int) -> list[tuple[int, int]]:
-    return [(lo, min(n, lo + micro)) for lo in range(0, n, micro)]
+def micro_batches(batch: TrainBatch, micro: int, by_length: bool = True) -> list[tuple[torch.Tensor, TrainBatch]]:
+    """``(rows, micro-batch)`` pairs of at most ``micro`` sequences: sequences sorted by length (longest
+    first) so that similar lengths share a micro-batch, each cut to its own longest sequence. The forward
+    then pads to the micro-batch's longest sequence, not the step's, while completion lengths vary
+    severalfold within a step (verl's remove-padding and dynamic batch size aim at the same waste). The
+    loss's denominators are global, so the grouping changes no term of it. ``by_length=False``: consecutive
+    rows at the step's full width (the layout before, kept for bench/bench_padding.py)."""
+    lengths = batch.attention_mask.sum(1)
+    if not by_length:
+        return [
+            (torch.arange(lo, min(lo + micro, len(batch))), batch.slice(lo, lo + micro))
+            for lo in range(0, len(batch), micro)
+        ]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = []
+    for lo in range(0, len(batch), micro):
+        rows = order[lo : lo + micro]
+        out.append((rows, batch.select(rows).trimmed(int(lengths[rows].max()))))
+    return out
 
 
 @torch.no_grad()
 def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = True) -> torch.Tensor:
-    """Log-prob of token t+1 at position t: ``[N, L-1]`` (reference = adapters disabled, no model copy)."""
+    """Log-prob of token t+1 at position t: ``[N, L-1]``; only a sequence's own positions are meaningful
+    (past them: a padding token's log-prob, or 0 past its micro-batch's width). Reference = adapters
+    disabled, no model copy."""
     was_training = model.training
     model.eval()
-    out = []
+    out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
     try:
-        for lo, hi in _micro_slices(len(batch), micro):
-            ids, att = batch.input_ids[lo:hi], batch.attention_mask[lo:hi]
+        for rows, mb in micro_batches(batch, micro):
+            ids, att = mb.input_ids, mb.attention_mask
             if adapters:
                 logits = model(input_ids=ids, attention_mask=att).logits
             else:
                 with dora.adapters_disabled(model):
                     logits = model(input_ids=ids, attention_mask=att).logits
-            out.append(token_logprobs(logits[:, :-1], ids[:, 1:]))
+            out[rows, : ids.shape[1] - 1] = token_logprobs(logits[:, :-1], ids[:, 1:])
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return out
 
 
 def train_step(
-    engine, batch: TrainBatch, cfg: Config, *, global_tokens: float, global_seqs: float, world_size: int
+    engine,
+    batch: TrainBatch,
+    cfg: Config,
+    *,
+    global_tokens: float,
+    global_seqs: float,
+    world_size: int,
+    by_length: bool = True,
 ) -> UpdateSums:
     """One optimizer step on this rank's share of the batch; returns this rank's metric sums."""
     alg = cfg.algorithm
-    slices = _micro_slices(len(batch), cfg.learner.micro_batch_per_worker)
+    parts = micro_batches(batch, cfg.learner.micro_batch_per_worker, by_length)
     sums = UpdateSums()
     engine.train()
-    for i, (lo, hi) in enumerate(slices):
-        mb = batch.slice(lo, hi)
-        engine.set_gradient_accumulation_boundary(i == len(slices) - 1)
+    for i, (_, mb) in enumerate(parts):
+        engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
         logits = engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]  # [n, L-1, V]
         logp = token_logprobs(logits, mb.input_ids[:, 1:])  # [n, L-1]
         mask = mb.loss_mask[:, 1:]  # [n, L-1]
@@ -190,6 +215,7 @@ def train_step(
         sums.entropy_tokens += ent
         sums.tokens += n_tok
         sums.forward_tokens += mb.attention_mask.sum().item()
+        sums.padded_tokens += mb.attention_mask.numel()
         if mb.sampling_logprobs is not None:  # how far the learner's policy is from the one that sampled
             sums.drift_tokens += ((logp.detach() - mb.sampling_logprobs).abs() * mask).sum().item()
     engine.step()

@@ -19,6 +19,7 @@ class UpdateSums:
     entropy_tokens: float = 0.0
     tokens: float = 0.0  # completion (loss) tokens
     forward_tokens: float = 0.0  # every token through the forward pass, padding excluded
+    padded_tokens: float = 0.0  # every position through the forward pass, padding included
     drift_tokens: float = 0.0  # |learner - sampler| log-prob x tokens
     grad_norm: float = 0.0  # the clipped global norm: the same on every rank, so not added
 
@@ -39,6 +40,7 @@ class UpdateStats:
     grad_norm: float  # mean over the optimizer steps
     logprob_drift: float  # before the first optimizer step: learner vs sampler, per token
     forward_tokens: float
+    padding_frac: float  # share of the training forward's positions that were padding
 
     @classmethod
     def from_sums(cls, per_step: list[UpdateSums]) -> "UpdateStats":
@@ -55,6 +57,7 @@ class UpdateStats:
             grad_norm=sum(s.grad_norm for s in per_step) / len(per_step),
             logprob_drift=per_step[0].drift_tokens / max(per_step[0].tokens, 1.0),
             forward_tokens=total.forward_tokens,
+            padding_frac=1.0 - total.forward_tokens / max(total.padded_tokens, 1.0),
         )
 
     def row(self) -> dict[str, float]:
@@ -160,6 +163,18 @@ class TrainBatch:
 
     def slice(self, lo: int, hi: int) -> "TrainBatch":
         return self.select(slice(lo, hi))
+
+    def trimmed(self, width: int) -> "TrainBatch":
+        """The first ``width`` positions: right padding past every row's end dropped (nothing else changes:
+        attention is causal, so no kept position saw the dropped ones)."""
+        per_token = (self.old_logprobs, self.ref_logprobs, self.sampling_logprobs)
+        return TrainBatch(
+            self.input_ids[:, :width],
+            self.attention_mask[:, :width],
+            self.loss_mask[:, :width],
+            self.advantages,
+            *(None if t is None else t[:, : width - 1] for t in per_token),
+        )
 
     @staticmethod
     def concat(parts: list["TrainBatch"]) -> "TrainBatch":
