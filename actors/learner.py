@@ -11,7 +11,7 @@ import shutil
 
 import ray
 
-from gdpo import learner, weight_sync
+from gdpo import learner, sync_transport, weight_sync
 from gdpo.config import Config
 from gdpo.records import SyncGroup, TrainBatch, WeightUpdate
 
@@ -30,7 +30,7 @@ class LearnerWorker:
 
     def rendezvous_endpoint(self) -> tuple[str, int]:
         """Rank 0: this node's IP and a port it holds open for the learners' rendezvous."""
-        self.rendezvous_sock = weight_sync.listen_socket(ray.util.get_node_ip_address())
+        self.rendezvous_sock = sync_transport.listen_socket(ray.util.get_node_ip_address())
         return self.rendezvous_sock.getsockname()[:2]
 
     def start(self, master_addr: str, master_port: int) -> list:
@@ -65,14 +65,14 @@ class LearnerWorker:
     # ------------------------------------------------------------------ weight sync
     def sync_endpoint(self) -> tuple[str, int]:
         """Rank 0: a socket listening on this node's IP for the next broadcast group's store."""
-        self.listen = weight_sync.listen_socket(ray.util.get_node_ip_address())
+        self.listen = sync_transport.listen_socket(ray.util.get_node_ip_address())
         return self.listen.getsockname()[:2]
 
     def open_sync_group(self, spec: SyncGroup) -> None:
         """Rank 0 joins as the group's rank 0 (returns once every engine worker has joined)."""
         self.close_sync_group()
         listen, self.listen = self.listen, None
-        self.comm = weight_sync.open_comm(spec, 0, learner.device_of(self.model), listen)
+        self.comm = sync_transport.open_comm(spec, 0, learner.device_of(self.model), listen)
 
     def close_sync_group(self) -> None:
         if self.comm is not None:
@@ -87,7 +87,7 @@ class LearnerWorker:
                 f"{self.published}{' with updates since' if self.dirty else ''}"
             )
         if to_file and self.rank == 0 and self.weights_dir is None:
-            self.weights_dir = weight_sync.make_weights_dir(self.run_id)
+            self.weights_dir = sync_transport.make_weights_dir(self.run_id)
         msg = learner.publish_weights(
             self.model,
             self.sync_names,

@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from bench.bench_throughput import build_policy
-    from gdpo import learner, rollout, weight_sync
+    from gdpo import learner, rollout, sync_transport, weight_sync
     from gdpo.config import load_config
     from gdpo.records import SyncGroup, WeightUpdate
 
@@ -69,14 +69,14 @@ def main() -> None:
     tensors = weight_sync.sync_tensors(model, weight_sync.sync_module_names(model, cfg.learner.target_modules))
     payload = sum(t.nbytes for t in tensors)
     bucket = args.bucket_mb << 20
-    directory = tempfile.mkdtemp(prefix="gdpo-bench-sync-", dir=weight_sync.node_local_dir())
+    directory = tempfile.mkdtemp(prefix="gdpo-bench-sync-", dir=sync_transport.node_local_dir())
 
-    listen = weight_sync.listen_socket("127.0.0.1")
+    listen = sync_transport.listen_socket("127.0.0.1")
     spec = SyncGroup(
         "gloo", "127.0.0.1", listen.getsockname()[1], 2, "bench", 300.0, bucket, weight_sync.manifest_of(tensors)
     )
     opening = _in_thread(weight_sync.engine_open, llm, spec, 1)
-    comm = weight_sync.open_comm(spec, 0, "cpu", listen)
+    comm = sync_transport.open_comm(spec, 0, "cpu", listen)
     opening.join()
 
     src = torch.ones(payload, dtype=torch.uint8)

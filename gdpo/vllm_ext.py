@@ -9,7 +9,7 @@ the broadcast group.
 
 from __future__ import annotations
 
-from gdpo import weight_sync
+from gdpo import sync_transport, weight_sync
 from gdpo.records import SyncGroup
 
 
@@ -37,7 +37,7 @@ class WeightSyncExtension:
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:  # memory-mapped: one tensor at a time, no full copy
-            return self._gdpo_load(version, weight_sync.read_file(f, path, version, checksum))
+            return self._gdpo_load(version, sync_transport.read_file(f, path, version, checksum))
 
     def gdpo_load_checkpoint(self, model_dir: str) -> int:
         """Every tensor of another checkpoint of this engine's architecture (its safetensors files, read
@@ -68,7 +68,7 @@ class WeightSyncExtension:
         spec = SyncGroup(**group)  # a plain mapping over the RPC (its serializer takes no dataclasses)
         self.gdpo_sync_close()
         rank = rank_offset + self.rank  # self.rank: this worker's rank inside its engine (TP x PP)
-        self._gdpo_group = (weight_sync.open_comm(spec, rank, self.device), spec)
+        self._gdpo_group = (sync_transport.open_comm(spec, rank, self.device), spec)
         return rank
 
     def gdpo_sync_receive(self, version: int) -> int:

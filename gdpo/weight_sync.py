@@ -7,13 +7,14 @@ learner rank 0. Two transports carry it, chosen per engine by where the engine r
 (:func:`choose_transports`):
 
 - **file**: learner 0 streams a safetensors file into a private directory under the node-local
-  scratch root (:func:`node_local_dir`, ``/dev/shm`` by default), hashing it as it writes; an engine
+  scratch root (``gdpo.sync_transport.node_local_dir``, ``/dev/shm`` by default), hashing it as it writes; an engine
   checks the sha256 and the version in the file's header, then reads it memory-mapped. Only engines
   on learner 0's node can read it. It is the only choice for an engine that shares learner 0's GPU
   (NCCL refuses two ranks on one device).
 - **collective**: learner 0 broadcasts to a process group of itself (rank 0) and every worker of
   every collective engine (engine ``i``'s workers at ``rank_offset_i + worker rank``): gloo on CPU,
-  NCCL on GPUs (vLLM's ``StatelessProcessGroup`` + ``PyNcclCommunicator``). Both backends run the
+  NCCL on GPUs (vLLM's ``StatelessProcessGroup`` + ``PyNcclCommunicator``; both in
+  ``gdpo.sync_transport``). Both backends run the
   same :func:`send` / :func:`receive`, so the CPU tests exercise the GPU path's protocol.
 
 Wire protocol of one version (int64 tensors unless noted):
@@ -40,23 +41,20 @@ keys and values the old weights computed.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
-import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from gdpo import dora
 from gdpo.records import SyncGroup, WeightUpdate
+from gdpo.sync_transport import Comm, SyncError, check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +73,6 @@ _QUIET = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_execu
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-
-
-class SyncError(RuntimeError):
-    """A transfer that must not be loaded (wrong version or manifest, corrupt bytes) or a failed group."""
 
 
 # ----------------------------------------------------------------------------- what is sent
@@ -190,105 +184,6 @@ def bucket_checksum(buf: torch.Tensor) -> torch.Tensor:
     r = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=buf.device)
     c = torch.arange(1, cols.numel() + 1, dtype=torch.int64, device=buf.device)
     return torch.stack([rows.sum(), (rows * r).sum(), (cols * c).sum()])
-
-
-# ----------------------------------------------------------------------------- communicators
-
-
-class Comm(Protocol):
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class GlooComm:
-    """A gloo group of its own (TCPStore + ProcessGroupGloo), beside any default torch.distributed
-    world the process already has (DeepSpeed's, vLLM's). Every call fails after ``timeout_s``."""
-
-    def __init__(self, spec: SyncGroup, rank: int, listen_fd: Optional[int] = None):
-        import torch.distributed as dist
-
-        timeout = datetime.timedelta(seconds=spec.timeout_s)
-        extra = {"master_listen_fd": listen_fd} if listen_fd is not None else {}
-        self.store = dist.TCPStore(spec.host, spec.port, spec.world_size, rank == 0, timeout=timeout, **extra)
-        self.group = dist.ProcessGroupGloo(dist.PrefixStore(spec.tag, self.store), rank, spec.world_size, timeout)
-        self.rank = rank
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        import torch.distributed as dist
-
-        opts = dist.BroadcastOptions()
-        opts.rootRank = src
-        self.group.broadcast([tensor], opts).wait()
-
-    def close(self) -> None:
-        self.group = self.store = None
-
-
-class NcclComm:
-    """vLLM's NCCL communicator over a stateless group (no global torch.distributed state). NCCL has
-    no per-call deadline: a peer that dies leaves this rank waiting, which the driver's
-    ``cluster.sync_timeout_s`` turns into an error."""
-
-    def __init__(self, spec: SyncGroup, rank: int, device: torch.device, listen_sock: Optional[socket.socket] = None):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        group = StatelessProcessGroup.create(
-            host=spec.host,
-            port=spec.port,
-            rank=rank,
-            world_size=spec.world_size,
-            store_timeout=int(spec.timeout_s),
-            listen_socket=listen_sock,
-        )
-        self.device = torch.device(device)
-        self.comm = PyNcclCommunicator(group, device=self.device)
-        if self.comm.disabled or not self.comm.available:  # its broadcast would silently do nothing
-            raise SyncError(
-                f"NCCL is not usable on {self.device} (VLLM_DISABLE_PYNCCL set, or libnccl not found): "
-                "set cluster.weight_sync=file, or fix the NCCL install"
-            )
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
-        stream = torch.cuda.current_stream(self.device)
-        self.comm.broadcast(tensor, src=src, stream=stream)
-        stream.synchronize()  # the buffer is refilled or checked right after
-
-    def close(self) -> None:
-        self.comm = None
-
-
-def open_comm(spec: SyncGroup, rank: int, device, listen: Optional[socket.socket] = None) -> Comm:
-    """Join the group as ``rank`` (rank 0 hosts the store on ``listen``, a socket it already bound).
-    Blocks until every rank has joined, or fails after ``spec.timeout_s``."""
-    try:
-        if spec.backend == "nccl":
-            return NcclComm(spec, rank, device, listen)
-        return GlooComm(spec, rank, listen.detach() if listen is not None else None)
-    except SyncError:
-        raise
-    except Exception as err:  # noqa: BLE001 - re-raised with where and who
-        raise SyncError(
-            f"rank {rank} could not join the weight-sync group {spec.tag} at {spec.host}:{spec.port} "
-            f"({spec.backend}, world {spec.world_size}) within {spec.timeout_s:.0f}s: {err}"
-        ) from err
-
-
-def listen_socket(host: str) -> socket.socket:
-    """A listening socket on ``host`` at a free port, kept open for the group's store (no race for the port)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
-    sock.listen(128)
-    return sock
-
-
-def free_port(host: str) -> int:
-    """A port free on ``host`` now (for rendezvous that cannot take a socket, e.g. DeepSpeed's)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- sending
@@ -488,88 +383,6 @@ class Incoming:
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
-
-
-# ----------------------------------------------------------------------------- file transfer
-
-
-def node_local_dir() -> str:
-    """Scratch root on this node for weight files: ``GDPO_NODE_LOCAL_DIR``, else /dev/shm.
-    Resolved by the process that uses it, never handed across nodes."""
-    return os.environ.get("GDPO_NODE_LOCAL_DIR") or "/dev/shm"
-
-
-def make_weights_dir(run_id: str) -> str:
-    """A new directory only this user can read, under :func:`node_local_dir` (mkdtemp: never an
-    existing directory or a planted symlink), marked with its owner (host and pid) so that a later
-    run can remove it if this process dies without cleaning up (SIGKILL, OOM, a lost head)."""
-    remove_stale_weight_dirs(node_local_dir())
-    path = tempfile.mkdtemp(prefix=f"gdpo-weights-{run_id}-", dir=node_local_dir())
-    Path(path, "owner").write_text(f"{socket.gethostname()} {os.getpid()}")
-    return path
-
-
-def remove_stale_weight_dirs(root: str) -> list[str]:
-    """Delete this user's ``gdpo-weights-*`` directories under ``root`` whose owner process, on this
-    host, is gone; a weight file of a 1.5B model is gigabytes of RAM in /dev/shm. Returns them."""
-    removed = []
-    for d in Path(root).glob("gdpo-weights-*"):
-        try:
-            if d.is_symlink() or not d.is_dir() or d.stat().st_uid != os.getuid():
-                continue
-            host, pid = (d / "owner").read_text().split()
-        except (OSError, ValueError):
-            continue  # being created, or not ours to judge
-        if host != socket.gethostname() or _alive(int(pid)):
-            continue
-        shutil.rmtree(d, ignore_errors=True)
-        removed.append(str(d))
-        log.warning("removed %s: left by process %s, which is gone", d, pid)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
-def check_free_space(directory: str, need_bytes: int) -> None:
-    """A version is written whole before the previous one is removed: the directory's file system
-    must have room for it (Docker gives /dev/shm 64 MiB unless --shm-size says more)."""
-    free = shutil.disk_usage(directory).free
-    if free < need_bytes:
-        raise SyncError(
-            f"{directory} has {free / 2**20:.0f} MiB free; a policy version needs "
-            f"{need_bytes / 2**20:.0f} MiB. Set GDPO_NODE_LOCAL_DIR to a larger node-local directory "
-            "(a RAM-backed one is fastest), or give the container a larger /dev/shm (--shm-size)"
-        )
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_file(f, path: str, version: int, checksum: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of an opened (memory-mapped) weight file, after checking its hash and version."""
-    got = file_sha256(path)
-    if got != checksum:
-        raise SyncError(
-            f"weight file {path} for policy version {version} is corrupt: "
-            f"sha256 {got[:12]} != published {checksum[:12]}"
-        )
-    held = (f.metadata() or {}).get("policy_version")
-    if held != str(version):
-        raise SyncError(f"weight file {path} holds policy version {held}, expected {version}")
-    return ((k, f.get_tensor(k)) for k in f.keys())
 
 
 # ----------------------------------------------------------------------------- engine side

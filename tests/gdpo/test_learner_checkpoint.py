@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gdpo import weight_sync
+from gdpo import sync_transport
 from tests.gdpo.test_learner_zero import _fixed_batch
 
 pytestmark = pytest.mark.e2e
@@ -81,7 +81,7 @@ def test_checkpoint_holds_the_trainable_state_and_a_fresh_learner_continues(tmp_
     from gdpo.policy import resolve_model_path
 
     path = resolve_model_path(load_config().model.path, load_config().sft, log=lambda m: None)
-    port = weight_sync.free_port("127.0.0.1")
+    port = sync_transport.free_port("127.0.0.1")
     mp.start_processes(_worker, args=(port, stage, path, str(tmp_path)), nprocs=1, join=True, start_method="spawn")
     res = torch.load(tmp_path / "result.pt")
     keys = sorted(res["saved"])

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from gdpo import weight_sync
+from gdpo import sync_transport, weight_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,7 @@ def _fixed_batch(tokenizer):
 
 
 def _worker(rank, world, port, stage, model_path, out_dir):
-    from gdpo import learner, weight_sync
+    from gdpo import learner
     from gdpo.config import load_config
 
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _worker(rank, world, port, stage, model_path, out_dir):
 
 
 def _run(stage, model_path, out_dir):
-    port = weight_sync.free_port("127.0.0.1")
+    port = sync_transport.free_port("127.0.0.1")
     mp.start_processes(
         _worker, args=(2, port, stage, model_path, str(out_dir)), nprocs=2, join=True, start_method="spawn"
     )

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from gdpo import learner, rollout, weight_sync
+from gdpo import learner, rollout, sync_transport, weight_sync
 from gdpo.config import load_config
 from gdpo.policy import resolve_model_path
 from gdpo.records import SyncGroup, TrainBatch
@@ -58,7 +58,7 @@ class _Background(threading.Thread):
 def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
     """Learner 0's side here, the engine's in vLLM's worker: open a group, send ``version`` (the engine expects
     ``expect``, default the same), close. Returns what the engine's receive returned or raised."""
-    listen = weight_sync.listen_socket("127.0.0.1")
+    listen = sync_transport.listen_socket("127.0.0.1")
     spec = SyncGroup(
         "gloo",
         "127.0.0.1",
@@ -70,7 +70,7 @@ def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
         weight_sync.manifest_of(tensors),
     )
     opened = _Background(weight_sync.engine_open, llm, spec, 1)
-    comm = weight_sync.open_comm(spec, 0, "cpu", listen)
+    comm = sync_transport.open_comm(spec, 0, "cpu", listen)
     assert opened.get() == [1]
     received = _Background(weight_sync.engine_receive, llm, expect if expect is not None else version)
     sender = comm
@@ -200,7 +200,7 @@ def test_weight_dirs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, monke
         d.mkdir()
         (d / "owner").write_text(owner)
         (d / "policy-v3.safetensors").write_bytes(b"0" * 100)
-    fresh = weight_sync.make_weights_dir("run1")
+    fresh = sync_transport.make_weights_dir("run1")
     left = sorted(p.name for p in tmp_path.iterdir())
     assert "gdpo-weights-dead-x" not in left
     assert {"gdpo-weights-live-x", "gdpo-weights-elsewhere-x"} <= set(left)
@@ -210,4 +210,4 @@ def test_weight_dirs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, monke
 
 def test_a_full_node_local_dir_is_a_named_error_before_writing(tmp_path):
     with pytest.raises(weight_sync.SyncError, match="GDPO_NODE_LOCAL_DIR.*--shm-size"):
-        weight_sync.check_free_space(str(tmp_path), 1 << 60)
+        sync_transport.check_free_space(str(tmp_path), 1 << 60)

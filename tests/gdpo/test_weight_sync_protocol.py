@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from gdpo import weight_sync
+from gdpo import sync_transport, weight_sync
 from gdpo.records import SyncGroup
 from gdpo.weight_sync import SyncError, SyncTensor
 from tests.gdpo.test_learner_sync import _adapted_lm
@@ -92,18 +92,18 @@ def test_weight_file_is_a_safetensors_file_of_the_merged_weights(tmp_path, bucke
     )  # merged, not the base
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"policy_version": "3"}
-        assert sorted(k for k, _ in weight_sync.read_file(f, path, 3, digest)) == sorted(expected)
+        assert sorted(k for k, _ in sync_transport.read_file(f, path, 3, digest)) == sorted(expected)
         with pytest.raises(SyncError, match="holds policy version 3, expected 4"):
-            weight_sync.read_file(f, path, 4, digest)
+            sync_transport.read_file(f, path, 4, digest)
         with pytest.raises(SyncError, match="corrupt"):
-            weight_sync.read_file(f, path, 3, "0" * 64)
+            sync_transport.read_file(f, path, 3, "0" * 64)
 
 
 def test_publish_replaces_the_previous_version_and_weights_dirs_are_private(tmp_path, monkeypatch):
     monkeypatch.setenv("GDPO_NODE_LOCAL_DIR", str(tmp_path))
-    directory = weight_sync.make_weights_dir("run1")
+    directory = sync_transport.make_weights_dir("run1")
     assert os.path.dirname(directory) == str(tmp_path) and os.stat(directory).st_mode & 0o077 == 0
-    assert weight_sync.make_weights_dir("run1") != directory  # never an existing (or planted) directory
+    assert sync_transport.make_weights_dir("run1") != directory  # never an existing (or planted) directory
     model = _adapted_lm(dtype=torch.bfloat16)
     tensors = weight_sync.sync_tensors(model, weight_sync.sync_module_names(model, ("q_proj",)))
     first = weight_sync.publish(tensors, 1, 1 << 20, directory=directory)
@@ -122,11 +122,11 @@ def _receiver(inbox, outbox) -> None:
 
     # this process's own default world (DeepSpeed's or vLLM's in real use); the sync group is beside it
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{weight_sync.free_port('127.0.0.1')}", rank=0, world_size=1
+        "gloo", init_method=f"tcp://127.0.0.1:{sync_transport.free_port('127.0.0.1')}", rank=0, world_size=1
     )
     while (job := inbox.get()) is not None:
         spec = SyncGroup(**job["spec"])
-        comm = weight_sync.open_comm(spec, job["rank"], "cpu")
+        comm = sync_transport.open_comm(spec, job["rank"], "cpu")
         got = []
         try:
             incoming = weight_sync.receive(
@@ -183,7 +183,7 @@ def _round(receivers, tensors, version, bucket_bytes, *, timeout_s=60.0, jobs=No
     expects or makes it fail); returns (what publish returned or raised, the receivers' replies, seconds)."""
     procs, boxes = receivers
     jobs = jobs or {}
-    listen = weight_sync.listen_socket("127.0.0.1")
+    listen = sync_transport.listen_socket("127.0.0.1")
     spec = SyncGroup(
         "gloo",
         "127.0.0.1",
@@ -196,7 +196,7 @@ def _round(receivers, tensors, version, bucket_bytes, *, timeout_s=60.0, jobs=No
     )
     for rank, r in enumerate(who, start=1):
         boxes[r][0].put({"spec": dataclasses.asdict(spec), "rank": rank, "version": version, **jobs.get(r, {})})
-    comm = weight_sync.open_comm(spec, 0, "cpu", listen)
+    comm = sync_transport.open_comm(spec, 0, "cpu", listen)
     t0 = time.monotonic()
     try:
         sent = weight_sync.publish(tensors, version, bucket_bytes, comm=sender(comm) if sender else comm)
