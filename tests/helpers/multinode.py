@@ -44,7 +44,7 @@ def can_unshare() -> str:
 
 
 def _free_port() -> int:
-    from gdpo.weight_sync import free_port
+    from gdpo.sync_transport import free_port
 
     return free_port("127.0.0.1")
 
