@@ -189,6 +189,7 @@ def run_heldout(args, models: dict[str, str]) -> dict:
     from gdpo import rollout
     from gdpo.data import load_prompts
     from gdpo.advantages import apply_conditions
+    from gdpo.eval.evaluate import EvalEngine
     from gdpo.trainer import reward_conditions
     from rewards import BoundReward, score_rewards
 
@@ -197,19 +198,24 @@ def run_heldout(args, models: dict[str, str]) -> dict:
     data = load_prompts(cfg.data, "eval", seed=0)
     bound = [BoundReward.from_name(name, kw) for name, kw in cfg.rewards.specs()]
     out = {}
-    for name, path in models.items():
-        llm = rollout.make_engine(path, cfg)
-        batch = rollout.generate(llm, data.prompts, 1, max_new_tokens=args.tokens, temperature=0.0, seed=0)
-        m = score_rewards(
-            bound, data.prompts, batch.completions, batch.completion_token_counts, list(range(len(batch))), data.columns
-        )
-        raw = apply_conditions(m.values, reward_conditions(cfg))
-        out[name] = {
-            "reward": float(raw.nan_to_num(0.0).sum(1).mean()),
-            "accuracy": float(raw[:, 0].nan_to_num(0.0).mean()),
-            "mean_tokens": sum(batch.completion_token_counts) / len(batch),
-        }
-        rollout.close_engine(llm)
+    with EvalEngine() as engines:  # the final policies share one architecture: one engine, loaded in turn
+        for name, path in models.items():
+            llm = engines.serve(path, cfg)
+            batch = rollout.generate(llm, data.prompts, 1, max_new_tokens=args.tokens, temperature=0.0, seed=0)
+            m = score_rewards(
+                bound,
+                data.prompts,
+                batch.completions,
+                batch.completion_token_counts,
+                list(range(len(batch))),
+                data.columns,
+            )
+            raw = apply_conditions(m.values, reward_conditions(cfg))
+            out[name] = {
+                "reward": float(raw.nan_to_num(0.0).sum(1).mean()),
+                "accuracy": float(raw[:, 0].nan_to_num(0.0).mean()),
+                "mean_tokens": sum(batch.completion_token_counts) / len(batch),
+            }
     return out
 
 
