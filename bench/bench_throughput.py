@@ -79,6 +79,7 @@ def settings(args) -> list[str]:
         f"rewards.functions={REWARDS}",
         "rewards.verifier_processes=1",
         f"rollout.cpu_reserved_cores={args.vllm_reserved_cores}",
+        f"rollout.in_process={args.vllm_in_process}",
     ]
 
 
@@ -381,6 +382,11 @@ def main() -> None:
         "--vllm-reserved-cores",
         default="null",
         help="rollout.cpu_reserved_cores for every vLLM engine (null = vLLM's default)",
+    )
+    ap.add_argument(
+        "--vllm-in-process",
+        default="null",
+        help="rollout.in_process for every vLLM engine (null = in-process on CPU, separate processes on GPU)",
     )
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

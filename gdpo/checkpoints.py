@@ -51,6 +51,8 @@ RESUME_SAFE = (
     "rollout.gpu_memory_utilization",
     "rollout.kv_cache_gib",
     "rollout.cpu_reserved_cores",
+    "rollout.in_process",
+    "rollout.cpu_threads",
     "rollout.enforce_eager",
     "rollout.sleep_level",
     "rollout.tensor_parallel_size",

@@ -26,6 +26,8 @@ ENGINE_SETTINGS = (
     "gpu_memory_utilization",
     "max_model_len",
     "enforce_eager",
+    "in_process",
+    "cpu_threads",
     "sleep_level",
 )
 
@@ -57,6 +59,12 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
             raise ValueError(f"LoRA rank {lora_rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
         lora = {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": 1}
     gpu = torch.cuda.is_available()
+    in_process = cfg.rollout.in_process if cfg.rollout.in_process is not None else not gpu
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if in_process and not gpu:  # the engine's OpenMP threads are this process's
+        torch.set_num_threads(cfg.rollout.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.num_workers))
+    if hasattr(vllm.envs.__getattr__, "cache_clear"):  # a previous engine froze vLLM's view of the environment
+        vllm.envs.disable_envs_cache()
     eager = cfg.rollout.enforce_eager if cfg.rollout.enforce_eager is not None else not gpu
     sleep = {"enable_sleep_mode": True} if gpu and cfg.rollout.sleep_level else {}  # vLLM refuses it on CPU
     return vllm.LLM(

@@ -90,9 +90,11 @@ def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
 
 @pytest.fixture(scope="module")
 def engine():
-    """One engine for this module's tests (each ends with the engine back on the base checkpoint)."""
+    """One engine for this module's tests (each ends with the engine back on the base checkpoint). It runs
+    in processes of its own (``rollout.in_process=false``, the GPU default): every other engine in the
+    suite is in-process, so this module keeps the weight sync checked across vLLM's process boundary."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    cfg = load_config()
+    cfg = load_config(None, ["rollout.in_process=false"])
     path = resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None)
     llm = rollout.make_engine(path, cfg)
     yield llm, cfg, path
@@ -104,6 +106,7 @@ def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(engine, t
     llm, cfg, path = engine
     engine_cfg = llm.llm_engine.vllm_config.model_config
     assert engine_cfg.enforce_eager and engine_cfg.max_model_len == 256  # CPU: eager; the model's whole context
+    assert type(llm.llm_engine.engine_core).__name__ == "SyncMPClient"  # the engine core in its own process
     batch = rollout.generate(llm, ["Compute 3+4-2\n", "Compute 9-1+5\n"], 4, max_new_tokens=64, temperature=1.0, seed=3)
     assert batch.group_ids == [0] * 4 + [1] * 4 and len(batch.sampling_logprobs[0]) == len(batch.completion_ids[0])
 
