@@ -43,7 +43,11 @@ def engine_settings(cfg: Config) -> dict:
 
 def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0):
     """A vLLM engine for the policy, with the weight-sync worker extension mixed in; ``lora_rank`` > 0
-    enables serving one LoRA adapter of at most that rank."""
+    enables serving one LoRA adapter of at most that rank.
+
+    In-process (``rollout.in_process``, the CPU default) the engine lives in this process: it takes
+    ``rollout.cpu_threads`` torch threads, and vLLM seeds this process's global random generators with
+    ``seed``; close it with :func:`close_engine`."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
     if cfg.rollout.cpu_reserved_cores is not None:  # read by the engine-core process vLLM starts below
         os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(cfg.rollout.cpu_reserved_cores)
@@ -67,19 +71,23 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
         vllm.envs.disable_envs_cache()
     eager = cfg.rollout.enforce_eager if cfg.rollout.enforce_eager is not None else not gpu
     sleep = {"enable_sleep_mode": True} if gpu and cfg.rollout.sleep_level else {}  # vLLM refuses it on CPU
-    return vllm.LLM(
-        model=model_path,
-        dtype=cfg.model.dtype,
-        seed=seed,
-        trust_remote_code=cfg.model.trust_remote_code,
-        tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        max_model_len=model_context(model_path, cfg),
-        enforce_eager=eager,
-        worker_extension_cls=EXTENSION,
-        **sleep,
-        **lora,
-    )
+    set_threads = torch.set_num_threads
+    try:
+        return vllm.LLM(
+            model=model_path,
+            dtype=cfg.model.dtype,
+            seed=seed,
+            trust_remote_code=cfg.model.trust_remote_code,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            max_model_len=model_context(model_path, cfg),
+            enforce_eager=eager,
+            worker_extension_cls=EXTENSION,
+            **sleep,
+            **lora,
+        )
+    finally:  # vLLM's CPU worker swaps in a no-op for it in its process: here, the caller's
+        torch.set_num_threads = set_threads
 
 
 _LORA_IDS: dict[tuple[str, int], int] = {}

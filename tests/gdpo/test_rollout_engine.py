@@ -31,6 +31,7 @@ def _children() -> set[int]:
 
 def test_an_in_process_engine_starts_serves_from_a_thread_and_leaves_nothing_behind():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    torch.set_num_threads(2)  # the engine must set its own count, whatever the process had
     cfg = load_config(None, ["rollout.num_workers=2"])
     path = resolve_model_path(cfg.model.path, cfg.sft, log=lambda m: None)
     threads = torch.get_num_threads()
@@ -57,5 +58,7 @@ def test_an_in_process_engine_starts_serves_from_a_thread_and_leaves_nothing_beh
         assert got["threads"] == max(1, (os.cpu_count() or 1) // 2)  # the machine's cores / rollout.num_workers
         assert len(got["batch"].completion_ids) == 2 and all(got["batch"].completion_ids)
         assert not torch.distributed.is_initialized()  # vLLM's world of one is gone: a learner can start here
+        torch.set_num_threads(3)  # vLLM's worker replaces it with a no-op in its process: restored for the caller
+        assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
