@@ -64,6 +64,13 @@ class SFTConfig:
     )
     sequences_per_step: int = doc(64, "training sequences per optimizer step", ge=1)
     lr: float = doc(3e-3, "peak AdamW learning rate (linear warm-up, cosine decay)", gt=0)
+    concise_fraction: float = doc(
+        0.0,
+        "share of training targets that are the problem's shortest solution (the rest are verbose): "
+        "how often the built policy samples the concise form that length rewards can then reinforce",
+        ge=0,
+        le=1,
+    )
     threads: int = doc(2, "torch intra-op threads while training", ge=1)
     eval_problems: int = doc(200, "held-out problems for the post-build accuracy / verbosity check", ge=1)
 

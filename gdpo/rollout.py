@@ -66,12 +66,11 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
     in_process = cfg.rollout.in_process if cfg.rollout.in_process is not None else not gpu
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     if in_process and not gpu:  # the engine's OpenMP threads are this process's
-        torch.set_num_threads(cfg.rollout.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.num_workers))
+        torch._C.set_num_threads(cfg.rollout.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.rollout.num_workers))
     if hasattr(vllm.envs.__getattr__, "cache_clear"):  # a previous engine froze vLLM's view of the environment
         vllm.envs.disable_envs_cache()
     eager = cfg.rollout.enforce_eager if cfg.rollout.enforce_eager is not None else not gpu
     sleep = {"enable_sleep_mode": True} if gpu and cfg.rollout.sleep_level else {}  # vLLM refuses it on CPU
-    set_threads = torch.set_num_threads
     try:
         return vllm.LLM(
             model=model_path,
@@ -86,8 +85,8 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
             **sleep,
             **lora,
         )
-    finally:  # vLLM's CPU worker swaps in a no-op for it in its process: here, the caller's
-        torch.set_num_threads = set_threads
+    finally:  # vLLM's CPU worker swaps in a no-op for it in its process, here the caller's: undone
+        torch.set_num_threads = torch._C.set_num_threads
 
 
 _LORA_IDS: dict[tuple[str, int], int] = {}

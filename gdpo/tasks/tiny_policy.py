@@ -38,6 +38,8 @@ MAX_POSITIONS = 256
 
 def policy_dir(cfg: SFTConfig) -> Path:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("cache_dir", "threads", "eval_problems")}
+    if not fields["concise_fraction"]:  # the key came later: builds without it keep their cache directory
+        del fields["concise_fraction"]
     key = hashlib.sha256(json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.cache_dir) / f"tiny-chain-arith-{key}"
 
@@ -125,11 +127,15 @@ def build_model(cfg: SFTConfig, tokenizer):
     return Qwen2ForCausalLM(mconf)
 
 
-def _batch(tokenizer, problems: list, rng: random.Random) -> dict[str, torch.Tensor]:
+def _batch(tokenizer, problems: list, rng: random.Random, concise: float = 0.0) -> dict[str, torch.Tensor]:
+    """A training batch; each target is the problem's shortest solution with probability ``concise``, else
+    a verbose one (no draw at all when ``concise`` is 0, so such builds see the same texts as before)."""
     ids, labels = [], []
     for p in problems:
         prompt = tokenizer(TEMPLATE.format(question=p.question), add_special_tokens=False)["input_ids"]
-        target = tokenizer(chain_arith.verbose_solution(p, rng), add_special_tokens=False)["input_ids"]
+        short = concise > 0 and rng.random() < concise
+        text = chain_arith.shortest_solution(p) if short else chain_arith.verbose_solution(p, rng)
+        target = tokenizer(text, add_special_tokens=False)["input_ids"]
         target = target + [tokenizer.eos_token_id]
         ids.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
@@ -191,7 +197,7 @@ def build_tiny_policy(cfg: SFTConfig, out: Path, log: Callable[[str], None] = pr
             loss_ema = None
             for step in range(steps):
                 chunk = pool[(done + step) * cfg.sequences_per_step : (done + step + 1) * cfg.sequences_per_step]
-                loss = model(**_batch(tokenizer, chunk, rng)).loss
+                loss = model(**_batch(tokenizer, chunk, rng, cfg.concise_fraction)).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -88,3 +88,28 @@ def test_the_floor_counts_tokens_as_the_policy_writes_them(tmp_path):
         assert floor == len(trained(text, add_special_tokens=False)["input_ids"]) + 1, text
     for prompt in data.prompts:
         assert loaded(prompt)["input_ids"] == trained(prompt)["input_ids"], prompt
+
+
+def test_concise_fraction_mixes_shortest_solutions_into_the_targets():
+    import random
+
+    from gdpo.tasks import chain_arith
+    from gdpo.tasks.tiny_policy import _batch, build_tokenizer
+
+    tok = build_tokenizer(0)
+    probs = chain_arith.problems("train", 200, 0)
+    shortest = [tok(chain_arith.shortest_solution(p), add_special_tokens=False)["input_ids"] for p in probs]
+
+    def targets(concise):
+        batch = _batch(tok, probs, random.Random(1), concise)
+        return [[t for t in row.tolist() if t != -100][:-1] for row in batch["labels"]]  # without EOS
+
+    mixed = sum(t == s for t, s in zip(targets(0.25), shortest)) / len(probs)
+    assert 0.15 < mixed < 0.35  # about the share asked for (binomial, 200 draws)
+    assert all(t == s for t, s in zip(targets(1.0), shortest))
+    # 0 draws nothing extra: the same verbose texts as a build without the key
+    rng = random.Random(1)
+    before = [tok(chain_arith.verbose_solution(p, rng), add_special_tokens=False)["input_ids"] for p in probs]
+    assert targets(0.0) == before
+    base = load_config().sft
+    assert policy_dir(base) != policy_dir(dataclasses.replace(base, concise_fraction=0.2))

@@ -23,7 +23,7 @@ def test_vllm_serves_the_tiny_policy_like_hf():
     tok = AutoTokenizer.from_pretrained(path)
     hf_ids, _ = greedy_generate(AutoModelForCausalLM.from_pretrained(path).eval(), tok, prompts, 128)
 
-    llm = vllm.LLM(model=path, dtype="float32", max_model_len=256, seed=0, enforce_eager=True)
+    llm = rollout.make_engine(path, load_config())  # float32, eager, the model's 256-token context
     try:
         outs = llm.generate(prompts, vllm.SamplingParams(temperature=0.0, max_tokens=128))
     finally:
