@@ -111,5 +111,5 @@ def test_concise_fraction_mixes_shortest_solutions_into_the_targets():
     rng = random.Random(1)
     before = [tok(chain_arith.verbose_solution(p, rng), add_special_tokens=False)["input_ids"] for p in probs]
     assert targets(0.0) == before
-    base = load_config().sft
+    base = dataclasses.replace(load_config().sft, concise_fraction=0.0)
     assert policy_dir(base) != policy_dir(dataclasses.replace(base, concise_fraction=0.2))
