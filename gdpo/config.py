@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -351,6 +352,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = build(Config, read_yaml(preset_path(path) if path is not None else DEFAULT_CONFIG), overrides)
     validate(cfg)
     return cfg
+
+
+def cpu_threads_per_worker(setting: int, workers: int) -> int:
+    """Torch threads of one CPU worker for a ``*.cpu_threads`` key: the setting, or 0 = this machine's cores
+    shared among ``workers`` (at least one each)."""
+    return setting or max(1, (os.cpu_count() or 1) // workers)
 
 
 def preset_path(spec: str | Path) -> Path:

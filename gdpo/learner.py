@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from gdpo.config import Config
+from gdpo.config import Config, cpu_threads_per_worker
 from gdpo import dora, weight_sync
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
 from gdpo.policy import save_tokenizer
@@ -280,8 +280,7 @@ def checksum_params(model) -> str:
 def set_cpu_threads(cfg: Config) -> int:
     """Torch threads for this learner on CPU (``learner.cpu_threads``; 0 = cores / learners); returns them."""
     if not torch.cuda.is_available():
-        n = cfg.learner.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.learner.num_workers)
-        torch.set_num_threads(n)
+        torch.set_num_threads(cpu_threads_per_worker(cfg.learner.cpu_threads, cfg.learner.num_workers))
     return torch.get_num_threads()
 
 

@@ -248,3 +248,12 @@ def test_the_ofq_config_uses_the_same_loader(tmp_path):
         load_ofq_config("ofq_digits_cpu", ["qat.bitz=[4]"])
     with pytest.raises(ConfigError, match=r"config key 'qat.cga_br': must be in \(0, 0.5\), got 0.7"):
         load_ofq_config("ofq_digits_cpu", ["qat.cga_br=0.7"])
+
+
+def test_cpu_threads_per_worker(monkeypatch):
+    from gdpo.config import cpu_threads_per_worker
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert cpu_threads_per_worker(3, 4) == 3  # an explicit setting wins
+    assert cpu_threads_per_worker(0, 4) == 4  # 0: the cores shared among the workers
+    assert cpu_threads_per_worker(0, 32) == 1  # never below one thread
