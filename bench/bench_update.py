@@ -37,31 +37,29 @@ MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::bad
 
 
 def make_batch(cfg, tokens: int, prompts: int, samples: int, seed: int = 0):
-    """The benchmark's step: each prompt ``samples`` times, followed by ``tokens`` random completion tokens."""
+    """The benchmark's step as the trainer hands it to a learner: each prompt ``samples`` times, followed by
+    ``tokens`` random completion tokens, through ``TrainBatch.from_rollouts``."""
     import torch
     from transformers import AutoTokenizer
 
     from gdpo.data import load_prompts
-    from gdpo.records import TrainBatch
+    from gdpo.records import RolloutBatch, TrainBatch
 
     tok = AutoTokenizer.from_pretrained(cfg.model.path)
     texts = load_prompts(cfg.data, "train", seed=0).prompts[:prompts]
     gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for text in texts:
-        ids = tok(text)["input_ids"]
-        for _ in range(samples):
-            rows.append((ids, torch.randint(3, len(tok), (tokens,), generator=gen).tolist()))
-    width = max(len(p) + len(c) for p, c in rows)
-    n = len(rows)
-    input_ids = torch.full((n, width), tok.pad_token_id, dtype=torch.long)
-    attention = torch.zeros(n, width, dtype=torch.long)
-    loss_mask = torch.zeros(n, width, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
-        attention[i, : len(p) + len(c)] = 1
-        loss_mask[i, len(p) : len(p) + len(c)] = 1
-    return TrainBatch(input_ids, attention, loss_mask, torch.randn(n, generator=gen))
+    prompt_ids = [tok(text)["input_ids"] for text in texts for _ in range(samples)]
+    completion_ids = [torch.randint(3, len(tok), (tokens,), generator=gen).tolist() for _ in prompt_ids]
+    rollouts = RolloutBatch(
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        completions=[""] * len(prompt_ids),
+        finish_reasons=["length"] * len(prompt_ids),
+        sampling_logprobs=[[0.0] * tokens for _ in prompt_ids],
+        group_ids=[i // samples for i in range(len(prompt_ids))],
+        policy_version=0,
+    )
+    return TrainBatch.from_rollouts(rollouts, torch.randn(len(prompt_ids), generator=gen), tok.pad_token_id)
 
 
 def profile_split(fn) -> dict:
@@ -99,7 +97,6 @@ def main() -> None:
 
     import bench_throughput as bt
     from gdpo import learner
-    from gdpo.config import cpu_threads_per_worker
 
     shared = SimpleNamespace(
         out=args.out, tokens=args.tokens, samples=args.samples, prompts=args.prompts, steps=1, lr=1e-3,
@@ -107,10 +104,11 @@ def main() -> None:
     )  # fmt: skip
     bt.build_policy(args.out / "policy")
     cfg = bt.load_cfg(shared, f"algorithm.kl_coef={args.kl}")
-    torch.set_num_threads(cpu_threads_per_worker(cfg.learner.cpu_threads, cfg.learner.num_workers))
+    learner.set_cpu_threads(cfg)
     cpu = bt.cpu_info()
     work = bt.learner_work(shared)
-    gflops = bt.matmul_gflops(args.micro * args.tokens, work["hidden"], work["intermediate"])
+    matmul_shape = (args.micro * args.tokens, work["hidden"], work["intermediate"])
+    gflops_before = bt.matmul_gflops(*matmul_shape)
     batch = make_batch(cfg, args.tokens, args.prompts, args.samples)
     tokens = float(batch.attention_mask.sum())
     model, _ = learner.build_policy(str(cfg.model.path), cfg)
@@ -136,15 +134,17 @@ def main() -> None:
     result = {
         "cpu": cpu,
         "threads": torch.get_num_threads(),
-        "matmul_GFLOP_s": max(gflops, bt.matmul_gflops(args.micro * args.tokens, work["hidden"], work["intermediate"])),
         "tokens": tokens,
         "sequences": len(batch),
     }
     rows = [("update (train_step)", update, 4)] + ([("reference pass", reference, 2)] if args.kl > 0 else [])
-    for name, fn, passes in rows:
+    for name, fn, _ in rows:
         times = timed(fn)
-        floor = passes * matmul_params * tokens / (result["matmul_GFLOP_s"] * 1e9)
-        result[name] = {"seconds": statistics.median(times), "all": times, "floor_s": floor, "split": profile_split(fn)}
+        result[name] = {"seconds": statistics.median(times), "all": times, "split": profile_split(fn)}
+    # the floor's rate: the faster of before and after the passes, as bench_throughput.py takes it
+    result["matmul_GFLOP_s"] = max(gflops_before, bt.matmul_gflops(*matmul_shape))
+    for name, _, passes in rows:
+        result[name]["floor_s"] = passes * matmul_params * tokens / (result["matmul_GFLOP_s"] * 1e9)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
 
     print(
