@@ -118,7 +118,7 @@ class LearnerWorker:
         self.dirty = True  # the loaded weights are not the published version
 
     def adapter_checksum(self) -> str:
-        return learner.checksum_params(self.model)
+        return learner.checksum_params(self.model, self.cfg.learner.zero_stage)
 
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id

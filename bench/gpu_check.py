@@ -3,9 +3,9 @@
     python bench/gpu_check.py --out /tmp/gpu_check          # on the GPU machine (a few minutes on one H200)
     python bench/gpu_check.py --tiny --out /tmp/gpu_check   # the same code on CPU at a tiny shape (the tests)
 
-Needs PyTorch, Triton, transformers and peft only: no vLLM, Ray, DeepSpeed or model hub (the
+Needs PyTorch, Triton, transformers and peft only: no vLLM, Ray, DeepSpeed, OmegaConf or model hub (the
 Qwen2.5-1.5B shape comes from ``gdpo/configs/models/qwen2.5-1.5b/config.json``; the learner settings from
-``gdpo/configs/gsm8k_qwen2.5_1.5b.yaml``). bf16 on a GPU, fp32 on CPU. Sections, each timed after a
+``gdpo/configs/gsm8k_qwen2.5_1.5b.yaml``, read with PyYAML onto the schema's defaults, unvalidated). bf16 on a GPU, fp32 on CPU. Sections, each timed after a
 warm-up:
 
 1. ``dora_layers``: one projection of each 1.5B shape, forward + backward over a micro-batch of
@@ -15,7 +15,9 @@ warm-up:
    on every projection, through ``gdpo.learner.train_step`` with a plain-PyTorch engine (AdamW on the
    adapters; DeepSpeed is not on the machine, so no ZeRO): tokens per second and peak memory at the
    preset's micro-batch and sequence length (prompt + ``rollout.max_new_tokens``), halving the
-   micro-batch after an out-of-memory error.
+   micro-batch after an out-of-memory error. The batch is built on the CPU from a ``RolloutBatch``, as
+   the driver builds it, and goes through the calls ``actors.learner.LearnerWorker`` makes
+   (``attach_logprobs``, then ``train_step``), so a batch that never reaches the device fails here.
 3. ``publish``: the merged weights a sync sends: the DoRA merge alone, and the whole file publish
    (merge, copy to host, hash, write) into a temporary directory.
 4. ``kernels``: the FP4 pack/unpack and fake-quant Triton kernels and the DoRA row-norm kernel against
@@ -129,11 +131,30 @@ def _model(device, dtype, tiny: bool):
     return model, config
 
 
+def _driver_batch(n: int, prompt: int, completion: int, vocab: int):
+    """``n`` random sequences through ``TrainBatch.from_rollouts``: the CPU tensors the driver sends."""
+    import torch
+
+    from gdpo.records import RolloutBatch, TrainBatch
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, vocab, (n, prompt + completion), generator=g).tolist()
+    rollouts = RolloutBatch(
+        prompt_ids=[row[:prompt] for row in ids],
+        completion_ids=[row[prompt:] for row in ids],
+        completions=[""] * n,
+        finish_reasons=["length"] * n,
+        sampling_logprobs=[[-1.0] * completion for _ in range(n)],
+        group_ids=list(range(n)),
+        policy_version=0,
+    )
+    return TrainBatch.from_rollouts(rollouts, torch.randn(n, generator=g), pad_id=0)
+
+
 def update_step(device, dtype, tiny: bool, cfg) -> dict:
     import torch
 
     from gdpo import dora, learner, weight_sync
-    from gdpo.records import TrainBatch
 
     model, config = _model(device, dtype, tiny)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -143,9 +164,12 @@ def update_step(device, dtype, tiny: bool, cfg) -> dict:
         for p in model.parameters():
             if p.requires_grad and not p.any():
                 p.normal_(0, 0.01)  # B != 0: a trained adapter, so the merge and the norm do real work
+    for _, layer in dora.dora_layers(model):
+        layer.refresh_zero_rows()
     engine = learner.PlainEngine(model, cfg)
     completion = 16 if tiny else cfg.rollout.max_new_tokens
-    width = (8 if tiny else PROMPT_TOKENS) + completion
+    prompt = 8 if tiny else PROMPT_TOKENS
+    width = prompt + completion
     micro = cfg.learner.micro_batch_per_worker
     out = {
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -153,20 +177,19 @@ def update_step(device, dtype, tiny: bool, cfg) -> dict:
         "sequence_tokens": width,
     }
     while micro >= 1:
-        g = torch.Generator(device="cpu").manual_seed(1)
-        ids = torch.randint(0, config.vocab_size, (micro, width), generator=g).to(device)
-        mask = torch.zeros(micro, width, device=device)
-        mask[:, width - completion :] = 1
-        batch = TrainBatch(ids, torch.ones_like(ids), mask, torch.randn(micro, generator=g).to(device))
-        tokens = float(mask[:, 1:].sum())
-        run = lambda: learner.train_step(
-            engine,
-            batch,
-            cfg,
-            global_tokens=tokens,
-            global_seqs=float(micro),  # noqa: E731
-            world_size=1,
-        )
+        batch = _driver_batch(micro, prompt, completion, config.vocab_size)  # on the CPU, as the driver's
+        tokens = float(batch.loss_mask[:, 1:].sum())
+
+        def run():  # LearnerWorker.logprobs, then LearnerWorker.update
+            learner.train_step(
+                engine,
+                learner.attach_logprobs(model, batch, cfg),
+                cfg,
+                global_tokens=tokens,
+                global_seqs=float(micro),
+                world_size=1,
+            )
+
         try:
             _peak_reset(device)
             times = _timed(run, device, 2 if tiny else 3)
@@ -256,6 +279,25 @@ def kernels(device, tiny: bool) -> dict:
     return out
 
 
+def preset(path: Path, **model):
+    """The preset's ``model``, ``rollout``, ``algorithm`` and ``learner`` sections on the schema's defaults,
+    read with PyYAML (OmegaConf, the config loader's, is not on the GPU machine); unvalidated: the preset
+    itself is validated by the test suite."""
+    import dataclasses
+
+    import yaml
+
+    from gdpo.config import Config
+
+    raw = yaml.safe_load(path.read_text())
+    cfg = Config()
+    sections = {}
+    for name in ("model", "rollout", "algorithm", "learner"):
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in (raw.get(name) or {}).items()}
+        sections[name] = dataclasses.replace(getattr(cfg, name), **{**values, **(model if name == "model" else {})})
+    return dataclasses.replace(cfg, **sections)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
@@ -266,11 +308,9 @@ def main(argv=None) -> dict:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run interpreted
-    from gdpo.config import load_config
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = load_config(PRESET, ["model.dtype=" + str(dtype).removeprefix("torch.")])
+    cfg = preset(PRESET, dtype=str(dtype).removeprefix("torch."))
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype),

@@ -60,13 +60,13 @@ class _FusedDora(torch.autograd.Function):
     """``y = g ⊙ (x W0ᵀ + s·(x Aᵀ) Bᵀ) + b`` with ``g = m / ‖W0 + s·BA‖`` (norm constant in backprop)."""
 
     @staticmethod
-    def forward(ctx, x, w0, bias, a, b, m, scale):  # x [T, in], w0 [out, in], a [r, in], b [out, r], m [out]
+    def forward(ctx, x, w0, bias, a, b, m, scale, zero_rows):  # x [T, in], w0 [out, in], a [r, in], b [out, r], m [out]
         norm = dora_row_norm(w0, a, b, scale)  # [out]
         g = (m.float() / norm).to(x.dtype)  # [out]
         h = F.linear(x, a)  # [T, r]
         z = F.linear(x, w0)  # [T, out]
         z.addmm_(h, b.T, alpha=scale)
-        keep_output = bias is None and bool((m != 0).all())
+        keep_output = bias is None and not zero_rows  # a host flag: reading m here would sync every layer
         if keep_output:  # y = g ⊙ z in place: the output doubles as the saved tensor
             y = z.mul_(g)
         else:
@@ -80,10 +80,13 @@ class _FusedDora(torch.autograd.Function):
     def backward(ctx, dy):  # dy [T, out]
         x, w0, a, b, m, h, g, norm, kept = ctx.saved_tensors
         s = ctx.scale
-        need_x, need_w0, need_bias, need_a, need_b, need_m, _ = ctx.needs_input_grad
+        need_x, need_w0, need_bias, need_a, need_b, need_m, _, _ = ctx.needs_input_grad
         dz = dy * kept  # [T, out]; reused below for dL/dz
         dm = dz.sum(0).float()  # [out]
-        dm = (dm / m.float()) if ctx.keep_output else (dm / norm)  # dy⊙y/m = dy⊙z/‖·‖
+        if ctx.keep_output:  # dy⊙y/m = dy⊙z/‖·‖; a row whose m reached exactly 0 since gets no gradient
+            dm = torch.where(m != 0, dm / m.float(), 0.0)
+        else:
+            dm = dm / norm
         torch.mul(dy, g, out=dz)  # dL/dz
         dx = dw0 = dbias = da = db = None
         dh = (dz @ b) * s  # [T, r]
@@ -98,7 +101,7 @@ class _FusedDora(torch.autograd.Function):
             da = dh.T @ x  # [r, in]
         if need_b:
             db = (dz.T @ h) * s  # [out, r]
-        return dx, dw0, dbias, da, db, dm.to(m.dtype) if need_m else None, None
+        return dx, dw0, dbias, da, db, dm.to(m.dtype) if need_m else None, None, None
 
 
 class DoraLinear(nn.Module):
@@ -116,11 +119,20 @@ class DoraLinear(nn.Module):
         with torch.no_grad():
             mag = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32)  # [out]
         self.lora_magnitude_vector = nn.Parameter(mag)
+        self.refresh_zero_rows()
         self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
         self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
         self.merged = False
         self.disabled = False
         self._w0_stash: Tensor | None = None
+
+    @torch.no_grad()
+    def refresh_zero_rows(self) -> None:
+        """Whether a row's magnitude is 0 (a zero row of W0, e.g. a pruned one): the fused forward then keeps
+        ``z`` for the magnitude's gradient, which ``y = 0`` cannot give. Read once here (at creation and when
+        an adapter is loaded), not per forward, where it would stop the GPU's queue at every layer."""
+        m = self.lora_magnitude_vector
+        self.zero_rows = m.device.type == "meta" or bool((m == 0).any())
 
     @property
     def in_features(self) -> int:
@@ -154,7 +166,7 @@ class DoraLinear(nn.Module):
         if self.dropout > 0 and self.training:
             return self._forward_dropout(x, w0, bias, a, b, m)
         lead = x.shape[:-1]
-        y = _FusedDora.apply(x.reshape(-1, x.shape[-1]), w0, bias, a, b, m, self.scale)
+        y = _FusedDora.apply(x.reshape(-1, x.shape[-1]), w0, bias, a, b, m, self.scale, self.zero_rows)
         return y.reshape(*lead, y.shape[-1])
 
     def _forward_dropout(self, x, w0, bias, a, b, m):
@@ -378,4 +390,6 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
                 f"{file}: {key} has shape {tuple(tensors[key].shape)}, the model needs {tuple(param.shape)}"
             )
         param.copy_(tensors[key])
+    for _, layer in dora_layers(model):
+        layer.refresh_zero_rows()
     return model

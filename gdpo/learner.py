@@ -7,6 +7,7 @@ scales its share by the world size: the update equals one large-batch step on on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -87,7 +88,7 @@ class PlainEngine:
         self.module, self.grad_clip = model, cfg.learner.grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learner.lr, weight_decay=cfg.learner.weight_decay)
-        self.grad_norm = 0.0
+        self.grad_norm = None
 
     def __call__(self, **inputs):
         return self.module(**inputs)
@@ -102,11 +103,11 @@ class PlainEngine:
         loss.backward()
 
     def step(self) -> None:
-        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)  # read after the step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def get_global_grad_norm(self) -> float:
+    def get_global_grad_norm(self):
         return self.grad_norm
 
 
@@ -149,24 +150,26 @@ def micro_batches(batch: TrainBatch, micro: int, by_length: bool = True) -> list
 
 @torch.no_grad()
 def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = True) -> torch.Tensor:
-    """Log-prob of token t+1 at position t: ``[N, L-1]``; only a sequence's own positions are meaningful
-    (past them: a padding token's log-prob, or 0 past its micro-batch's width). Reference = adapters
-    disabled, no model copy."""
+    """Log-prob of token t+1 at position t: ``[N, L-1]``, on the batch's device (each micro-batch is moved to
+    the model's); only a sequence's own positions are meaningful (past them: a padding token's log-prob, or
+    0 past its micro-batch's width). Reference = adapters disabled, no model copy."""
     was_training = model.training
     model.eval()
+    device = device_of(model)
     out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
     try:
         for rows, mb in micro_batches(batch, micro):
-            ids, att = mb.input_ids, mb.attention_mask
-            if adapters:
+            ids, att = mb.input_ids.to(device), mb.attention_mask.to(device)
+            with contextlib.nullcontext() if adapters else dora.adapters_disabled(model):
                 logits = model(input_ids=ids, attention_mask=att).logits
-            else:
-                with dora.adapters_disabled(model):
-                    logits = model(input_ids=ids, attention_mask=att).logits
-            out[rows, : ids.shape[1] - 1] = token_logprobs(logits[:, :-1], ids[:, 1:])
+            out[rows, : ids.shape[1] - 1] = token_logprobs(logits[:, :-1], ids[:, 1:]).to(out.device)
     finally:
         model.train(was_training)
     return out
+
+
+# the per-token metrics train_step sums on the device, read back once per optimizer step
+_DEVICE_SUMS = ("loss", "pg_loss", "kl_tokens", "clipped_tokens", "entropy_tokens", "drift_tokens")
 
 
 def train_step(
@@ -180,11 +183,48 @@ def train_step(
     by_length: bool = True,
 ) -> UpdateSums:
     """One optimizer step on this rank's share of the batch; returns this rank's metric sums."""
+    sums, on_device = accumulate_gradients(
+        engine,
+        batch,
+        cfg,
+        global_tokens=global_tokens,
+        global_seqs=global_seqs,
+        world_size=world_size,
+        by_length=by_length,
+    )
+    engine.step()
+    for name, value in zip(_DEVICE_SUMS, on_device.tolist()):  # the step's one device -> host sync
+        setattr(sums, name, value)
+    norm = engine.get_global_grad_norm()
+    sums.grad_norm = 0.0 if norm is None else float(norm)
+    return sums
+
+
+def accumulate_gradients(
+    engine,
+    batch: TrainBatch,
+    cfg: Config,
+    *,
+    global_tokens: float,
+    global_seqs: float,
+    world_size: int,
+    by_length: bool = True,
+) -> tuple[UpdateSums, torch.Tensor]:
+    """The forward and backward passes of one optimizer step, micro-batch by micro-batch, each moved from the
+    batch's device (the driver's CPU) to the model's. Returns the counts known on the host and the
+    ``[len(_DEVICE_SUMS)]`` metric sums, still on the model's device (no sync per micro-batch)."""
     alg = cfg.algorithm
+    device = device_of(engine.module)
     parts = micro_batches(batch, cfg.learner.micro_batch_per_worker, by_length)
     sums = UpdateSums()
+    on_device = torch.zeros(len(_DEVICE_SUMS), device=device)
     engine.train()
-    for i, (_, mb) in enumerate(parts):
+    for i, (_, host_mb) in enumerate(parts):
+        n_tok = float(host_mb.loss_mask[:, 1:].sum())
+        sums.tokens += n_tok
+        sums.forward_tokens += float(host_mb.attention_mask.sum())
+        sums.padded_tokens += host_mb.attention_mask.numel()
+        mb = host_mb.to(device)
         engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
         logits = engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]  # [n, L-1, V]
         logp = token_logprobs(logits, mb.input_ids[:, 1:])  # [n, L-1]
@@ -205,22 +245,21 @@ def train_step(
             kl_estimator=alg.kl_estimator,
         )
         engine.backward(out.loss * world_size, scale_wrt_gas=False)
-        n_tok = mask.sum().item()
         with torch.no_grad():
-            ent = (entropy_from_logits(logits.detach()) * mask).sum().item()
-        sums.loss += out.loss.item()
-        sums.pg_loss += out.pg_loss.item()
-        sums.kl_tokens += out.kl.item() * n_tok
-        sums.clipped_tokens += out.clip_fraction.item() * n_tok
-        sums.entropy_tokens += ent
-        sums.tokens += n_tok
-        sums.forward_tokens += mb.attention_mask.sum().item()
-        sums.padded_tokens += mb.attention_mask.numel()
-        if mb.sampling_logprobs is not None:  # how far the learner's policy is from the one that sampled
-            sums.drift_tokens += ((logp.detach() - mb.sampling_logprobs).abs() * mask).sum().item()
-    engine.step()
-    sums.grad_norm = float(engine.get_global_grad_norm() or 0.0)
-    return sums
+            drift = torch.zeros((), device=device)  # how far the learner's policy is from the one that sampled
+            if mb.sampling_logprobs is not None:
+                drift = ((logp - mb.sampling_logprobs).abs() * mask).sum()
+            on_device += torch.stack(
+                [
+                    out.loss.detach().float(),
+                    out.pg_loss.float(),
+                    out.kl.float() * n_tok,
+                    out.clip_fraction.float() * n_tok,
+                    (entropy_from_logits(logits.detach()) * mask).sum().float(),
+                    drift.float(),
+                ]
+            )
+    return sums, on_device
 
 
 def sync_manifest(model, module_names: list[str], zero_stage: int = 2) -> list:
@@ -269,11 +308,14 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def checksum_params(model) -> str:
+def checksum_params(model, zero_stage: int = 2) -> str:
+    """sha256 of the trainable tensors, whole (gathered under ZeRO-3, where a rank holds a partition: a
+    collective call) and read on the host wherever they live."""
     h = hashlib.sha256()
-    for n, p in sorted(adapter_state(model).items()):
-        h.update(n.encode())
-        h.update(p.float().numpy().tobytes())
+    with gathered(model, zero_stage):
+        for n, p in sorted(adapter_state(model).items()):
+            h.update(n.encode())
+            h.update(p.float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -402,8 +444,6 @@ def load_checkpoint(engine, directory: str) -> None:
 
 def gathered(model, zero_stage: int):
     """Full parameters on every rank for the duration (ZeRO-3 partitions them; collective call)."""
-    import contextlib
-
     if zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed

@@ -146,23 +146,26 @@ class TrainBatch:
 
     def select(self, index) -> "TrainBatch":
         """Rows ``index`` (a slice or an index tensor) of every field."""
-        return TrainBatch(
-            *(
-                None if t is None else t[index]
-                for t in (
-                    self.input_ids,
-                    self.attention_mask,
-                    self.loss_mask,
-                    self.advantages,
-                    self.old_logprobs,
-                    self.ref_logprobs,
-                    self.sampling_logprobs,
-                )
-            )
-        )
+        return TrainBatch(*(None if t is None else t[index] for t in self._fields()))
 
     def slice(self, lo: int, hi: int) -> "TrainBatch":
         return self.select(slice(lo, hi))
+
+    def to(self, device) -> "TrainBatch":
+        """Every field on ``device``: the driver builds batches on its CPU, the learner's model may be on a
+        GPU (DeepSpeed's forward does not move its inputs)."""
+        return TrainBatch(*(None if t is None else t.to(device) for t in self._fields()))
+
+    def _fields(self) -> tuple:
+        return (
+            self.input_ids,
+            self.attention_mask,
+            self.loss_mask,
+            self.advantages,
+            self.old_logprobs,
+            self.ref_logprobs,
+            self.sampling_logprobs,
+        )
 
     def trimmed(self, width: int) -> "TrainBatch":
         """The first ``width`` positions: right padding past every row's end dropped (nothing else changes:

@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, TypeVar
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
+
+try:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
+
+    _NO_OMEGACONF = None
+except ImportError as _err:  # the schema and its defaults still import (bench/gpu_check.py on a bare GPU machine)
+    _NO_OMEGACONF = _err
 
 T = TypeVar("T")
 
@@ -52,6 +58,8 @@ def build(schema: type[T], raw: dict, overrides: Sequence[str] = ()) -> T:
     """The frozen ``schema`` instance of a YAML mapping and ``key=value`` overrides, through OmegaConf:
     overrides (list elements by index), the merge onto the schema (unknown keys, types, Literal values),
     ``${key}`` interpolation; then each field's bounds. Every error names the key."""
+    if _NO_OMEGACONF is not None:
+        raise ConfigError(f"loading a config needs omegaconf, which does not import here ({_NO_OMEGACONF})")
     tree = OmegaConf.create(raw)
     for item in overrides:
         apply_override(tree, item)

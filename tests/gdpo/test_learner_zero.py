@@ -56,9 +56,11 @@ def _worker(rank, world, port, stage, model_path, out_dir):
     share = batch.slice(rank * 4, rank * 4 + 4)
     share = learner.attach_logprobs(model, share, cfg)
     tokens = float(batch.loss_mask[:, 1:].sum())
+    before = learner.checksum_params(model, stage)  # collective under ZeRO-3
     sums = learner.train_step(engine, share, cfg, global_tokens=tokens, global_seqs=8.0, world_size=world)
     names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
     msg = learner.publish_weights(model, names, 1, rank=rank, zero_stage=stage, directory=out_dir)
+    Path(out_dir, f"checksums-{rank}").write_text(f"{before} {learner.checksum_params(model, stage)}")
     if rank == 0:
         torch.save({"grad_norm": sums.grad_norm, "path": msg.path}, os.path.join(out_dir, "result.pt"))
 
@@ -70,6 +72,10 @@ def _run(stage, model_path, out_dir):
     )
 
     res = torch.load(out_dir / "result.pt")
+    # the adapter checksum (the cross-rank check) hashes whole tensors: equal on both ranks, moved by the step
+    # (under ZeRO-3 a rank's own parameters are empty partitions, whose hash no step changes)
+    (before0, after0), (before1, after1) = ((out_dir / f"checksums-{r}").read_text().split() for r in (0, 1))
+    assert after0 == after1 and before0 == before1 and after0 != before0, stage
     return res["grad_norm"], load_file(res["path"])
 
 
