@@ -24,6 +24,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors import placement
 from actors.learner import LearnerWorker
 from actors.rewards import RewardWorker
 from actors.rollout import RolloutWorker
@@ -72,8 +73,8 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 class Cluster:
     def __init__(self, cfg: Config, model_path: str, log: Callable[[str], None] = print):
         self.cfg, self.model_path, self.log = cfg, model_path, log
-        self.use_gpu = torch.cuda.is_available()
-        self.tp = cfg.rollout.tensor_parallel_size if self.use_gpu else 1
+        self.placement = placement.plan(cfg, placement.cluster_has_gpus())  # the cluster's GPUs, not the driver's
+        self.use_gpu, self.tp = self.placement.use_gpu, self.placement.tp
         self.run_id = uuid.uuid4().hex[:8]
         self.version = 0
         self.update_msg: Optional[WeightUpdate] = None
@@ -97,9 +98,15 @@ class Cluster:
         ]
         self.rendezvous = self._learner_call([self.learners[0].rendezvous_endpoint.remote()], "start")[0]
         started = [w.start.remote(*self.rendezvous) for w in self.learners]
-        self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]  # start meanwhile
         self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
+        # Engines on the learners' GPUs start once the learners hold their memory: vLLM's start-up profiling
+        # would count memory DeepSpeed allocates (or frees) meanwhile as its own. Elsewhere they start meanwhile.
+        shared = self.placement.use_gpu and self.placement.colocated
+        if not shared:
+            self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]
         manifest = self._learner_call(started, "start")[0]  # DeepSpeed's init: the first run JIT-builds an op
+        if shared:
+            self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]
         self.weights = EngineSync(
             cfg, self.learners, manifest, self.run_id, "nccl" if self.use_gpu else "gloo", self.tp, self.log
         )
@@ -121,34 +128,13 @@ class Cluster:
 
     # ------------------------------------------------------------------ placement
     def _make_placement(self) -> None:
-        """Colocated: rollout i shares bundle i with learner i. Separate: every actor has its own bundles.
-        ``cluster.learner_resources`` / ``rollout_resources`` are added to the role's bundles."""
-        cfg = self.cfg
-        unit = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
-        lres, rres = dict(cfg.cluster.learner_resources), dict(cfg.cluster.rollout_resources)
-        if cfg.cluster.placement == "colocated":
-            n = max(cfg.learner.num_workers, cfg.rollout.num_workers * self.tp)
-            self.learner_bundle = list(range(cfg.learner.num_workers))
-            self.rollout_bundle = [i * self.tp for i in range(cfg.rollout.num_workers)]
-            bundles = [
-                {
-                    **unit,
-                    **(lres if i < cfg.learner.num_workers else {}),
-                    **(rres if i < cfg.rollout.num_workers * self.tp else {}),
-                }
-                for i in range(n)
-            ]
-        else:
-            n = cfg.learner.num_workers + cfg.rollout.num_workers * self.tp
-            self.learner_bundle = list(range(cfg.learner.num_workers))
-            self.rollout_bundle = [cfg.learner.num_workers + i * self.tp for i in range(cfg.rollout.num_workers)]
-            bundles = [{**unit, **(lres if i < cfg.learner.num_workers else rres)} for i in range(n)]
+        bundles = self.placement.bundles
         self.pg = placement_group(bundles, strategy="PACK")
         try:
             ray.get(self.pg.ready(), timeout=120)
         except GetTimeoutError:
             raise RuntimeError(
-                f"Ray could not place the run's {n} bundles {bundles} within 120 s: the cluster "
+                f"Ray could not place the run's {len(bundles)} bundles {bundles} within 120 s: the cluster "
                 f"lacks those resources ({ray.available_resources()} free). Check "
                 "cluster.learner_resources / rollout_resources and the nodes' --resources"
             ) from None
@@ -157,23 +143,20 @@ class Cluster:
         return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=bundle)
 
     def _shares_learner0_device(self, i: int) -> bool:
-        """Whether rollout i's engine runs on learner 0's GPU (NCCL cannot put both in one group)."""
-        lo = self.rollout_bundle[i]
-        return (
-            self.use_gpu and self.cfg.cluster.placement == "colocated" and lo <= self.learner_bundle[0] < lo + self.tp
-        )
+        return self.placement.shares_learner0_device(i)
 
     def _learner_opts(self, i: int) -> dict:
-        share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
-        res = {"num_gpus": share} if self.use_gpu else {}
-        return {"num_cpus": share * 0.5, **res, "scheduling_strategy": self._strategy(self.learner_bundle[i])}
+        return {
+            **self.placement.learner_options(i),
+            "scheduling_strategy": self._strategy(self.placement.learner_bundle[i]),
+        }
 
     def _spawn_rollout(self, i: int):
-        share = 0.5 if self.cfg.cluster.placement == "colocated" else 1.0
-        res = {"num_gpus": share} if self.use_gpu else {}
         name = f"gdpo-rollout-{self.run_id}-{i}-{self.restarts['rollout']}"
         return RolloutWorker.options(
-            num_cpus=share * 0.5, scheduling_strategy=self._strategy(self.rollout_bundle[i]), name=name, **res
+            **self.placement.rollout_options(i),
+            scheduling_strategy=self._strategy(self.placement.rollout_bundle[i]),
+            name=name,
         ).remote(self.model_path, self.cfg, self.cfg.trainer.seed + i)
 
     def _count_restart(self, kind: str, i: int, why: str) -> None:

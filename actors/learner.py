@@ -53,7 +53,7 @@ class LearnerWorker:
 
     def update(self, batch: TrainBatch, global_tokens: float, global_seqs: float) -> dict:
         self.dirty = True
-        return learner.train_step(
+        return learner.update(
             self.engine,
             batch,
             self.cfg,

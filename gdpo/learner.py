@@ -69,7 +69,10 @@ def make_engine(model, cfg: Config):
         "gradient_accumulation_steps": 1,  # boundaries are set by hand in train_step
         "gradient_clipping": cfg.learner.grad_clip,
         "zero_optimization": {"stage": cfg.learner.zero_stage},
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        # bf16 mode would cast the whole module, DoRA's magnitude too: its rounding (~0.2% a row) would move
+        # every synced weight off the base before any learning. The frozen base is loaded in model.dtype
+        # already; the adapters stay fp32 (DoraLinear casts them to the input's dtype in its forward).
+        "bf16": {"enabled": False},
         "fp16": {"enabled": cfg.model.dtype == "float16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -198,6 +201,21 @@ def train_step(
     norm = engine.get_global_grad_norm()
     sums.grad_norm = 0.0 if norm is None else float(norm)
     return sums
+
+
+def update(engine, batch: TrainBatch, cfg: Config, **denominators) -> UpdateSums:
+    """``LearnerWorker.update``: one ``train_step``, then the memory it freed handed back to the GPU."""
+    sums = train_step(engine, batch, cfg, **denominators)
+    release_cached_memory(engine.module, cfg)
+    return sums
+
+
+def release_cached_memory(model, cfg: Config) -> None:
+    """Engines that slept through the update (``rollout.sleep_level``) wake into the GPU memory it used, but
+    PyTorch's caching allocator keeps the update's peak reserved until told to give its free blocks back:
+    without this, waking vLLM runs out of memory on a GPU the two only share in time."""
+    if cfg.rollout.sleep_level and device_of(model).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def accumulate_gradients(

@@ -70,7 +70,9 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
     if hasattr(vllm.envs.__getattr__, "cache_clear"):  # a previous engine froze vLLM's view of the environment
         vllm.envs.disable_envs_cache()
     eager = cfg.rollout.enforce_eager if cfg.rollout.enforce_eager is not None else not gpu
-    sleep = {"enable_sleep_mode": True} if gpu and cfg.rollout.sleep_level else {}  # vLLM refuses it on CPU
+    extra = {"enable_sleep_mode": True} if gpu and cfg.rollout.sleep_level else {}  # vLLM refuses it on CPU
+    if gpu and cfg.rollout.tensor_parallel_size > 1:  # its own processes on the GPUs this actor holds: inside a
+        extra["distributed_executor_backend"] = "mp"  # placement group vLLM would pick Ray and wait for free GPUs
     try:
         return vllm.LLM(
             model=model_path,
@@ -82,7 +84,7 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
             max_model_len=model_context(model_path, cfg),
             enforce_eager=eager,
             worker_extension_cls=EXTENSION,
-            **sleep,
+            **extra,
             **lora,
         )
     finally:  # vLLM's CPU worker swaps in a no-op for it in its process, here the caller's: undone

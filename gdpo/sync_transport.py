@@ -90,6 +90,9 @@ class NcclComm:
         stream.synchronize()  # the buffer is refilled or checked right after
 
     def close(self) -> None:
+        """Destroy the communicator (NCCL's resources on this GPU); dropping it would leak one per group."""
+        if self.comm is not None:
+            self.comm.destroy()
         self.comm = None
 
 

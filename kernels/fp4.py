@@ -127,7 +127,7 @@ def _kernels():
         xc = tl.minimum(tl.maximum(x, -qmax), qmax)
         p = tl.maximum(tl.floor(tl.log2(tl.abs(xc)) + b), 1.0)
         scale = tl.exp2(p - M) * unit
-        v = tl.abs(xc) / scale
+        v = tl.div_rn(tl.abs(xc), scale)  # `/` compiles to approximate division on GPUs
         r = tl.floor(v)
         d = v - r
         odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0

@@ -65,3 +65,19 @@ def test_plain_engine_step_on_cpu_reports_the_clipped_norm(policy):
     sums = learner.train_step(engine, batch, cfg, global_tokens=tokens, global_seqs=float(len(batch)), world_size=1)
     assert isinstance(sums.grad_norm, float) and sums.grad_norm > 0
     assert isinstance(sums.loss, float) and sums.entropy_tokens > 0 and sums.tokens == tokens
+
+
+@pytest.mark.parametrize(
+    "sleep_level, device, released", [(1, "cuda", 1), (2, "cuda", 1), (0, "cuda", 0), (1, "cpu", 0)]
+)
+def test_the_update_hands_freed_gpu_memory_back_before_sleeping_engines_wake(
+    monkeypatch, sleep_level, device, released
+):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    cfg = load_config(None, [f"rollout.sleep_level={sleep_level}"])
+    model = torch.nn.Module()
+    with FakeTensorMode():  # allocated, not moved or initialized: a fake "cuda" parameter on this CPU
+        model.weight = torch.nn.Parameter(torch.empty(2, 2, device=device))
+    learner.release_cached_memory(model, cfg)
+    assert len(calls) == released
