@@ -13,15 +13,15 @@ Bundles (``unit`` = one GPU and one CPU on a GPU cluster, one CPU otherwise):
   processes on them (vLLM's ``mp`` executor: its Ray executor would look for GPUs in the bundle the engine
   already holds).
 
-Colocated engines with t > 1 are refused: an engine's t GPUs are one bundle, and the learners sharing them
-would get GPU fractions Ray may pack onto one device.
+Colocated engines with t > 1 are refused when the config is loaded: an engine's t GPUs are one bundle, and
+the learners sharing them would get GPU fractions Ray may pack onto one device.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gdpo.config import Config, ConfigError
+from gdpo.config import Config
 
 
 def cluster_has_gpus() -> bool:
@@ -58,18 +58,13 @@ class Placement:
 
 def plan(cfg: Config, use_gpu: bool) -> Placement:
     """The run's bundles and requests; ``cluster.learner_resources`` / ``rollout_resources`` are added to
-    the role's bundles. Raises ConfigError for what cannot be placed."""
+    the role's bundles."""
     learners, engines = cfg.learner.num_workers, cfg.rollout.num_workers
     tp = cfg.rollout.tensor_parallel_size if use_gpu else 1
     colocated = cfg.cluster.placement == "colocated"
     lres, rres = dict(cfg.cluster.learner_resources), dict(cfg.cluster.rollout_resources)
     unit = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-    if colocated:
-        if tp > 1:
-            raise ConfigError(
-                f"config key 'rollout.tensor_parallel_size': {tp} GPUs per engine need cluster.placement=separate "
-                "(a colocated engine shares one GPU with its learner)"
-            )
+    if colocated:  # tensor_parallel_size > 1 was refused by the config's validation
         n = max(learners, engines)
         bundles = [{**unit, **(lres if i < learners else {}), **(rres if i < engines else {})} for i in range(n)]
         return Placement(use_gpu, tp, True, bundles, list(range(learners)), list(range(engines)))

@@ -15,6 +15,7 @@ from gdpo.records import RolloutBatch, SyncGroup, WeightUpdate
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: Config, seed: int = 0):
         self.llm = rollout.make_engine(model_path, cfg, seed)
+        self.seeded = rollout.seeds_per_prompt(cfg)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -22,7 +23,9 @@ class RolloutWorker:
     def generate(
         self, expected_version: int, prompts: list[str], samples_per_prompt: int, sampling: dict
     ) -> RolloutBatch:
-        return rollout.generate_checked(self.llm, expected_version, prompts, samples_per_prompt, **sampling)
+        return rollout.generate_checked(
+            self.llm, expected_version, prompts, samples_per_prompt, seeded=self.seeded, **sampling
+        )
 
     def load_file(self, update: WeightUpdate) -> int:
         return weight_sync.engine_load_file(self.llm, update)

@@ -104,7 +104,12 @@ class RolloutConfig:
     temperature: float = doc(1.0, "sampling temperature for training rollouts", gt=0)
     top_p: float = doc(1.0, "nucleus sampling for training rollouts", gt=0, le=1)
     eval_temperature: float = doc(0.0, "sampling temperature for held-out evaluation (0 = greedy)", ge=0)
-    tensor_parallel_size: int = doc(1, "vLLM tensor parallelism per worker (GPU only)", ge=1)
+    tensor_parallel_size: int = doc(
+        1,
+        "vLLM tensor parallelism per worker (GPU only): the engine gets a bundle of that many GPUs of "
+        "its own, so > 1 needs cluster.placement=separate",
+        ge=1,
+    )
     gpu_memory_utilization: float = doc(0.5, "vLLM GPU memory fraction (GPU only)", gt=0, le=1)
     max_model_len: Optional[int] = doc(
         None,
@@ -135,6 +140,12 @@ class RolloutConfig:
         "before the sync (vLLM sleep mode): 1 offloads weights to CPU and drops the KV "
         "cache, 2 drops both (the base weights are reloaded from model.path on wake); "
         "0 = off. vLLM's CPU backend frees nothing (it only pauses the engine)",
+    )
+    seed_per_prompt: Optional[bool] = doc(
+        None,
+        "seed each prompt's samples (the step's seed + the prompt's index): the same samples however the "
+        "prompts are split over engines, but vLLM samples such requests one by one, off its batched "
+        "(FlashInfer top-p) path; None = on CPU yes, on GPU no (the engine's own seed, set at its start)",
     )
     kv_cache_gib: int = doc(1, "vLLM CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)", ge=1)
     cpu_reserved_cores: Optional[int] = doc(
@@ -429,6 +440,12 @@ def validate(cfg: Config) -> None:
         cfg.rollout.sleep_level == 0 or cfg.trainer.rollout_ahead == 0,
         "rollout.sleep_level",
         "with trainer.rollout_ahead=1 the engines generate during the update, so they cannot sleep through it",
+    )
+    need(
+        cfg.rollout.tensor_parallel_size == 1 or cfg.cluster.placement == "separate",
+        "rollout.tensor_parallel_size",
+        f"{cfg.rollout.tensor_parallel_size} GPUs per engine need cluster.placement=separate (a colocated "
+        "engine shares one GPU with its learner)",
     )
     need(
         cfg.trainer.output_dir.strip() != "",

@@ -110,6 +110,13 @@ def close_engine(llm) -> None:
         core.shutdown()
 
 
+def seeds_per_prompt(cfg: Config) -> bool:
+    """``rollout.seed_per_prompt`` resolved where the engine runs (None: on CPUs only)."""
+    import torch
+
+    return cfg.rollout.seed_per_prompt if cfg.rollout.seed_per_prompt is not None else not torch.cuda.is_available()
+
+
 def generate(
     llm,
     prompts: list[str],
@@ -118,12 +125,13 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     top_p: float = 1.0,
-    seed: int = 0,
+    seed: Optional[int] = 0,
     policy_version: int = 0,
     lora_path: Optional[str] = None,
     min_new_tokens: int = 0,
 ) -> RolloutBatch:
-    """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``.
+    """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``
+    (``seed`` None: no per-request seeds, the engine's generator samples the batch at once).
     ``lora_path``: a LoRA adapter directory (peft layout) applied on top of the engine's weights."""
     import vllm
 
@@ -135,7 +143,7 @@ def generate(
             max_tokens=max_new_tokens,
             min_tokens=min_new_tokens,
             logprobs=0,
-            seed=seed + i,
+            seed=None if seed is None else seed + i,
         )
         for i in range(len(prompts))
     ]
@@ -201,9 +209,12 @@ class StalePolicyError(RuntimeError):
 
 
 def generate_checked(
-    llm, expected_version: int, prompts: list[str], samples_per_prompt: int, **sampling
+    llm, expected_version: int, prompts: list[str], samples_per_prompt: int, seeded: bool = True, **sampling
 ) -> RolloutBatch:
-    """``generate`` after checking that the engine holds ``expected_version`` (never sample a stale policy)."""
+    """``generate`` after checking that the engine holds ``expected_version`` (never sample a stale policy);
+    ``seeded`` False drops the per-prompt seeds (``seeds_per_prompt``)."""
+    if not seeded:
+        sampling["seed"] = None
     held = engine_version(llm)
     if held == TORN:
         raise StalePolicyError(

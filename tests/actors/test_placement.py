@@ -92,9 +92,9 @@ def test_separate_engines_with_tensor_parallelism_get_whole_gpus_of_their_own(gp
 
 
 def test_colocated_tensor_parallelism_is_refused_naming_the_key():
-    cfg = load_config(None, ["rollout.tensor_parallel_size=2"])
     with pytest.raises(ConfigError, match="rollout.tensor_parallel_size.*placement=separate"):
-        placement.plan(cfg, True)
+        load_config(None, ["rollout.tensor_parallel_size=2"])
+    cfg = load_config(None, ["rollout.tensor_parallel_size=2", "cluster.placement=separate"])
     assert placement.plan(cfg, False).tp == 1  # on CPUs the key does nothing
 
 
