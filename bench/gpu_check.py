@@ -279,10 +279,10 @@ def kernels(device, tiny: bool) -> dict:
     return out
 
 
-def preset(path: Path, **model):
+def preset(path: Path, **overrides: dict):
     """The preset's ``model``, ``rollout``, ``algorithm`` and ``learner`` sections on the schema's defaults,
     read with PyYAML (OmegaConf, the config loader's, is not on the GPU machine); unvalidated: the preset
-    itself is validated by the test suite."""
+    itself is validated by the test suite. ``overrides``: section name -> {key: value}."""
     import dataclasses
 
     import yaml
@@ -294,7 +294,7 @@ def preset(path: Path, **model):
     sections = {}
     for name in ("model", "rollout", "algorithm", "learner"):
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in (raw.get(name) or {}).items()}
-        sections[name] = dataclasses.replace(getattr(cfg, name), **{**values, **(model if name == "model" else {})})
+        sections[name] = dataclasses.replace(getattr(cfg, name), **{**values, **overrides.get(name, {})})
     return dataclasses.replace(cfg, **sections)
 
 
@@ -310,7 +310,7 @@ def main(argv=None) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run interpreted
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = preset(PRESET, dtype=str(dtype).removeprefix("torch."))
+    cfg = preset(PRESET, model={"dtype": str(dtype).removeprefix("torch.")})
     results = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": str(dtype),

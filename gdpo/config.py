@@ -330,6 +330,13 @@ class ClusterConfig:
         "a receiver that dies or hangs fails the sync within it",
         gt=0,
     )
+    gpu_memory_gb: Optional[float] = doc(
+        None,
+        "memory of one GPU in GiB, for the memory plan checked before Ray starts (gdpo check-config, "
+        "gdpo train): a run that cannot fit is refused naming the keys to change; None = read from this "
+        "machine's GPU where it has one, else no plan (a driver on a GPU-less head node: set it)",
+        gt=0,
+    )
     learner_resources: dict = doc_factory(
         dict,
         "Ray resources added to every learner bundle, e.g. {trainer_node: "

@@ -2,7 +2,8 @@
 
 The model path resolves and its tokenizer loads; both data sources load and fill the prompt
 template (and the tokenizer's chat template with ``data.use_chat_template``); every prompt plus
-``rollout.max_new_tokens`` fits the engines' context. Each failure names the config key, the file
+``rollout.max_new_tokens`` fits the engines' context; the run fits its GPUs' memory
+(``gdpo.memory_plan``, where the GPU memory is known). Each failure names the config key, the file
 or the sample, and comes before any actor, engine or DeepSpeed rank starts.
 """
 
@@ -127,7 +128,7 @@ def prepare_run(cfg: Config, log: Callable[[str], None] = print) -> RunInputs:
     """Resolve and check everything above; the trainer hands the result to the workers."""
     from gdpo.policy import resolve_model_path
 
-    return _prepare(cfg, resolve_model_path(cfg.model.path, cfg.sft, log, what=MODEL_KEY))
+    return _prepare(cfg, resolve_model_path(cfg.model.path, cfg.sft, log, what=MODEL_KEY), log)
 
 
 def check_run(cfg: Config, log: Callable[[str], None] = print) -> None:
@@ -147,10 +148,41 @@ def check_run(cfg: Config, log: Callable[[str], None] = print) -> None:
                 raise DataError(f"data.{role}: {err}") from None
             check_reward_fields(cfg, data, role)
         return
-    _prepare(cfg, resolve_model_path(cfg.model.path, cfg.sft, log, build=False, what=MODEL_KEY))
+    _prepare(cfg, resolve_model_path(cfg.model.path, cfg.sft, log, build=False, what=MODEL_KEY), log, plan_always=True)
 
 
-def _prepare(cfg: Config, model_path: str) -> RunInputs:
+def gpu_memory_gib(cfg: Config) -> float | None:
+    """``cluster.gpu_memory_gb``, else this machine's first GPU, else None."""
+    if cfg.cluster.gpu_memory_gb is not None:
+        return cfg.cluster.gpu_memory_gb
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return None
+
+
+def check_memory(cfg: Config, model_path: str, prompt_tokens: int, log: Callable[[str], None], always: bool = False):
+    """The memory plan (``gdpo.memory_plan``) of this run: logged where the GPU memory is known (or
+    ``always``), and a ConfigError naming the keys to change where it cannot fit. Returns it."""
+    from transformers import AutoConfig
+
+    from gdpo import memory_plan
+
+    gpu = gpu_memory_gib(cfg)
+    if gpu is None and not always:
+        return None
+    hf = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    plan = memory_plan.plan(cfg, memory_plan.ModelShape.of(hf), prompt_tokens, gpu)
+    for line in plan.lines():
+        log(f"memory plan: {line}")
+    why = memory_plan.refusal(plan, cfg)
+    if why is not None:
+        raise ConfigError(f"memory plan: {why}")
+    return plan
+
+
+def _prepare(cfg: Config, model_path: str, log: Callable[[str], None] = print, plan_always: bool = False) -> RunInputs:
     tokenizer = load_tokenizer(model_path, cfg)
     context = model_context(model_path, cfg)
     sets, longest = {}, 0
@@ -167,6 +199,7 @@ def _prepare(cfg: Config, model_path: str) -> RunInputs:
         )
         add_floor_column(sets[role], tokenizer, model_path)
         check_reward_fields(cfg, sets[role], role)
+    check_memory(cfg, model_path, longest, log, always=plan_always)
     return RunInputs(model_path, sets["train"], sets["eval"], context, longest)
 
 

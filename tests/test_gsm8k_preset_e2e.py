@@ -38,6 +38,7 @@ def test_gsm8k_preset_trains_with_sleeping_engines(tmp_path):
         "learner.micro_batch_per_worker=8",
         "learner.lr=1e-3",
         "rollout.sleep_level=2",
+        "learner.zero_stage=3",  # the preset's is 2 (a 1.5B model fits every GPU); ZeRO-3 sleeps here too
     )
     assert cfg.data.use_chat_template and cfg.learner.zero_stage == 3 and cfg.cluster.placement == "colocated"
     try:
