@@ -17,7 +17,8 @@ warm-up:
    preset's micro-batch and sequence length (prompt + ``rollout.max_new_tokens``), halving the
    micro-batch after an out-of-memory error. The batch is built on the CPU from a ``RolloutBatch``, as
    the driver builds it, and goes through the calls ``actors.learner.LearnerWorker`` makes
-   (``attach_logprobs``, then ``train_step``), so a batch that never reaches the device fails here.
+   (``attach_logprobs``, then ``train_step``), so a batch that never reaches the device fails here; the
+   memory plan's estimate of the peak (``gdpo/memory_plan.py``) beside the measured one.
 3. ``publish``: the merged weights a sync sends: the DoRA merge alone, and the whole file publish
    (merge, copy to host, hash, write) into a temporary directory.
 4. ``kernels``: the FP4 pack/unpack and fake-quant Triton kernels and the DoRA row-norm kernel against
@@ -154,7 +155,9 @@ def _driver_batch(n: int, prompt: int, completion: int, vocab: int):
 def update_step(device, dtype, tiny: bool, cfg) -> dict:
     import torch
 
-    from gdpo import dora, learner, weight_sync
+    import dataclasses
+
+    from gdpo import dora, learner, memory_plan, weight_sync
 
     model, config = _model(device, dtype, tiny)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -199,10 +202,17 @@ def update_step(device, dtype, tiny: bool, cfg) -> dict:
             engine.optimizer.zero_grad(set_to_none=True)
             micro //= 2
             continue
+        sized = dataclasses.replace(
+            cfg,
+            learner=dataclasses.replace(cfg.learner, micro_batch_per_worker=micro),
+            rollout=dataclasses.replace(cfg.rollout, max_new_tokens=completion),
+        )
+        planned = memory_plan.plan(sized, memory_plan.ModelShape.of(config), prompt, None)
         out.update(
             micro_batch=micro,
             median_s=statistics.median(times),
             peak_gib=_peak_gib(device),
+            plan_peak_gib=planned.learner_peak - memory_plan.CUDA_CONTEXT_GIB,  # the memory plan's estimate
             tokens_per_s=micro * width / statistics.median(times),
         )
         break

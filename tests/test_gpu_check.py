@@ -42,6 +42,7 @@ def _check(r: dict) -> None:
     assert all(row["median_s"] > 0 and row["peak_mib"] > 0 for row in layers)
     step = r["update_step"]
     assert step["tokens_per_s"] > 0 and step["micro_batch"] >= 1 and 0 < step["adapter_parameters"] < step["parameters"]
+    assert step["plan_peak_gib"] > 0
     pub = step["publish"]
     assert pub["bytes"] > 0 and pub["merge_s"] > 0 and pub["file_s"] > 0
 
@@ -59,4 +60,7 @@ def test_gpu_check_at_the_real_shape(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    _check(_run(tmp_path))
+    r = _run(tmp_path)
+    _check(r)
+    step = r["update_step"]
+    assert abs(step["plan_peak_gib"] / step["peak_gib"] - 1) < 0.25, step  # the memory plan against the GPU
