@@ -99,14 +99,7 @@ class Cluster:
         self.rendezvous = self._learner_call([self.learners[0].rendezvous_endpoint.remote()], "start")[0]
         started = [w.start.remote(*self.rendezvous) for w in self.learners]
         self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
-        # Engines on the learners' GPUs start once the learners hold their memory: vLLM's start-up profiling
-        # would count memory DeepSpeed allocates (or frees) meanwhile as its own. Elsewhere they start meanwhile.
-        shared = self.placement.use_gpu and self.placement.colocated
-        if not shared:
-            self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]
-        manifest = self._learner_call(started, "start")[0]  # DeepSpeed's init: the first run JIT-builds an op
-        if shared:
-            self.rollouts = [self._spawn_rollout(i) for i in range(cfg.rollout.num_workers)]
+        manifest = self._start_engines(started)
         self.weights = EngineSync(
             cfg, self.learners, manifest, self.run_id, "nccl" if self.use_gpu else "gloo", self.tp, self.log
         )
@@ -125,6 +118,18 @@ class Cluster:
             f"weight sync: {len(files)} engine(s) by file on learner 0's node, {len(members)} by "
             f"{'nccl' if self.use_gpu else 'gloo'} broadcast"
         )
+
+    def _start_engines(self, learners_started: list) -> list:
+        """Start the engines beside the learners' start; returns learner 0's sync manifest. Engines on the
+        learners' GPUs start once the learners hold their memory: vLLM's start-up profiling would count
+        memory DeepSpeed allocates (or frees) meanwhile as its own. Elsewhere they start meanwhile."""
+        shared = self.placement.use_gpu and self.placement.colocated
+        if not shared:
+            self.rollouts = [self._spawn_rollout(i) for i in range(self.cfg.rollout.num_workers)]
+        manifest = self._learner_call(learners_started, "start")[0]  # DeepSpeed's init: the first run JIT-builds
+        if shared:
+            self.rollouts = [self._spawn_rollout(i) for i in range(self.cfg.rollout.num_workers)]
+        return manifest
 
     # ------------------------------------------------------------------ placement
     def _make_placement(self) -> None:

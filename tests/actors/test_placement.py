@@ -102,3 +102,26 @@ def test_on_a_cpu_cluster_no_actor_asks_for_a_gpu():
     plan = placement.plan(load_config(), False)
     assert plan.bundles == [{"CPU": 1}] and "num_gpus" not in plan.learner_options(0)
     assert "num_gpus" not in plan.rollout_options(0)
+
+
+@pytest.mark.parametrize(
+    "placement_name, gpus, order",
+    [
+        ("colocated", True, ["learners started", "engine 0", "engine 1"]),  # shared GPUs: one after the other
+        ("separate", True, ["engine 0", "engine 1", "learners started"]),
+        ("colocated", False, ["engine 0", "engine 1", "learners started"]),  # CPUs: vLLM profiles no GPU
+    ],
+)
+def test_engines_on_the_learners_gpus_start_after_the_learners(placement_name, gpus, order):
+    from actors.cluster import Cluster
+
+    events = []
+    cluster = object.__new__(Cluster)  # the start-up order alone: no actors
+    cluster.cfg = load_config(
+        None, [f"cluster.placement={placement_name}", "rollout.num_workers=2", "learner.num_workers=2"]
+    )
+    cluster.placement = placement.plan(cluster.cfg, gpus)
+    cluster._spawn_rollout = lambda i: events.append(f"engine {i}")
+    cluster._learner_call = lambda refs, what: events.append("learners started") or ["manifest"]
+    assert cluster._start_engines(["ref"]) == "manifest"
+    assert events == order
