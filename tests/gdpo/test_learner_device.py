@@ -81,3 +81,20 @@ def test_the_update_hands_freed_gpu_memory_back_before_sleeping_engines_wake(
         model.weight = torch.nn.Parameter(torch.empty(2, 2, device=device))
     learner.release_cached_memory(model, cfg)
     assert len(calls) == released
+
+
+def test_publish_broadcasts_from_the_models_device(policy):
+    from gdpo import weight_sync
+
+    cfg, model, _ = policy
+    on_device = _on_device(model, FakeTensorMode(allow_non_fake_inputs=True))
+    sent = []
+
+    class Recording:  # the broadcast group's rank 0 end: what NCCL would be handed
+        def broadcast(self, tensor, src=0):
+            sent.append(tensor.device)
+
+    names = weight_sync.sync_module_names(on_device, cfg.learner.target_modules)
+    msg = learner.publish_weights(on_device, names, 1, comm=Recording(), bucket_mb=1)
+    assert msg.broadcast and msg.num_bytes > 0 and msg.path is None
+    assert len(sent) >= 4 and set(sent) == {DEVICE}  # header, sizes, then each bucket and its checksum
