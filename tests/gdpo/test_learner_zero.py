@@ -60,6 +60,7 @@ def _worker(rank, world, port, stage, model_path, out_dir):
     sums = learner.train_step(engine, share, cfg, global_tokens=tokens, global_seqs=8.0, world_size=world)
     names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
     msg = learner.publish_weights(model, names, 1, rank=rank, zero_stage=stage, directory=out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # rank 0's publish makes it; rank 1 may get here first
     Path(out_dir, f"checksums-{rank}").write_text(f"{before} {learner.checksum_params(model, stage)}")
     if rank == 0:
         torch.save({"grad_norm": sums.grad_norm, "path": msg.path}, os.path.join(out_dir, "result.pt"))

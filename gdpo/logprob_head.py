@@ -1,0 +1,124 @@
+"""Token log-probs and entropy from the final hidden states, a chunk of tokens at a time. Pure torch.
+
+The naive path materializes the ``[tokens x vocab]`` logits, copies them to fp32, keeps an fp32
+``log_softmax`` for backward and takes another for the entropy metric: at Qwen2.5's 151,936-token
+vocabulary each fp32 copy is 0.6 GB per thousand tokens. Here the output projection, its log-sum-exp,
+the target token's logit and the entropy are computed for ``chunk`` tokens at a time, and backward
+recomputes each chunk's logits from the saved hidden states instead of keeping them: memory that grows
+with the vocabulary is one chunk's ``[chunk x vocab]`` fp32 logits (and their gradient in backward),
+whatever the sequence length. The same math as ``gdpo.losses.token_logprobs`` / ``entropy_from_logits``:
+
+    log p(y_t) = z_t[y_t] - logsumexp(z_t),   H_t = logsumexp(z_t) - Σ_v softmax(z_t)_v · z_t,v
+    ∂ log p(y_t) / ∂z_t = onehot(y_t) - softmax(z_t),   z_t = W h_t
+
+The entropy is a metric and carries no gradient. Liger-Kernel's fused linear cross-entropy and verl's
+chunked entropy/log-prob computation do the same job for the same reason.
+
+:class:`LogprobHead` puts it inside the model: the output layer (``lm_head``, tied or not) changes class
+in place, so the weight keeps its name, its tying and its place under DeepSpeed (ZeRO-3 gathers the
+weight for the module's forward and again for its backward). Given targets (:func:`targets_for`), its
+forward returns ``[..., 2]`` per position (log-prob of the target, entropy) instead of logits; without,
+it is the plain linear layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def chunked_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """``[T, D], [V, D], [T] -> ([T], [T])`` fp32 log-probs of ``targets`` (differentiable in ``hidden``
+    and ``weight``) and entropies (no gradient), ``chunk`` tokens at a time."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 token, got {chunk}")
+    return _ChunkedLogprobs.apply(hidden, weight, targets, chunk)
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):  # hidden [T, D], weight [V, D], targets [T]
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [T]
+        entropy = torch.empty_like(logp)  # [T]
+        lse = torch.empty_like(logp)  # [T] kept for backward: the softmax without another reduction
+        for lo in range(0, n, chunk):
+            z = F.linear(hidden[lo : lo + chunk], weight).float()  # [c, V]
+            m = torch.logsumexp(z, dim=-1)  # [c]
+            lse[lo : lo + chunk] = m
+            logp[lo : lo + chunk] = z.gather(-1, targets[lo : lo + chunk, None]).squeeze(-1) - m
+            z.sub_(m[:, None])  # z - lse = log p, in place
+            entropy[lo : lo + chunk] = -(z.exp() * z).sum(-1)
+            del z
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):  # grad_logp [T]
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for lo in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[lo : lo + ctx.chunk]
+            g = grad_logp[lo : lo + ctx.chunk].float()  # [c]
+            z = F.linear(h, weight).float()  # [c, V] recomputed
+            z.sub_(lse[lo : lo + ctx.chunk, None]).exp_().mul_(-g[:, None])  # -g · softmax
+            z.scatter_add_(-1, targets[lo : lo + ctx.chunk, None], g[:, None])  # + g · onehot
+            dz = z.to(hidden.dtype)  # [c, V]
+            if need_h:
+                grad_h[lo : lo + ctx.chunk] = dz @ weight
+            if need_w:
+                grad_w.addmm_(dz.T.float(), h.float())
+            del z, dz
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+class LogprobHead(nn.Linear):
+    """The model's output layer (``nn.Linear``, its class swapped in place by :func:`install`): with
+    ``targets`` set it returns ``[..., 2]`` (log-prob of each position's target, entropy) through
+    :func:`chunked_logprobs`; without, logits as before."""
+
+    targets: Tensor | None = None  # [..., L] the token each position predicts (set by targets_for)
+    chunk: int = 1024
+
+    def forward(self, hidden: Tensor) -> Tensor:  # [..., L, D]
+        if self.targets is None:
+            return super().forward(hidden)
+        lead = hidden.shape[:-1]
+        if self.targets.shape != lead:
+            raise ValueError(f"targets {tuple(self.targets.shape)} do not match the hidden states {tuple(lead)}")
+        flat = hidden.reshape(-1, hidden.shape[-1])  # [N, D]
+        logp, entropy = chunked_logprobs(flat, self.weight, self.targets.reshape(-1), self.chunk)
+        return torch.stack([logp, entropy], dim=-1).reshape(*lead, 2)
+
+
+def install(model: nn.Module, chunk: int) -> LogprobHead:
+    """Make ``model``'s output embeddings a :class:`LogprobHead` (the same module object and weight)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        raise ValueError(f"chunked log-probs need a bias-free nn.Linear output layer, got {type(head).__name__}")
+    if not isinstance(head, LogprobHead):
+        head.__class__ = LogprobHead
+    head.chunk = chunk
+    return head
+
+
+@contextlib.contextmanager
+def targets_for(model: nn.Module, input_ids: Tensor):
+    """Within: the model's forward returns ``[n, L, 2]`` (log-prob of token t+1 at position t, entropy)
+    in place of logits; the last position predicts nothing (its target is a dummy, its values
+    meaningless). ``[n, L]`` input ids."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, LogprobHead):
+        raise TypeError("the model's output layer is not a LogprobHead: call gdpo.logprob_head.install first")
+    head.targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # [n, L]; the last one a dummy
+    try:
+        yield head
+    finally:
+        head.targets = None

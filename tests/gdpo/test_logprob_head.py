@@ -1,0 +1,77 @@
+"""Chunked log-probs and entropy equal the naive ``[tokens x vocab]`` path: values, gradients in the hidden
+states and the output weight, and inside a real (tiny) Qwen2 policy with tied embeddings and DoRA adapters."""
+
+import pytest
+import torch
+
+from gdpo import learner, logprob_head
+from gdpo.config import load_config
+from gdpo.losses import entropy_from_logits, token_logprobs
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_values_and_gradients_equal_the_naive_path(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=g, dtype=torch.float64).float().requires_grad_()
+    weight = (torch.randn(300, 16, generator=g) * 0.5).requires_grad_()
+    targets = torch.randint(0, 300, (50,), generator=g)
+    upstream = torch.randn(50, generator=g)
+
+    logits = hidden @ weight.T  # [T, V]
+    ref_logp = token_logprobs(logits[None], targets[None])[0]
+    ref_ent = entropy_from_logits(logits.detach()[None])[0]
+    ref_gh, ref_gw = torch.autograd.grad((ref_logp * upstream).sum(), (hidden, weight))
+
+    logp, ent = logprob_head.chunked_logprobs(hidden, weight, targets, chunk)
+    gh, gw = torch.autograd.grad((logp * upstream).sum(), (hidden, weight))
+    assert logp.dtype == torch.float32 and not ent.requires_grad
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gh, ref_gh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gw, ref_gw, atol=1e-5, rtol=0)
+
+
+def test_a_frozen_weight_gets_no_gradient_and_bf16_hidden_states_keep_their_dtype():
+    hidden = torch.randn(9, 8, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(20, 8, dtype=torch.bfloat16)
+    logp, _ = logprob_head.chunked_logprobs(hidden, weight, torch.randint(0, 20, (9,)), 4)
+    logp.sum().backward()
+    assert logp.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16 and weight.grad is None
+
+
+@pytest.fixture
+def policy(tmp_path):
+    from tests.gdpo.test_learner_zero import _fixed_batch
+    from tests.helpers.chat_model import build_chat_model
+
+    cfg = load_config(None, ["learner.micro_batch_per_worker=8"])
+    model, tok = learner.build_policy(str(build_chat_model(tmp_path / "m")), cfg)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data += 0.02 * torch.randn_like(p)  # adapters away from their zero start
+    return model, _fixed_batch(tok)
+
+
+def test_inside_the_policy_with_tied_embeddings_log_probs_entropy_and_adapter_gradients_agree(policy):
+    model, batch = policy
+    assert model.config.tie_word_embeddings
+    ids, att, mask = batch.input_ids, batch.attention_mask, batch.loss_mask[:, 1:]
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+    ref_logp = token_logprobs(logits, ids[:, 1:])
+    ref_ent = entropy_from_logits(logits.detach())
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad((ref_logp * mask).sum(), adapters)
+
+    head = logprob_head.install(model, chunk=5)
+    assert head is model.lm_head and head.weight is model.model.embed_tokens.weight  # still tied
+    with logprob_head.targets_for(model, ids):
+        out = model(input_ids=ids, attention_mask=att).logits[:, :-1]  # [n, L-1, 2]
+    logp, ent = out[..., 0], out[..., 1]
+    grads = torch.autograd.grad((logp * mask).sum(), adapters)
+    real = att[:, 1:] > 0
+    torch.testing.assert_close(logp[real], ref_logp[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[real], ref_ent[real], atol=1e-5, rtol=0)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    assert model(input_ids=ids, attention_mask=att).logits.shape[-1] == model.config.vocab_size  # logits again
