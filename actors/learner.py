@@ -49,7 +49,10 @@ class LearnerWorker:
 
     def policy_logprobs(self, batch: TrainBatch):
         """``[N, L-1]`` log-probs of the batch's tokens under this rank's current policy (for checks)."""
-        return learner.sequence_logprobs(self.model, batch, self.cfg.learner.micro_batch_per_worker)
+        ln = self.cfg.learner
+        return learner.sequence_logprobs(
+            self.model, batch, ln.micro_batch_per_worker, max_tokens=ln.max_tokens_per_micro_batch
+        )
 
     def update(self, batch: TrainBatch, global_tokens: float, global_seqs: float) -> dict:
         self.dirty = True

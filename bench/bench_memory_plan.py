@@ -3,7 +3,8 @@ on the CPU, at small Qwen2 shapes with random weights.
 
     .venv/bin/python bench/bench_memory_plan.py
 
-The update is ``gdpo.learner.train_step`` with the plain-PyTorch engine (no ZeRO: the plan's ZeRO-2 at one
+Each shape runs twice: the full ``[tokens x vocab]`` logits (``learner.logprob_chunk_tokens=0``) and the
+chunked log-prob head. The update is ``gdpo.learner.train_step`` with the plain-PyTorch engine (no ZeRO: the plan's ZeRO-2 at one
 learner): the driver's CPU batch, the forward, the loss, the entropy metric, the backward and AdamW's
 step. The peak counts every tensor storage alive at once (``bench.bench_dora.LiveBytes``: parameters,
 adapter gradients and moments, activations, logits). The plan's CUDA-context term is left out (no GPU).
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_dora import LiveBytes  # noqa: E402
 from bench.gpu_check import _driver_batch, preset  # noqa: E402
-from gdpo import dora, learner, memory_plan  # noqa: E402
+from gdpo import dora, learner, logprob_head, memory_plan  # noqa: E402
 
 PRESET = Path(__file__).resolve().parents[1] / "gdpo" / "configs" / "tiny_cpu.yaml"
 # (hidden, layers, heads, kv heads, intermediate, vocab, micro-batch, prompt, completion)
@@ -34,7 +35,8 @@ SHAPES = [
 ]
 
 
-def measure(shape: tuple, rank: int) -> tuple[float, float]:
+def measure(shape: tuple, rank: int, chunk: int = 0) -> tuple[float, float]:
+    """(measured, planned) peak GiB of one update; ``chunk`` > 0: through the chunked log-prob head."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     hidden, layers, heads, kv, inter, vocab, micro, prompt, completion = shape
@@ -52,7 +54,12 @@ def measure(shape: tuple, rank: int) -> tuple[float, float]:
     cfg = preset(
         PRESET,
         model={"dtype": "float32"},
-        learner={"micro_batch_per_worker": micro, "dora_rank": rank, "dora_alpha": 2.0 * rank},
+        learner={
+            "micro_batch_per_worker": micro,
+            "dora_rank": rank,
+            "dora_alpha": 2.0 * rank,
+            "logprob_chunk_tokens": chunk,
+        },
         rollout={"max_new_tokens": completion},
     )
     torch.manual_seed(0)
@@ -60,6 +67,8 @@ def measure(shape: tuple, rank: int) -> tuple[float, float]:
     dora.apply_dora(model, list(cfg.learner.target_modules), rank, cfg.learner.dora_alpha)
     for _, layer in dora.dora_layers(model):
         layer.lora_B.data.normal_(0, 0.01)
+    if chunk:
+        logprob_head.install(model, chunk)
     engine = learner.PlainEngine(model, cfg)
     batch = _driver_batch(micro, prompt, completion, vocab)
     tokens = float(batch.loss_mask[:, 1:].sum())
@@ -78,15 +87,20 @@ def measure(shape: tuple, rank: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=64, help="the chunked path's chunk (small shapes: small chunks)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     worst = 0.0
-    print(f"{'shape (h, L, heads, kv, I, V, micro, prompt, completion)':<58}{'measured':>10}{'plan':>10}{'error':>8}")
+    print(
+        f"{'shape (h, L, heads, kv, I, V, micro, prompt, completion)':<58}{'logits':>8}{'measured':>10}{'plan':>10}{'error':>8}"
+    )
     for shape in SHAPES:
-        measured, estimate = measure(shape, args.rank)
-        err = estimate / measured - 1
-        worst = max(worst, abs(err))
-        print(f"{str(shape):<58}{measured * 1024:>8.1f}Mi{estimate * 1024:>8.1f}Mi{err:>+8.1%}")
+        for chunk in (0, args.chunk):
+            measured, estimate = measure(shape, args.rank, chunk)
+            err = estimate / measured - 1
+            worst = max(worst, abs(err))
+            path = f"c{chunk}" if chunk else "full"
+            print(f"{str(shape):<58}{path:>8}{measured * 1024:>8.1f}Mi{estimate * 1024:>8.1f}Mi{err:>+8.1%}")
     print(f"largest error {worst:.1%} (target: within 25%)")
     return 0 if worst <= 0.25 else 1
 

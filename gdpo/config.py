@@ -239,6 +239,25 @@ class LearnerConfig:
     )
     lr_warmup_steps: int = doc(0, "linear warm-up optimizer steps", ge=0)
     min_lr_ratio: float = doc(0.1, "cosine schedule: final lr as a fraction of learner.lr", ge=0, le=1)
+    logprob_chunk_tokens: int = doc(
+        1024,
+        "log-probs and entropy from the final hidden states, this many tokens at a time "
+        "(gdpo/logprob_head.py): the [tokens x vocab] logits never exist whole, and backward recomputes "
+        "each chunk's; 0 = the full logits in fp32 (the naive path)",
+        ge=0,
+    )
+    gradient_checkpointing: bool = doc(
+        False,
+        "activation checkpointing (non-reentrant, DoRA layers inside the checkpointed decoder layers): "
+        "each layer keeps only its input and is recomputed in backward, about a third more compute",
+    )
+    max_tokens_per_micro_batch: int = doc(
+        0,
+        "micro-batches by a token budget: sequences sorted by length and packed while rows x the longest "
+        "stay within it (a longer sequence gets a micro-batch of its own); 0 = micro_batch_per_worker "
+        "sequences each",
+        ge=0,
+    )
     dora_rank: int = doc(8, "DoRA rank r", ge=1)
     dora_alpha: float = doc(16.0, "DoRA alpha (scale s = alpha / r)", gt=0)
     cpu_threads: int = doc(

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from gdpo.config import Config, cpu_threads_per_worker
-from gdpo import dora, weight_sync
+from gdpo import dora, logprob_head, weight_sync
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
 from gdpo.policy import save_tokenizer
 from gdpo.records import TrainBatch, UpdateSums, WeightUpdate
@@ -50,6 +50,10 @@ def build_policy(model_path: str, cfg: Config):
         raise ValueError(f"config key 'learner.target_modules' on {model_path}: {e}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if cfg.learner.logprob_chunk_tokens:
+        logprob_head.install(model, cfg.learner.logprob_chunk_tokens)
+    if cfg.learner.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
@@ -130,13 +134,17 @@ def lr_factor(cfg: Config):
     return factor
 
 
-def micro_batches(batch: TrainBatch, micro: int, by_length: bool = True) -> list[tuple[torch.Tensor, TrainBatch]]:
-    """``(rows, micro-batch)`` pairs of at most ``micro`` sequences: sequences sorted by length (longest
-    first) so that similar lengths share a micro-batch, each cut to its own longest sequence. The forward
-    then pads to the micro-batch's longest sequence, not the step's, while completion lengths vary
-    severalfold within a step (verl's remove-padding and dynamic batch size aim at the same waste). The
-    loss's denominators are global, so the grouping changes no term of it. ``by_length=False``: consecutive
-    rows at the step's full width (the layout before, kept for bench/bench_padding.py)."""
+def micro_batches(
+    batch: TrainBatch, micro: int, by_length: bool = True, max_tokens: int = 0
+) -> list[tuple[torch.Tensor, TrainBatch]]:
+    """``(rows, micro-batch)`` pairs: sequences sorted by length (longest first) so that similar lengths
+    share a micro-batch, each cut to its own longest sequence. The forward then pads to the micro-batch's
+    longest sequence, not the step's, while completion lengths vary severalfold within a step (verl's
+    remove-padding and dynamic batch size aim at the same waste). ``max_tokens`` > 0: as many sequences as
+    keep rows x the longest within that budget (one longer than it alone), so a micro-batch's memory is
+    bounded whatever the lengths; else ``micro`` sequences each. The loss's denominators are global, so the
+    grouping changes no term of it. ``by_length=False``: consecutive rows at the step's full width (the
+    layout before, kept for bench/bench_padding.py)."""
     lengths = batch.attention_mask.sum(1)
     if not by_length:
         return [
@@ -144,15 +152,33 @@ def micro_batches(batch: TrainBatch, micro: int, by_length: bool = True) -> list
             for lo in range(0, len(batch), micro)
         ]
     order = torch.argsort(lengths, descending=True, stable=True)
-    out = []
-    for lo in range(0, len(batch), micro):
-        rows = order[lo : lo + micro]
-        out.append((rows, batch.select(rows).trimmed(int(lengths[rows].max()))))
-    return out
+    groups, lo = [], 0
+    while lo < len(batch):
+        if max_tokens:  # the first row is the longest: rows x its length is the padded size
+            n = max(1, min(len(batch) - lo, max_tokens // int(lengths[order[lo]])))
+        else:
+            n = micro
+        groups.append(order[lo : lo + n])
+        lo += n
+    return [(rows, batch.select(rows).trimmed(int(lengths[rows].max()))) for rows in groups]
+
+
+def next_token_logprobs(forward, model, ids: torch.Tensor, att: torch.Tensor, entropy: bool = False):
+    """``forward(input_ids=, attention_mask=)`` (the model, or the DeepSpeed engine around it) ->
+    ``([n, L-1] log-prob of token t+1 at position t, [n, L-1] entropy or None, logits or None)``. Through
+    the chunked head where the model has one (``learner.logprob_chunk_tokens``: no ``[tokens x vocab]``
+    tensor, the entropy comes with it); else from the full logits, which are returned for the caller's
+    entropy metric (taken after backward, when the activations are gone)."""
+    if isinstance(model.get_output_embeddings(), logprob_head.LogprobHead):
+        with logprob_head.targets_for(model, ids):
+            out = forward(input_ids=ids, attention_mask=att).logits[:, :-1]  # [n, L-1, 2]
+        return out[..., 0], (out[..., 1] if entropy else None), None
+    logits = forward(input_ids=ids, attention_mask=att).logits[:, :-1]  # [n, L-1, V]
+    return token_logprobs(logits, ids[:, 1:]), None, logits
 
 
 @torch.no_grad()
-def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = True) -> torch.Tensor:
+def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = True, max_tokens: int = 0) -> torch.Tensor:
     """Log-prob of token t+1 at position t: ``[N, L-1]``, on the batch's device (each micro-batch is moved to
     the model's); only a sequence's own positions are meaningful (past them: a padding token's log-prob, or
     0 past its micro-batch's width). Reference = adapters disabled, no model copy."""
@@ -161,11 +187,11 @@ def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = Tru
     device = device_of(model)
     out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1, device=batch.input_ids.device)
     try:
-        for rows, mb in micro_batches(batch, micro):
+        for rows, mb in micro_batches(batch, micro, max_tokens=max_tokens):
             ids, att = mb.input_ids.to(device), mb.attention_mask.to(device)
             with contextlib.nullcontext() if adapters else dora.adapters_disabled(model):
-                logits = model(input_ids=ids, attention_mask=att).logits
-            out[rows, : ids.shape[1] - 1] = token_logprobs(logits[:, :-1], ids[:, 1:]).to(out.device)
+                logp, _, _ = next_token_logprobs(model, model, ids, att)
+            out[rows, : ids.shape[1] - 1] = logp.to(out.device)
     finally:
         model.train(was_training)
     return out
@@ -233,7 +259,7 @@ def accumulate_gradients(
     ``[len(_DEVICE_SUMS)]`` metric sums, still on the model's device (no sync per micro-batch)."""
     alg = cfg.algorithm
     device = device_of(engine.module)
-    parts = micro_batches(batch, cfg.learner.micro_batch_per_worker, by_length)
+    parts = micro_batches(batch, cfg.learner.micro_batch_per_worker, by_length, cfg.learner.max_tokens_per_micro_batch)
     sums = UpdateSums()
     on_device = torch.zeros(len(_DEVICE_SUMS), device=device)
     engine.train()
@@ -244,8 +270,9 @@ def accumulate_gradients(
         sums.padded_tokens += host_mb.attention_mask.numel()
         mb = host_mb.to(device)
         engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
-        logits = engine(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[:, :-1]  # [n, L-1, V]
-        logp = token_logprobs(logits, mb.input_ids[:, 1:])  # [n, L-1]
+        logp, entropy, logits = next_token_logprobs(
+            engine, engine.module, mb.input_ids, mb.attention_mask, entropy=True
+        )  # [n, L-1] each
         mask = mb.loss_mask[:, 1:]  # [n, L-1]
         out = policy_loss(
             logp,
@@ -264,6 +291,9 @@ def accumulate_gradients(
         )
         engine.backward(out.loss * world_size, scale_wrt_gas=False)
         with torch.no_grad():
+            if entropy is None:  # the naive path: from the full logits, after backward
+                entropy = entropy_from_logits(logits.detach())
+            del logits
             drift = torch.zeros((), device=device)  # how far the learner's policy is from the one that sampled
             if mb.sampling_logprobs is not None:
                 drift = ((logp - mb.sampling_logprobs).abs() * mask).sum()
@@ -273,7 +303,7 @@ def accumulate_gradients(
                     out.pg_loss.float(),
                     out.kl.float() * n_tok,
                     out.clip_fraction.float() * n_tok,
-                    (entropy_from_logits(logits.detach()) * mask).sum().float(),
+                    (entropy * mask).sum().float(),
                     drift.float(),
                 ]
             )
@@ -409,11 +439,11 @@ def behaviour_logprobs(mb: TrainBatch, logp: torch.Tensor, cfg: Config) -> torch
 
 def attach_logprobs(model, batch: TrainBatch, cfg: Config) -> TrainBatch:
     """Old log-probs where the update needs a pass for them, and the reference's when KL is on."""
-    micro = cfg.learner.micro_batch_per_worker
+    micro, budget = cfg.learner.micro_batch_per_worker, cfg.learner.max_tokens_per_micro_batch
     if needs_old_logprobs(cfg):
-        batch.old_logprobs = sequence_logprobs(model, batch, micro, adapters=True)
+        batch.old_logprobs = sequence_logprobs(model, batch, micro, adapters=True, max_tokens=budget)
     if cfg.algorithm.kl_coef > 0:
-        batch.ref_logprobs = sequence_logprobs(model, batch, micro, adapters=False)
+        batch.ref_logprobs = sequence_logprobs(model, batch, micro, adapters=False, max_tokens=budget)
     return batch
 
 

@@ -42,7 +42,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):  # hidden [T, D], weight [V, D], targets [T]
         n = hidden.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [T]
+        logp = hidden.new_empty(n, dtype=torch.float32)  # [T]
         entropy = torch.empty_like(logp)  # [T]
         lse = torch.empty_like(logp)  # [T] kept for backward: the softmax without another reduction
         for lo in range(0, n, chunk):
@@ -51,7 +51,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             lse[lo : lo + chunk] = m
             logp[lo : lo + chunk] = z.gather(-1, targets[lo : lo + chunk, None]).squeeze(-1) - m
             z.sub_(m[:, None])  # z - lse = log p, in place
-            entropy[lo : lo + chunk] = -(z.exp() * z).sum(-1)
+            entropy[lo : lo + chunk] = -z.exp().mul_(z).sum(-1)  # one [c, V] temporary beside z
             del z
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
@@ -63,7 +63,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = weight.new_zeros(weight.shape, dtype=torch.float32) if need_w else None
         for lo in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[lo : lo + ctx.chunk]
             g = grad_logp[lo : lo + ctx.chunk].float()  # [c]

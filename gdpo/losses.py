@@ -111,7 +111,7 @@ def policy_loss(
         kl_metric = (kl_tokens.detach() * fmask).sum() / n_tok
     else:
         loss = pg_loss
-        kl_metric = torch.zeros((), dtype=logp.dtype)
+        kl_metric = torch.zeros((), dtype=logp.dtype, device=logp.device)
     with torch.no_grad():
         was_clipped = (ratio * adv != torch.minimum(ratio * adv, clipped_ratio * adv)).to(logp.dtype)
         clip_fraction = (was_clipped * fmask).sum() / n_tok

@@ -6,12 +6,15 @@ Per learner GPU, from the model's shape and the config:
   two layers at a time);
 - DoRA adapters ``r·(in + out) + out`` per adapted projection, kept in fp32 with their fp32 gradients and
   AdamW's two moments (16 bytes a parameter; ZeRO-2 partitions the moments, ZeRO-3 everything);
-- activations of one micro-batch of ``micro_batch_per_worker x (longest prompt + max_new_tokens)`` tokens:
-  what a Qwen2-style decoder layer saves for backward per token (below), times the layers; with activation
-  checkpointing only each layer's input is kept and one layer is recomputed at a time;
-- the logits, beside the activations at the start of backward: ``tokens x vocab`` in the model's dtype, the
-  fp32 ``log_softmax`` kept for backward, its gradient and its input's (b + 12 bytes a token and vocabulary
-  entry); after backward, alone, the entropy metric's fp32 copies (16 bytes, 18 in bf16).
+- activations of one micro-batch of ``micro_batch_per_worker x (longest prompt + max_new_tokens)`` tokens
+  (``learner.max_tokens_per_micro_batch`` when set, or one whole sequence if longer): what a Qwen2-style
+  decoder layer saves for backward per token (below), times the layers; with activation checkpointing
+  (``learner.gradient_checkpointing``) only each layer's input is kept and one layer is recomputed at a time;
+- the logits: with ``learner.logprob_chunk_tokens`` (the default) one chunk's fp32 logits and one fp32
+  temporary (8 bytes a chunk token and vocabulary entry, whatever the sequence length); on the naive
+  path, beside the activations at the start of backward, ``tokens x vocab`` in the model's dtype, the fp32
+  ``log_softmax`` kept for backward, its gradient and its input's (b + 12 bytes), and after backward, alone,
+  the entropy metric's fp32 copies (16 bytes, 18 in bf16).
 
 Per engine: ``rollout.gpu_memory_utilization`` of the GPU while awake (vLLM takes that fraction whatever
 the model needs, and refuses to start where less is free); asleep through the update (``sleep_level`` >= 1)
@@ -112,8 +115,8 @@ class MemoryPlan:
     tokens_per_micro_batch: int
     weights: float  # frozen base (this rank's share under ZeRO-3, plus its gathered layers)
     adapters: float  # adapter parameters, gradients and AdamW moments (this rank's share)
-    activations: float  # without activation checkpointing
-    activations_checkpointed: float  # with it (each layer's input + one layer recomputed)
+    activations: float  # as configured (learner.gradient_checkpointing)
+    activations_checkpointed: float  # with checkpointing (each layer's input + one layer recomputed)
     logits: float  # beside the activations, at the start of backward
     entropy: float  # the entropy metric's copies, after backward (the activations gone)
     engine_awake: float  # an engine's share of a GPU while it generates
@@ -121,6 +124,7 @@ class MemoryPlan:
     engine_weights: float  # the model's weights in one engine (its share under tensor parallelism)
     kv_cache_tokens: int  # tokens of KV cache left in an engine's share (0: none, or the GPU unknown)
     colocated: bool
+    checkpointing: bool = False  # whether `activations` is the checkpointed figure
 
     @property
     def learner_resident(self) -> float:
@@ -144,8 +148,13 @@ class MemoryPlan:
             f"GPU memory: {gpu}; a micro-batch is {self.tokens_per_micro_batch:,} tokens",
             f"learner: weights {_size(self.weights)} + adapters/grads/AdamW {_size(self.adapters)} + CUDA context "
             f"{_size(CUDA_CONTEXT_GIB)} = {_size(self.learner_resident)} resident",
-            f"learner: activations {_size(self.activations)} ({_size(self.activations_checkpointed)} with "
-            f"activation checkpointing) + logits {_size(self.logits)} -> peak {_size(self.learner_peak)}",
+            f"learner: activations {_size(self.activations)} ("
+            + (
+                "with activation checkpointing"
+                if self.checkpointing
+                else f"{_size(self.activations_checkpointed)} with learner.gradient_checkpointing"
+            )
+            + f") + logits {_size(self.logits)} -> peak {_size(self.learner_peak)}",
         ]
         if self.gpu_gib is None:
             return out
@@ -172,7 +181,9 @@ def plan(cfg, shape: ModelShape, prompt_tokens: int, gpu_gib: float | None) -> M
     b = DTYPE_BYTES[cfg.model.dtype]
     ln, r = cfg.learner, cfg.learner.dora_rank
     world = ln.num_workers
-    tokens = ln.micro_batch_per_worker * (prompt_tokens + cfg.rollout.max_new_tokens)
+    sequence = prompt_tokens + cfg.rollout.max_new_tokens
+    budget = ln.max_tokens_per_micro_batch
+    tokens = max(budget, sequence) if budget else ln.micro_batch_per_worker * sequence
     base = shape.params() * b
     adapters = shape.adapter_params(ln.target_modules, r)
     if ln.zero_stage == 3:
@@ -185,10 +196,13 @@ def plan(cfg, shape: ModelShape, prompt_tokens: int, gpu_gib: float | None) -> M
     outside = b * shape.hidden * 2 + 4 * shape.hidden  # embeddings' output, the final norm
     activations = tokens * (per_layer * shape.layers + outside)
     checkpointed = tokens * (b * shape.hidden * shape.layers + 2 * per_layer + outside)
-    # beside the activations, at the start of backward: the logits, the fp32 log_softmax kept for backward,
-    # its gradient and its input's (b + 12 bytes); after backward, alone: the entropy metric's fp32 copies
-    logits = tokens * shape.vocab * (b + 12)
-    entropy = tokens * shape.vocab * (b + 12 + (4 if b != 4 else 0))
+    if ln.logprob_chunk_tokens:  # one chunk's fp32 logits and one fp32 temporary (forward and backward)
+        logits = min(tokens, ln.logprob_chunk_tokens) * shape.vocab * 8
+        entropy = 0.0
+    else:  # beside the activations, at the start of backward: the logits, the fp32 log_softmax kept for
+        # backward, its gradient and its input's (b + 12 bytes); after backward, alone: the entropy's copies
+        logits = tokens * shape.vocab * (b + 12)
+        entropy = tokens * shape.vocab * (b + 12 + (4 if b != 4 else 0))
     awake = cfg.rollout.gpu_memory_utilization * gpu_gib if gpu_gib is not None else 0.0
     colocated = cfg.cluster.placement == "colocated"
     during = ENGINE_ASLEEP_GIB if cfg.rollout.sleep_level else awake
@@ -202,7 +216,8 @@ def plan(cfg, shape: ModelShape, prompt_tokens: int, gpu_gib: float | None) -> M
         tokens_per_micro_batch=tokens,
         weights=weights / GIB,
         adapters=adapter_bytes / GIB,
-        activations=activations / GIB,
+        activations=(checkpointed if ln.gradient_checkpointing else activations) / GIB,
+        checkpointing=ln.gradient_checkpointing,
         activations_checkpointed=checkpointed / GIB,
         logits=logits / GIB,
         entropy=entropy / GIB,
@@ -220,8 +235,12 @@ def refusal(p: MemoryPlan, cfg) -> str | None:
     if p.gpu_gib is None:
         return None
     usable = HEADROOM * p.gpu_gib
-    shrink = "lower learner.micro_batch_per_worker (or rollout.max_new_tokens)" + (
-        ", use learner.zero_stage=3" if cfg.learner.zero_stage == 2 and cfg.learner.num_workers > 1 else ""
+    ln = cfg.learner
+    shrink = (
+        "lower learner.micro_batch_per_worker (or learner.max_tokens_per_micro_batch, rollout.max_new_tokens)"
+        + ("" if ln.gradient_checkpointing else ", set learner.gradient_checkpointing=true")
+        + ("" if ln.logprob_chunk_tokens else ", set learner.logprob_chunk_tokens=1024")
+        + (", use learner.zero_stage=3" if ln.zero_stage == 2 and ln.num_workers > 1 else "")
     )
     if p.update_phase > usable:
         engine = ""

@@ -20,9 +20,12 @@ def model_path(tmp_path_factory):
     return str(build_chat_model(tmp_path_factory.mktemp("m") / "m"))
 
 
-@pytest.fixture
-def policy(model_path):
-    cfg = load_config(None, ["learner.micro_batch_per_worker=3", "algorithm.kl_coef=0.05"])
+@pytest.fixture(params=[1024, 0], ids=["chunked-logprobs", "full-logits"])
+def policy(model_path, request):
+    cfg = load_config(
+        None,
+        ["learner.micro_batch_per_worker=3", "algorithm.kl_coef=0.05", f"learner.logprob_chunk_tokens={request.param}"],
+    )
     model, tok = learner.build_policy(model_path, cfg)
     batch = _fixed_batch(tok)  # on the CPU, as the driver builds it
     return cfg, model, batch

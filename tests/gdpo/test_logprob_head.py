@@ -75,3 +75,35 @@ def test_inside_the_policy_with_tied_embeddings_log_probs_entropy_and_adapter_gr
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
     assert model(input_ids=ids, attention_mask=att).logits.shape[-1] == model.config.vocab_size  # logits again
+
+
+def test_the_update_through_the_chunked_head_equals_the_full_logits_one(tmp_path):
+    import copy
+
+    from tests.gdpo.test_learner_zero import _fixed_batch
+    from tests.gdpo.test_micro_batches import _Recording
+    from tests.helpers.chat_model import build_chat_model
+
+    path = str(build_chat_model(tmp_path / "m"))
+    results = []
+    for chunk in (0, 6):
+        cfg = load_config(None, ["learner.micro_batch_per_worker=3", f"learner.logprob_chunk_tokens={chunk}"])
+        model, tok = learner.build_policy(path, cfg)
+        assert isinstance(model.lm_head, logprob_head.LogprobHead) is bool(chunk)
+        torch.manual_seed(1)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data += 0.02 * torch.randn_like(p)
+        batch = _fixed_batch(tok)
+        engine = _Recording(copy.deepcopy(model), cfg)
+        sums = learner.train_step(
+            engine, batch, cfg, global_tokens=float(batch.loss_mask[:, 1:].sum()), global_seqs=8.0, world_size=1
+        )
+        results.append((sums, engine.grads))
+    (full, w_full), (chunked, w_chunked) = results
+    assert chunked.loss == pytest.approx(full.loss, abs=1e-6)
+    assert chunked.entropy_tokens == pytest.approx(full.entropy_tokens, rel=1e-5)
+    assert chunked.drift_tokens == pytest.approx(full.drift_tokens, rel=1e-5)
+    assert chunked.grad_norm == pytest.approx(full.grad_norm, rel=1e-4)
+    for a, b in zip(w_full, w_chunked):  # the same gradients (AdamW's first step would magnify float noise)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -20,8 +20,9 @@ def _preset(*overrides):
 def test_the_estimate_is_within_a_quarter_of_a_measured_update_peak():
     from bench.bench_memory_plan import SHAPES, measure
 
-    measured, estimate = measure(SHAPES[0], rank=8)  # the plan's formula against LiveBytes' count
-    assert abs(estimate / measured - 1) < 0.25, (measured, estimate)
+    for chunk in (0, 64):  # the full logits, the chunked head
+        measured, estimate = measure(SHAPES[0], rank=8, chunk=chunk)  # the plan's formula against LiveBytes
+        assert abs(estimate / measured - 1) < 0.25, (chunk, measured, estimate)
 
 
 def test_the_model_shape_counts_qwen2_5_1_5b():
@@ -35,22 +36,37 @@ def test_the_gsm8k_preset_fits_an_80_gb_gpu_and_its_old_sizing_did_not():
     assert memory_plan.refusal(plan, cfg) is None
     assert plan.update_phase < memory_plan.HEADROOM * 79.6 and plan.rollout_phase < memory_plan.HEADROOM * 79.6
     old = _preset(
-        "rollout.sleep_level=0", "rollout.gpu_memory_utilization=0.45", "learner.zero_stage=3",
-        "learner.num_workers=4", "rollout.num_workers=2",
-    )  # fmt: skip
+        "rollout.sleep_level=0",
+        "rollout.gpu_memory_utilization=0.45",
+        "learner.zero_stage=3",
+        "learner.num_workers=4",
+        "rollout.num_workers=2",
+        "learner.logprob_chunk_tokens=0",
+    )  # fmt: skip  (and the full [tokens x vocab] logits it had then)
     why = memory_plan.refusal(memory_plan.plan(old, QWEN_1_5B, 256, 79.6), old)
     assert "rollout.sleep_level=1" in why and "learner.micro_batch_per_worker" in why
 
 
-def test_logits_grow_with_the_vocabulary_and_tokens():
-    cfg = _preset()
-    small = memory_plan.plan(cfg, QWEN_1_5B, 256, None)
-    longer = memory_plan.plan(_preset("rollout.max_new_tokens=2304"), QWEN_1_5B, 256, None)
-    assert longer.tokens_per_micro_batch == 2 * small.tokens_per_micro_batch
-    assert longer.logits == pytest.approx(2 * small.logits) and longer.activations == pytest.approx(
-        2 * small.activations
-    )
-    assert small.activations_checkpointed < small.activations / 5
+def test_full_logits_grow_with_tokens_and_chunked_ones_stay_at_one_chunk():
+    for chunk, grows in ((0, True), (1024, False)):
+        short = memory_plan.plan(_preset(f"learner.logprob_chunk_tokens={chunk}"), QWEN_1_5B, 256, None)
+        longer = memory_plan.plan(
+            _preset(f"learner.logprob_chunk_tokens={chunk}", "rollout.max_new_tokens=2304"), QWEN_1_5B, 256, None
+        )
+        assert longer.tokens_per_micro_batch == 2 * short.tokens_per_micro_batch
+        assert longer.activations == pytest.approx(2 * short.activations)
+        assert longer.logits == pytest.approx((2 if grows else 1) * short.logits)
+    assert short.logits == pytest.approx(1024 * QWEN_1_5B.vocab * 8 / 2**30)
+    assert short.activations_checkpointed < short.activations / 5
+    checkpointed = memory_plan.plan(_preset("learner.gradient_checkpointing=true"), QWEN_1_5B, 256, None)
+    assert checkpointed.activations == pytest.approx(short.activations_checkpointed)
+
+
+def test_a_token_budget_sets_the_micro_batch_size():
+    budget = memory_plan.plan(_preset("learner.max_tokens_per_micro_batch=4096"), QWEN_1_5B, 256, None)
+    assert budget.tokens_per_micro_batch == 4096
+    whole = memory_plan.plan(_preset("learner.max_tokens_per_micro_batch=512"), QWEN_1_5B, 256, None)
+    assert whole.tokens_per_micro_batch == 256 + 1024  # a longer sequence still goes whole
 
 
 @pytest.mark.parametrize(
