@@ -222,6 +222,12 @@ class AlgorithmConfig:
 class LearnerConfig:
     num_workers: int = doc(1, "DeepSpeed learner workers (data parallel)", ge=1)
     zero_stage: Literal[2, 3] = doc(2, "DeepSpeed ZeRO stage")
+    zero3_param_persistence_threshold: int = doc(
+        100000,
+        "ZeRO-3: parameters with fewer elements stay whole on every rank instead of being partitioned "
+        "(DeepSpeed's stage3_param_persistence_threshold; most DoRA adapters are below the default)",
+        ge=0,
+    )
     lr: float = doc(1e-3, "AdamW learning rate of the adapters", gt=0)
     weight_decay: float = doc(0.0, "AdamW weight decay", ge=0)
     grad_clip: float = doc(1.0, "gradient norm clip", ge=0)

@@ -72,7 +72,14 @@ def make_engine(model, cfg: Config):
         "train_micro_batch_size_per_gpu": cfg.learner.micro_batch_per_worker,
         "gradient_accumulation_steps": 1,  # boundaries are set by hand in train_step
         "gradient_clipping": cfg.learner.grad_clip,
-        "zero_optimization": {"stage": cfg.learner.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.learner.zero_stage,
+            **(
+                {"stage3_param_persistence_threshold": cfg.learner.zero3_param_persistence_threshold}
+                if cfg.learner.zero_stage == 3
+                else {}
+            ),
+        },
         # bf16 mode would cast the whole module, DoRA's magnitude too: its rounding (~0.2% a row) would move
         # every synced weight off the base before any learning. The frozen base is loaded in model.dtype
         # already; the adapters stay fp32 (DoraLinear casts them to the input's dtype in its forward).

@@ -47,6 +47,9 @@ def _worker(rank, world, port, stage, model_path, out_dir):
             "learner.lr=1e-2",
             "learner.micro_batch_per_worker=2",
             "algorithm.kl_coef=0.05",
+            # every tensor partitioned (the tiny policy's are all under DeepSpeed's default threshold): the
+            # output layer gathered for the chunked log-probs, the adapters for the checksum
+            "learner.zero3_param_persistence_threshold=0",
         ],
     )
     learner.init_distributed(rank, world, "127.0.0.1", port, backend="gloo")
