@@ -31,8 +31,9 @@ VOCAB = 151936
 def build_model(out: Path, depth: int) -> Path:
     import torch
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
+    from bench.bench_scale import qwen_05b_width
     from gdpo.tasks.tiny_policy import EOS, build_tokenizer
 
     if (out / "config.json").is_file():
@@ -42,16 +43,9 @@ def build_model(out: Path, depth: int) -> Path:
     for i in range(len(vocab), VOCAB):  # byte-level letters: each decodes to a short word of its own
         vocab[f"w{i}"] = i
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token=EOS, pad_token=EOS)
-    hf = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=depth,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
+    hf = qwen_05b_width(
+        VOCAB,
+        depth,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.eos_token_id,

@@ -39,16 +39,12 @@ def _cpu() -> str:
     return platform.processor() or "cpu"
 
 
-def one(path: str, length: int, vocab: int, depth: int, prompt: int, chunk: int, checkpointing: bool) -> dict:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def qwen_05b_width(vocab: int, depth: int, **extra):
+    """A Qwen2 config at Qwen2.5-0.5B's width (hidden 896, 14 heads / 2 KV heads of 64, intermediate 4,864,
+    tied embeddings, 32k positions) with ``vocab`` tokens and ``depth`` layers."""
+    from transformers import Qwen2Config
 
-    from bench.bench_dora import LiveBytes
-    from bench.gpu_check import _driver_batch, preset
-    from gdpo import dora, learner, logprob_head
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    hf = Qwen2Config(
+    return Qwen2Config(
         vocab_size=vocab,
         hidden_size=896,
         intermediate_size=4864,
@@ -58,8 +54,20 @@ def one(path: str, length: int, vocab: int, depth: int, prompt: int, chunk: int,
         head_dim=64,
         tie_word_embeddings=True,
         max_position_embeddings=32768,
-        attn_implementation="sdpa",
+        **extra,
     )
+
+
+def one(path: str, length: int, vocab: int, depth: int, prompt: int, chunk: int, checkpointing: bool) -> dict:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from bench.bench_dora import LiveBytes
+    from bench.gpu_check import _driver_batch, preset
+    from gdpo import dora, learner, logprob_head
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = qwen_05b_width(vocab, depth, attn_implementation="sdpa")
     cfg = preset(
         ROOT / "gdpo" / "configs" / "tiny_cpu.yaml",
         model={"dtype": "float32"},
