@@ -48,10 +48,15 @@ class LearnerWorker:
         return learner.attach_logprobs(self.model, batch, self.cfg)
 
     def policy_logprobs(self, batch: TrainBatch):
-        """``[N, L-1]`` log-probs of the batch's tokens under this rank's current policy (for checks)."""
+        """``[N, L-1]`` log-probs of the batch's tokens under this rank's current policy, processed as the
+        sampler's (for checks)."""
         ln = self.cfg.learner
         return learner.sequence_logprobs(
-            self.model, batch, ln.micro_batch_per_worker, max_tokens=ln.max_tokens_per_micro_batch
+            self.model,
+            batch,
+            ln.micro_batch_per_worker,
+            max_tokens=ln.max_tokens_per_micro_batch,
+            sampling=learner.sampler_processing(self.cfg),
         )
 
     def update(self, batch: TrainBatch, global_tokens: float, global_seqs: float) -> dict:

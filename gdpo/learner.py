@@ -17,6 +17,7 @@ import torch
 
 from gdpo.config import Config, cpu_threads_per_worker
 from gdpo import dora, logprob_head, weight_sync
+from gdpo.logprob_head import Sampling
 from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
 from gdpo.policy import save_tokenizer
 from gdpo.records import TrainBatch, UpdateSums, WeightUpdate
@@ -170,25 +171,42 @@ def micro_batches(
     return [(rows, batch.select(rows).trimmed(int(lengths[rows].max()))) for rows in groups]
 
 
-def next_token_logprobs(forward, model, ids: torch.Tensor, att: torch.Tensor, entropy: bool = False):
+def sampler_processing(cfg: Config) -> Sampling:
+    """The distribution the rollout engines sample from and report log-probs of (``rollout.temperature``,
+    ``rollout.top_p``): every log-prob the learner computes for training is of the same one."""
+    return Sampling(cfg.rollout.temperature, cfg.rollout.top_p)
+
+
+def next_token_logprobs(
+    forward, model, ids: torch.Tensor, att: torch.Tensor, entropy: bool = False, sampling: Sampling = Sampling()
+):
     """``forward(input_ids=, attention_mask=)`` (the model, or the DeepSpeed engine around it) ->
-    ``([n, L-1] log-prob of token t+1 at position t, [n, L-1] entropy or None, logits or None)``. Through
-    the chunked head where the model has one (``learner.logprob_chunk_tokens``: no ``[tokens x vocab]``
-    tensor, the entropy comes with it); else from the full logits, which are returned for the caller's
-    entropy metric (taken after backward, when the activations are gone)."""
+    ``([n, L-1] log-prob of token t+1 at position t, [n, L-1] entropy or None, logits or None)``, under the
+    ``sampling``-processed distribution. Through the chunked head where the model has one
+    (``learner.logprob_chunk_tokens``: no ``[tokens x vocab]`` tensor, the entropy comes with it); else
+    from the full logits, which are returned for the caller's entropy metric (taken after backward, when
+    the activations are gone)."""
     if isinstance(model.get_output_embeddings(), logprob_head.LogprobHead):
-        with logprob_head.targets_for(model, ids):
+        with logprob_head.targets_for(model, ids, sampling):
             out = forward(input_ids=ids, attention_mask=att).logits[:, :-1]  # [n, L-1, 2]
         return out[..., 0], (out[..., 1] if entropy else None), None
     logits = forward(input_ids=ids, attention_mask=att).logits[:, :-1]  # [n, L-1, V]
-    return token_logprobs(logits, ids[:, 1:]), None, logits
+    return token_logprobs(logits, ids[:, 1:], sampling), None, logits
 
 
 @torch.no_grad()
-def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = True, max_tokens: int = 0) -> torch.Tensor:
-    """Log-prob of token t+1 at position t: ``[N, L-1]``, on the batch's device (each micro-batch is moved to
-    the model's); only a sequence's own positions are meaningful (past them: a padding token's log-prob, or
-    0 past its micro-batch's width). Reference = adapters disabled, no model copy."""
+def sequence_logprobs(
+    model,
+    batch: TrainBatch,
+    micro: int,
+    adapters: bool = True,
+    max_tokens: int = 0,
+    sampling: Sampling = Sampling(),
+) -> torch.Tensor:
+    """Log-prob of token t+1 at position t under the ``sampling``-processed policy: ``[N, L-1]``, on the
+    batch's device (each micro-batch is moved to the model's); only a sequence's own positions are
+    meaningful (past them: a padding token's log-prob, or 0 past its micro-batch's width). Reference =
+    adapters disabled, no model copy."""
     was_training = model.training
     model.eval()
     device = device_of(model)
@@ -197,7 +215,7 @@ def sequence_logprobs(model, batch: TrainBatch, micro: int, adapters: bool = Tru
         for rows, mb in micro_batches(batch, micro, max_tokens=max_tokens):
             ids, att = mb.input_ids.to(device), mb.attention_mask.to(device)
             with contextlib.nullcontext() if adapters else dora.adapters_disabled(model):
-                logp, _, _ = next_token_logprobs(model, model, ids, att)
+                logp, _, _ = next_token_logprobs(model, model, ids, att, sampling=sampling)
             out[rows, : ids.shape[1] - 1] = logp.to(out.device)
     finally:
         model.train(was_training)
@@ -267,7 +285,7 @@ def accumulate_gradients(
     alg = cfg.algorithm
     device = device_of(engine.module)
     parts = micro_batches(batch, cfg.learner.micro_batch_per_worker, by_length, cfg.learner.max_tokens_per_micro_batch)
-    sums = UpdateSums()
+    sums, sampling = UpdateSums(), sampler_processing(cfg)
     on_device = torch.zeros(len(_DEVICE_SUMS), device=device)
     engine.train()
     for i, (_, host_mb) in enumerate(parts):
@@ -278,7 +296,7 @@ def accumulate_gradients(
         mb = host_mb.to(device)
         engine.set_gradient_accumulation_boundary(i == len(parts) - 1)
         logp, entropy, logits = next_token_logprobs(
-            engine, engine.module, mb.input_ids, mb.attention_mask, entropy=True
+            engine, engine.module, mb.input_ids, mb.attention_mask, entropy=True, sampling=sampling
         )  # [n, L-1] each
         mask = mb.loss_mask[:, 1:]  # [n, L-1]
         out = policy_loss(
@@ -299,7 +317,7 @@ def accumulate_gradients(
         engine.backward(out.loss * world_size, scale_wrt_gas=False)
         with torch.no_grad():
             if entropy is None:  # the naive path: from the full logits, after backward
-                entropy = entropy_from_logits(logits.detach())
+                entropy = entropy_from_logits(logits.detach(), mb.input_ids[:, 1:], sampling)
             del logits
             drift = torch.zeros((), device=device)  # how far the learner's policy is from the one that sampled
             if mb.sampling_logprobs is not None:
@@ -447,10 +465,11 @@ def behaviour_logprobs(mb: TrainBatch, logp: torch.Tensor, cfg: Config) -> torch
 def attach_logprobs(model, batch: TrainBatch, cfg: Config) -> TrainBatch:
     """Old log-probs where the update needs a pass for them, and the reference's when KL is on."""
     micro, budget = cfg.learner.micro_batch_per_worker, cfg.learner.max_tokens_per_micro_batch
+    sampling = sampler_processing(cfg)
     if needs_old_logprobs(cfg):
-        batch.old_logprobs = sequence_logprobs(model, batch, micro, adapters=True, max_tokens=budget)
+        batch.old_logprobs = sequence_logprobs(model, batch, micro, True, budget, sampling)
     if cfg.algorithm.kl_coef > 0:
-        batch.ref_logprobs = sequence_logprobs(model, batch, micro, adapters=False, max_tokens=budget)
+        batch.ref_logprobs = sequence_logprobs(model, batch, micro, False, budget, sampling)
     return batch
 
 

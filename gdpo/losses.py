@@ -16,6 +16,8 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from gdpo.logprob_head import Sampling, process_logits
+
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 __all__ = ["LossOutput", "policy_loss", "aggregate", "kl_penalty", "entropy_from_logits", "token_logprobs"]
@@ -121,13 +123,28 @@ def policy_loss(
     )
 
 
-def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Log-probability of each token under the logits that predict it: ``[N, T, V], [N, T] -> [N, T]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+def processed(logits: Tensor, tokens: Tensor, sampling: Optional[Sampling]) -> Tensor:
+    """``[N, T, V]`` logits in fp32, processed as the sampler processed them (``gdpo.logprob_head``:
+    temperature, top-p; each position's token kept); a copy, the input is left as it is."""
+    z = logits.float()
+    if sampling is None or sampling.raw:
+        return z
+    z = z.clone() if z is logits else z
+    flat = z.view(-1, z.shape[-1])
+    process_logits(flat, tokens.reshape(-1), sampling)
+    return z
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, sampling: Optional[Sampling] = None) -> Tensor:
+    """Log-probability of each token under the logits that predict it: ``[N, T, V], [N, T] -> [N, T]``;
+    under the ``sampling``-processed distribution when given."""
+    logp = torch.log_softmax(processed(logits, tokens, sampling), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Per-token entropy of the policy, a metric: ``[N, T, V] -> [N, T]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_from_logits(logits: Tensor, tokens: Optional[Tensor] = None, sampling: Optional[Sampling] = None) -> Tensor:
+    """Per-token entropy of the policy (of its ``sampling``-processed distribution when given, ``tokens``
+    the scored ones the nucleus keeps), a metric: ``[N, T, V] -> [N, T]``."""
+    z = logits.float() if sampling is None else processed(logits, tokens, sampling)
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)

@@ -84,6 +84,9 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
             max_model_len=model_context(model_path, cfg),
             enforce_eager=eager,
             worker_extension_cls=EXTENSION,
+            # the log-probs of the distribution sampled from (after temperature and top-p), the behaviour
+            # policy's, which the learner reproduces (gdpo.logprob_head.Sampling); vLLM's default is raw
+            logprobs_mode="processed_logprobs",
             **extra,
             **lora,
         )

@@ -107,3 +107,47 @@ def test_the_update_through_the_chunked_head_equals_the_full_logits_one(tmp_path
     assert chunked.grad_norm == pytest.approx(full.grad_norm, rel=1e-4)
     for a, b in zip(w_full, w_chunked):  # the same gradients (AdamW's first step would magnify float noise)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_the_processed_distribution_chunked_equals_the_full_logits_one(chunk):
+    """Temperature and top-p through the chunked head: the same log-probs, entropies and gradients as the
+    full logits processed at once (``gdpo.losses.token_logprobs`` with the same ``Sampling``)."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 16, generator=g).requires_grad_()
+    weight = (torch.randn(200, 16, generator=g) * 0.7).requires_grad_()
+    targets = torch.randint(0, 200, (40,), generator=g)
+    upstream = torch.randn(40, generator=g)
+    sampling = logprob_head.Sampling(0.7, 0.9)
+
+    logits = hidden @ weight.T
+    ref_logp = token_logprobs(logits[None], targets[None], sampling)[0]
+    ref_ent = entropy_from_logits(logits.detach()[None], targets[None], sampling)[0]
+    ref_grads = torch.autograd.grad((ref_logp * upstream).sum(), (hidden, weight))
+    logp, ent = logprob_head.chunked_logprobs(hidden, weight, targets, chunk, sampling)
+    grads = torch.autograd.grad((logp * upstream).sum(), (hidden, weight))
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    raw = token_logprobs(logits[None], targets[None])[0]
+    assert (logp - raw).abs().max() > 0.1  # processing changes the figures the test compares
+
+
+def test_the_nucleus_is_vllms_and_the_scored_token_always_stays_in_it():
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 500, generator=g) * 3
+    sampling = logprob_head.Sampling(0.7, 0.9)
+    z = logits / 0.7
+    vllm_z = apply_top_k_top_p_pytorch(z.clone(), None, torch.full((64,), 0.9))  # -inf outside the nucleus
+    vllm_logp = vllm_z.log_softmax(-1)
+    inside = torch.stack([torch.multinomial(vllm_logp[i].exp(), 1, generator=g)[0] for i in range(64)])
+    ours = token_logprobs(logits[None], inside[None], sampling)[0]
+    torch.testing.assert_close(ours, vllm_logp.gather(-1, inside[:, None]).squeeze(-1), atol=1e-6, rtol=0)
+    kept = torch.isfinite(vllm_z)
+    assert 1 < kept.sum(-1).float().mean() < 400  # the nucleus cuts, and keeps more than one token
+    outside = (~kept).float().argmax(-1)  # a token vLLM's nucleus drops: scored anyway, as if kept
+    got = token_logprobs(logits[None], outside[None], sampling)[0]
+    assert torch.isfinite(got).all() and (got < vllm_logp.max(-1).values).all()

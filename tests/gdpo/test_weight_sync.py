@@ -9,6 +9,7 @@ import torch
 
 from gdpo import learner, rollout, sync_transport, weight_sync
 from gdpo.config import load_config
+from gdpo.logprob_head import Sampling
 from gdpo.policy import resolve_model_path
 from gdpo.records import SyncGroup, TrainBatch
 from gdpo.weight_sync import SyncError
@@ -23,9 +24,9 @@ def _perturbed_policy(path, cfg, seed):
     return model, tok
 
 
-def _learner_logprobs(model, batch, pad_id):
+def _learner_logprobs(model, batch, pad_id, sampling=Sampling()):
     tb = TrainBatch.from_rollouts(batch, torch.zeros(len(batch)), pad_id)
-    lp = learner.sequence_logprobs(model, tb, 8)  # [N, L-1]
+    lp = learner.sequence_logprobs(model, tb, 8, sampling=sampling)  # [N, L-1]
     return [lp[i][tb.loss_mask[i, 1:] > 0] for i in range(len(batch))]
 
 
@@ -214,3 +215,19 @@ def test_weight_dirs_of_dead_runs_are_removed_and_live_ones_kept(tmp_path, monke
 def test_a_full_node_local_dir_is_a_named_error_before_writing(tmp_path):
     with pytest.raises(weight_sync.SyncError, match="GDPO_NODE_LOCAL_DIR.*--shm-size"):
         sync_transport.check_free_space(str(tmp_path), 1 << 60)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("chunk", [1024, 0])
+def test_sampler_and_learner_log_probs_are_of_one_processed_distribution(engine, chunk):
+    """At temperature 0.7 and top-p 0.9 the engine reports the log-probs of the distribution it sampled from,
+    and the learner (chunked head or full logits) computes the same ones; the raw policy's differ."""
+    llm, cfg, path = engine
+    prompts = ["Compute 3+4-2\n", "Compute 9-1+5\n", "Compute 8-3-1\n"]
+    batch = rollout.generate(llm, prompts, 4, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=11)
+    model, tok = learner.build_policy(path, load_config(None, [f"learner.logprob_chunk_tokens={chunk}"]))
+    assert rollout.engine_version(llm) == 0  # the base, which the fresh adapters reproduce
+    same = _learner_logprobs(model, batch, tok.pad_token_id, Sampling(0.7, 0.9))
+    raw = _learner_logprobs(model, batch, tok.pad_token_id)
+    assert _worst(batch.sampling_logprobs, same) < 1e-4, _worst(batch.sampling_logprobs, same)
+    assert _worst(batch.sampling_logprobs, raw) > 0.05  # the learner's raw policy is another distribution
