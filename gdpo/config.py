@@ -216,6 +216,22 @@ class AlgorithmConfig:
     kl_coef: float = doc(0.0, "coefficient of the KL penalty to the reference policy (0 = off)", ge=0)
     kl_estimator: Literal["k1", "k3"] = doc("k3", "per-token KL estimator")
     filter_zero_variance: tuple[str, ...] = doc((), "drop groups whose named reward components all have zero variance")
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = doc(
+        "ppo_clip",
+        "ppo_clip: the clipped token ratio (PPO, DAPO's clip range); gspo: the clipped sequence ratio "
+        "(the length-normalized log-ratio; the paper clips at 3e-4/4e-4 with seq-mean-token-mean); cispo: "
+        "the clipped ratio detached as a weight, every token keeps its gradient (MiniMax-M1)",
+    )
+    rollout_correction: Literal["none", "tis", "mis"] = doc(
+        "tis",
+        "weigh each token's loss by w = pi_learner / pi_sampler (rollout-training mismatch and staleness): tis "
+        "truncates w at the cap, mis masks the tokens/sequences whose w is outside [1/cap, cap], none "
+        "only logs the mismatch",
+    )
+    rollout_correction_level: Literal["token", "sequence", "geometric"] = doc(
+        "token", "the ratio w per token, per sequence (the product), or the geometric mean over the sequence"
+    )
+    rollout_correction_cap: float = doc(2.0, "the cap C of the rollout correction's weights", gt=1)
 
 
 @dataclass(frozen=True)
@@ -306,10 +322,12 @@ class TrainerConfig:
     )
     eval_every: int = doc(10, "held-out evaluation every N steps (0 = only before and after)", ge=0)
     save_every: int = doc(5, "checkpoint every N steps", ge=1)
-    rollout_ahead: Literal[0, 1] = doc(
+    max_staleness: int = doc(
         0,
-        "1: the rollout of step t+1 runs while the learners update on step t "
-        "(one policy version stale; the importance ratio uses the sampler's log-probs)",
+        "k > 0: the rollouts of the next k steps are sampled while the learners update (each batch at most k "
+        "policy versions behind the learner that trains on it); 0 = on-policy. Replaces rollout_ahead "
+        "(rollout_ahead=1 is max_staleness=1)",
+        ge=0,
     )
 
 
@@ -390,9 +408,23 @@ class Config:
 # ----------------------------------------------------------------------------- loading
 
 
+# keys that were replaced: a config naming one gets an error saying what to write instead
+REPLACED_KEYS = {
+    "trainer.rollout_ahead": "trainer.max_staleness (trainer.rollout_ahead=1 is trainer.max_staleness=1)",
+}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML preset (the embedded default when None), apply dotted overrides, validate."""
-    cfg = build(Config, read_yaml(preset_path(path) if path is not None else DEFAULT_CONFIG), overrides)
+    raw = read_yaml(preset_path(path) if path is not None else DEFAULT_CONFIG)
+    for key, instead in REPLACED_KEYS.items():
+        section, name = key.split(".")
+        in_file = isinstance(raw.get(section), dict) and name in raw[section]
+        in_overrides = any(o.split("=", 1)[0].strip().lstrip("+~") == key for o in overrides)
+        if in_file or in_overrides:
+            where = f"config file {path}" if in_file else "the overrides"
+            raise ConfigError(f"config key '{key}' (in {where}) was replaced by {instead}")
+    cfg = build(Config, raw, overrides)
     validate(cfg)
     return cfg
 
@@ -469,9 +501,9 @@ def validate(cfg: Config) -> None:
         "sleeping frees memory for learners on the engines' devices: it needs cluster.placement=colocated",
     )
     need(
-        cfg.rollout.sleep_level == 0 or cfg.trainer.rollout_ahead == 0,
+        cfg.rollout.sleep_level == 0 or cfg.trainer.max_staleness == 0,
         "rollout.sleep_level",
-        "with trainer.rollout_ahead=1 the engines generate during the update, so they cannot sleep through it",
+        "with trainer.max_staleness > 0 the engines generate during the update, so they cannot sleep through it",
     )
     need(
         cfg.rollout.tensor_parallel_size == 1 or cfg.cluster.placement == "separate",

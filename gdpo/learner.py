@@ -18,7 +18,7 @@ import torch
 from gdpo.config import Config, cpu_threads_per_worker
 from gdpo import dora, logprob_head, weight_sync
 from gdpo.logprob_head import Sampling
-from gdpo.losses import entropy_from_logits, policy_loss, token_logprobs
+from gdpo.losses import Correction, entropy_from_logits, policy_loss, rollout_correction, token_logprobs
 from gdpo.policy import save_tokenizer
 from gdpo.records import TrainBatch, UpdateSums, WeightUpdate
 
@@ -222,8 +222,20 @@ def sequence_logprobs(
     return out
 
 
-# the per-token metrics train_step sums on the device, read back once per optimizer step
-_DEVICE_SUMS = ("loss", "pg_loss", "kl_tokens", "clipped_tokens", "entropy_tokens", "drift_tokens")
+# the per-token metrics train_step sums on the device (and the correction's largest weight, a max), read
+# back once per optimizer step
+_DEVICE_SUMS = (
+    "loss",
+    "pg_loss",
+    "kl_tokens",
+    "clipped_tokens",
+    "entropy_tokens",
+    "drift_tokens",
+    "mismatch_kl_tokens",
+    "is_weight_tokens",
+    "is_capped_tokens",
+    "is_weight_max",
+)
 
 
 def train_step(
@@ -299,11 +311,14 @@ def accumulate_gradients(
             engine, engine.module, mb.input_ids, mb.attention_mask, entropy=True, sampling=sampling
         )  # [n, L-1] each
         mask = mb.loss_mask[:, 1:]  # [n, L-1]
+        corr = correction_for(mb, logp, cfg)
         out = policy_loss(
             logp,
             behaviour_logprobs(mb, logp, cfg),
             mb.advantages,
             mask,
+            loss_type=alg.policy_loss,
+            weights=corr.weights if corr is not None and alg.rollout_correction != "none" else None,
             eps_low=alg.clip_eps_low,
             eps_high=alg.clip_eps_high,
             agg=alg.loss_agg,
@@ -319,10 +334,11 @@ def accumulate_gradients(
             if entropy is None:  # the naive path: from the full logits, after backward
                 entropy = entropy_from_logits(logits.detach(), mb.input_ids[:, 1:], sampling)
             del logits
-            drift = torch.zeros((), device=device)  # how far the learner's policy is from the one that sampled
+            zero = torch.zeros((), device=device)
+            drift = zero  # how far the learner's policy is from the one that sampled
             if mb.sampling_logprobs is not None:
                 drift = ((logp - mb.sampling_logprobs).abs() * mask).sum()
-            on_device += torch.stack(
+            part = torch.stack(
                 [
                     out.loss.detach().float(),
                     out.pg_loss.float(),
@@ -330,8 +346,20 @@ def accumulate_gradients(
                     out.clip_fraction.float() * n_tok,
                     (entropy * mask).sum().float(),
                     drift.float(),
+                    *(
+                        (
+                            corr.mismatch_kl.float(),
+                            corr.weight_sum.float(),
+                            corr.capped.float(),
+                            corr.weight_max.float(),
+                        )
+                        if corr is not None
+                        else (zero, zero, zero, zero)
+                    ),
                 ]
             )
+            on_device[:-1] += part[:-1]
+            on_device[-1] = torch.maximum(on_device[-1], part[-1])  # is_weight_max: a max, not a sum
     return sums, on_device
 
 
@@ -435,14 +463,18 @@ def init_distributed(
 
 
 def needs_old_logprobs(cfg: Config) -> bool:
-    """Whether the update needs a separate pass for the pre-update log-probs of the importance ratio.
+    """Whether the update needs a separate pass for the proximal policy's log-probs (the learner before
+    this update: the anchor of the clipped ratio and the numerator of the rollout correction).
 
-    Only when a batch is split into several optimizer steps on-policy: later mini-batches meet moved
-    weights. With one step, the training forward's own log-probs (detached) are exactly the pre-update
-    ones; with ``rollout_ahead`` the batch comes from the previous version and the sampler's log-probs
-    are the behaviour policy's.
+    On-policy (``trainer.max_staleness=0``) only when a batch is split into several optimizer steps:
+    later mini-batches meet moved weights; with one step, the training forward's own log-probs
+    (detached) are exactly the proximal ones. With stale batches, when the rollout correction is on:
+    the learner has moved on since the sampler's version, so its log-probs need a pass of their own;
+    without correction the sampler's log-probs are the anchor (no pass, the mismatch uncorrected).
     """
-    return cfg.learner.updates_per_step > 1 and cfg.trainer.rollout_ahead == 0
+    if cfg.trainer.max_staleness == 0:
+        return cfg.learner.updates_per_step > 1
+    return cfg.algorithm.rollout_correction != "none"
 
 
 def needs_logprob_pass(cfg: Config) -> bool:
@@ -453,13 +485,38 @@ def behaviour_logprobs(mb: TrainBatch, logp: torch.Tensor, cfg: Config) -> torch
     """The denominator of the importance ratio for this micro-batch (see ``needs_old_logprobs``)."""
     if mb.old_logprobs is not None:
         return mb.old_logprobs
-    if cfg.trainer.rollout_ahead:
-        if mb.sampling_logprobs is None:
-            raise ValueError("trainer.rollout_ahead=1 needs the sampler's log-probs in the batch")
-        return mb.sampling_logprobs
     if needs_old_logprobs(cfg):
-        raise ValueError("learner.updates_per_step > 1 needs old log-probs: call attach_logprobs first")
+        raise ValueError(
+            "this update needs the proximal policy's log-probs (learner.updates_per_step > 1, or "
+            "trainer.max_staleness > 0 with algorithm.rollout_correction): call attach_logprobs first"
+        )
+    if cfg.trainer.max_staleness:
+        if mb.sampling_logprobs is None:
+            raise ValueError("trainer.max_staleness > 0 needs the sampler's log-probs in the batch")
+        return mb.sampling_logprobs
     return logp.detach()
+
+
+def correction_for(mb: TrainBatch, logp: torch.Tensor, cfg: Config) -> Correction | None:
+    """The rollout correction of this micro-batch (``algorithm.rollout_correction``): weights from the
+    sampler's log-probs to the proximal policy's (the old log-probs, else this forward's, detached), and
+    the mismatch metrics; None when the batch has no sampler log-probs and no correction is asked for."""
+    alg = cfg.algorithm
+    if mb.sampling_logprobs is None:
+        if alg.rollout_correction != "none":
+            raise ValueError(
+                f"algorithm.rollout_correction={alg.rollout_correction} needs the sampler's log-probs in the batch"
+            )
+        return None
+    proximal = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
+    return rollout_correction(
+        proximal,
+        mb.sampling_logprobs,
+        mb.loss_mask[:, 1:],
+        alg.rollout_correction,
+        alg.rollout_correction_level,
+        alg.rollout_correction_cap,
+    )
 
 
 def attach_logprobs(model, batch: TrainBatch, cfg: Config) -> TrainBatch:

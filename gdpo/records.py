@@ -21,11 +21,16 @@ class UpdateSums:
     forward_tokens: float = 0.0  # every token through the forward pass, padding excluded
     padded_tokens: float = 0.0  # every position through the forward pass, padding included
     drift_tokens: float = 0.0  # |learner - sampler| log-prob x tokens
+    mismatch_kl_tokens: float = 0.0  # k3 estimate of KL(sampler ‖ learner before the update) x tokens
+    is_weight_tokens: float = 0.0  # the rollout correction's weights applied, summed over tokens
+    is_capped_tokens: float = 0.0  # tokens whose weight passed the cap (TIS: truncated, MIS: masked)
+    is_weight_max: float = 0.0  # the largest weight before the cap: a max over ranks, not a sum
     grad_norm: float = 0.0  # the clipped global norm: the same on every rank, so not added
 
     def __add__(self, other: "UpdateSums") -> "UpdateSums":
         out = UpdateSums(**{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__})
         out.grad_norm = self.grad_norm
+        out.is_weight_max = max(self.is_weight_max, other.is_weight_max)
         return out
 
 
@@ -39,6 +44,10 @@ class UpdateStats:
     entropy: float  # per completion token
     grad_norm: float  # mean over the optimizer steps
     logprob_drift: float  # before the first optimizer step: learner vs sampler, per token
+    mismatch_kl: float  # before the first optimizer step: KL(sampler ‖ learner), k3, per token
+    is_weight_mean: float  # the rollout correction's weights applied, per token (1 = none)
+    is_weight_max: float  # the largest weight before the cap
+    is_capped_frac: float  # share of tokens whose weight passed the cap (TIS: truncated, MIS: masked)
     forward_tokens: float
     padding_frac: float  # share of the training forward's positions that were padding
 
@@ -56,6 +65,10 @@ class UpdateStats:
             entropy=total.entropy_tokens / tok,
             grad_norm=sum(s.grad_norm for s in per_step) / len(per_step),
             logprob_drift=per_step[0].drift_tokens / max(per_step[0].tokens, 1.0),
+            mismatch_kl=per_step[0].mismatch_kl_tokens / max(per_step[0].tokens, 1.0),
+            is_weight_mean=total.is_weight_tokens / tok,
+            is_weight_max=max(s.is_weight_max for s in per_step),
+            is_capped_frac=total.is_capped_tokens / tok,
             forward_tokens=total.forward_tokens,
             padding_frac=1.0 - total.forward_tokens / max(total.padded_tokens, 1.0),
         )

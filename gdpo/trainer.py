@@ -7,10 +7,12 @@ One call per stage; the actors do the work (``actors/cluster.py``), the math liv
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +27,7 @@ from gdpo.fileio import atomic_write_text
 from gdpo.eval.metrics import held_out_metrics, is_correct, reward_means
 from gdpo.metrics import MetricsLogger, token_stats
 from gdpo.preflight import RunInputs, prepare_run
-from gdpo.records import SamplingSettings, TrainBatch, UpdateStats
+from gdpo.records import RolloutBatch, SamplingSettings, TrainBatch, UpdateStats
 
 
 @dataclass
@@ -155,13 +157,64 @@ def evaluate(cluster, cfg: Config, data: PromptSet) -> dict[str, float]:
     return {**out, **reward_means(values, matrix.names)}
 
 
+@dataclass
+class AheadRollout:
+    """The rollout of step ``step`` (completed steps before it): started on the engines, or (from a
+    checkpoint) already sampled."""
+
+    step: int
+    prompts: PromptSet
+    pending: object = None  # the cluster's PendingRollout while it runs
+    batch: RolloutBatch | None = None
+
+    def collect(self, cluster) -> RolloutBatch:
+        if self.batch is None:
+            self.batch = cluster.collect(self.pending)
+        return self.batch
+
+    def wait(self, cluster) -> None:
+        if self.batch is None:
+            cluster.wait(self.pending)
+
+
+AHEAD_FILE = "rollouts_ahead.json"
+
+
+def load_rollouts_ahead(
+    checkpoint: Path | None, stream: PromptStream, state: RunState, n_prompts: int, cfg: Config
+) -> list[AheadRollout]:
+    """The sampled rollouts of the steps after ``state.step`` that a checkpoint kept (at most
+    ``trainer.max_staleness`` of them, each within that many versions of the learner that will train on it)."""
+    path = checkpoint / AHEAD_FILE if checkpoint else None
+    if path is None or not path.is_file():
+        return []
+    out = []
+    for row in json.loads(path.read_text())[: cfg.trainer.max_staleness]:
+        step = row["step"]
+        if step >= cfg.trainer.steps or step - row["batch"]["policy_version"] > cfg.trainer.max_staleness:
+            break
+        prompts = stream.take(state.cursor + (step - state.step) * n_prompts, n_prompts)
+        out.append(AheadRollout(step, prompts, batch=RolloutBatch(**row["batch"])))
+    return out
+
+
 def save_checkpoint(
-    cluster, state: RunState, plan: RunPlan, cfg: Config, keep: int = 2, log: Callable[[str], None] = print
+    cluster,
+    state: RunState,
+    plan: RunPlan,
+    cfg: Config,
+    keep: int = 2,
+    log: Callable[[str], None] = print,
+    ahead: list[tuple[int, RolloutBatch]] = (),
 ) -> Path:
-    """The learners write into a fresh temporary directory; the driver adds its files and the manifest,
-    fsyncs and renames it (``gdpo/checkpoints.py``): a killed run never leaves a half checkpoint."""
+    """The learners write into a fresh temporary directory; the driver adds its files (``ahead``: the
+    sampled rollouts of the next steps) and the manifest, fsyncs and renames it (``gdpo/checkpoints.py``):
+    a killed run never leaves a half checkpoint."""
     tmp = new_checkpoint_dir(plan.out, state.step)
     cluster.save(str(tmp))
+    if ahead:
+        rows = [{"step": step, "batch": dataclasses.asdict(b)} for step, b in ahead]
+        atomic_write_text(tmp / AHEAD_FILE, json.dumps(rows))
     final = commit_checkpoint(tmp, dict(state.__dict__), cfg, plan.run_id)
     prune_checkpoints(plan.out, plan.run_id, keep, log)
     size = sum(f.stat().st_size for f in final.rglob("*") if f.is_file())
@@ -213,23 +266,26 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
     n_prompts, k = cfg.trainer.prompts_per_step, cfg.rollout.samples_per_prompt
     sampling = SamplingSettings.for_rollout(cfg)
 
-    def start_rollout(step: int):  # ``step`` completed steps before it: the same prompts and seed either way
+    def start_rollout(step: int) -> AheadRollout:  # ``step`` completed steps before it: the same prompts and seed
         prompts = stream.take(state.cursor + (step - state.step) * n_prompts, n_prompts)
-        return prompts, cluster.submit_generate(
-            prompts.prompts, k, sampling, seed=cfg.trainer.seed * 10**7 + step * 10**4
-        )
+        seed = cfg.trainer.seed * 10**7 + step * 10**4
+        return AheadRollout(step, prompts, cluster.submit_generate(prompts.prompts, k, sampling, seed=seed))
 
-    ahead = None  # (prompts, pending rollout) started during the previous step (trainer.rollout_ahead)
+    # rollouts of the next steps, oldest first, sampled while earlier steps learn (trainer.max_staleness);
+    # a checkpoint keeps them, so a resumed run trains on the batches the uninterrupted one would have
+    ahead: deque[AheadRollout] = deque(load_rollouts_ahead(plan.checkpoint, stream, state, n_prompts, cfg))
     while state.step < cfg.trainer.steps:
         clock = StageClock()
 
-        # rollout: this step's prompts, sampled on the engines' current policy version
+        # rollout: this step's prompts, sampled on the engines' version (up to max_staleness versions ago)
         with clock("rollout_wait"):
-            prompts, pending = ahead or start_rollout(state.step)
-            rollouts = cluster.collect(pending)
-        ahead = None
-        if cfg.trainer.rollout_ahead and state.step + 1 < cfg.trainer.steps:
-            ahead = start_rollout(state.step + 1)  # samples the current version while this step learns
+            overlapped = bool(ahead)  # sampled during earlier steps: no rollout time on this step's path
+            this = ahead.popleft() if ahead else start_rollout(state.step)
+            prompts, rollouts = this.prompts, this.collect(cluster)
+        nxt = state.step + 1 + len(ahead)
+        while len(ahead) < cfg.trainer.max_staleness and nxt < cfg.trainer.steps:
+            ahead.append(start_rollout(nxt))  # sampled on the current version while this step learns
+            nxt += 1
 
         # rewards and advantages: every sample scored, the estimator over the groups kept for training
         with clock("reward"):
@@ -256,10 +312,10 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
                 f"algorithm.filter_zero_variance for {len(cluster.learners)} learner(s); the policy is unchanged"
             )
 
-        # weight sync: the new policy version into every engine (after a rollout ahead has finished)
-        if ahead is not None:
-            with clock("rollout_wait"):  # the engines load the next version only after that rollout
-                cluster.wait(ahead[1])
+        # weight sync: the new policy version into every engine (after the rollouts ahead have finished)
+        with clock("rollout_wait"):  # the engines load the next version only after them
+            for r in ahead:
+                r.wait(cluster)
         with clock("sleep"):
             cluster.wake_engines()  # weights back (level 2: the base reloaded) before the new version lands
         with clock("sync"):
@@ -267,12 +323,12 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
         state = RunState(step=state.step + 1, cursor=state.cursor + n_prompts, version=cluster.version)
 
         # log, evaluate every trainer.eval_every steps, checkpoint every trainer.save_every steps
-        row = step_row(state, rollouts, matrix, adv, learn, synced, clock, cluster, cfg)
+        row = step_row(state, rollouts, matrix, adv, learn, synced, clock, cluster, cfg, overlapped)
         if cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0 and state.step < cfg.trainer.steps:
             row.update({f"eval/{k_}": v for k_, v in evaluate(cluster, cfg, eval_data).items()})
         metrics.log(row)
         if state.step % cfg.trainer.save_every == 0 or state.step == cfg.trainer.steps:
-            save_checkpoint(cluster, state, plan, cfg, log=log)
+            save_checkpoint(cluster, state, plan, cfg, log=log, ahead=[(r.step, r.collect(cluster)) for r in ahead])
 
     metrics.close()
     summary["final"] = evaluate(cluster, cfg, eval_data)
@@ -282,7 +338,9 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
     return summary
 
 
-def step_row(state: RunState, rollouts, matrix, adv: StepAdvantages, learn, synced, clock, cluster, cfg) -> dict:
+def step_row(
+    state: RunState, rollouts, matrix, adv: StepAdvantages, learn, synced, clock, cluster, cfg, overlapped: bool
+) -> dict:
     """One ``metrics.jsonl`` row: rewards, update statistics, tokens, stage times, sync and restarts."""
     k = cfg.rollout.samples_per_prompt
     counts = rollouts.completion_token_counts
@@ -298,7 +356,7 @@ def step_row(state: RunState, rollouts, matrix, adv: StepAdvantages, learn, sync
         "update_skipped": int(learn is None),
         "adv/std": float(adv.values[adv.keep].std()) if int(adv.keep.sum()) > 1 else 0.0,
         "staleness": state.version - 1 - rollouts.policy_version,  # versions between sampler and learner
-        **clock.report(rollouts.seconds, overlapped=bool(cfg.trainer.rollout_ahead)),
+        **clock.report(rollouts.seconds, overlapped=overlapped),
         "perf/rollout_tokens_per_s": sum(counts) / max(rollouts.seconds, 1e-9),
         "perf/learner_tokens_per_s": (learn.forward_tokens if learn else 0.0)
         / max(clock.times.get("update", 0.0), 1e-9),

@@ -52,11 +52,16 @@ def test_behaviour_logprobs_on_policy_off_policy_and_minibatched():
     with_kl = load_config(None, ["algorithm.kl_coef=0.05"])  # a reference pass, still no old-log-prob pass
     assert learner.needs_logprob_pass(with_kl) and not learner.needs_old_logprobs(with_kl)
     assert learner.attach_logprobs(model, batch.slice(0, 4), with_kl).old_logprobs is None
-    ahead = load_config(None, ["trainer.rollout_ahead=1"])
-    assert torch.equal(learner.behaviour_logprobs(batch, logp, ahead), batch.sampling_logprobs)
+    stale = load_config(None, ["trainer.max_staleness=1", "algorithm.rollout_correction=none", "algorithm.kl_coef=0"])
+    assert torch.equal(learner.behaviour_logprobs(batch, logp, stale), batch.sampling_logprobs)
+    assert not learner.needs_logprob_pass(stale)  # uncorrected: the sampler's log-probs anchor the ratio
+    corrected = load_config(None, ["trainer.max_staleness=2", "algorithm.rollout_correction=tis"])
+    assert learner.needs_old_logprobs(corrected)  # the learner moved on since sampling: a pass for its own
+    with pytest.raises(ValueError, match="call attach_logprobs first"):
+        learner.behaviour_logprobs(batch, logp, corrected)
     mini = load_config(None, ["learner.updates_per_step=2"])
     assert learner.needs_logprob_pass(mini)
-    with pytest.raises(ValueError, match="updates_per_step > 1 needs old log-probs"):
+    with pytest.raises(ValueError, match="call attach_logprobs first"):
         learner.behaviour_logprobs(batch, logp, mini)
     filled = learner.attach_logprobs(model, batch, mini)
     torch.testing.assert_close(filled.old_logprobs * batch.loss_mask[:, 1:], batch.sampling_logprobs)

@@ -91,7 +91,7 @@ def test_engine_settings_are_checked_with_the_config():
     for overrides, message in (
         (["rollout.max_model_len=100", "rollout.max_new_tokens=128"], "must exceed rollout.max_new_tokens"),
         (["rollout.sleep_level=1", "cluster.placement=separate"], "needs cluster.placement=colocated"),
-        (["rollout.sleep_level=2", "trainer.rollout_ahead=1"], "cannot sleep through it"),
+        (["rollout.sleep_level=2", "trainer.max_staleness=1"], "cannot sleep through it"),
         (["rollout.sleep_level=3"], "not allowed"),
     ):
         with pytest.raises(ConfigError, match=message):
