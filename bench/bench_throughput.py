@@ -11,7 +11,7 @@ length, learning rate, DoRA adapters (rank 8, alpha 16, every projection) and nu
 
 - ``vllm``: vLLM alone, built exactly as the trainer's rollout workers build it, generating one step's
   batch (the rollout ceiling);
-- ``gdpo`` / ``gdpo-ahead``: ``gdpo.trainer.train`` with ``trainer.rollout_ahead`` 0 / 1 (Ray, vLLM,
+- ``gdpo`` / ``gdpo-ahead``: ``gdpo.trainer.train`` with ``trainer.max_staleness`` 0 / 1 (Ray, vLLM,
   DeepSpeed; checkpoints and periodic evaluations off inside the timed steps);
 - ``trl``: ``trl.GRPOTrainer`` with ``multi_objective_aggregation="normalize_then_sum"`` (GDPO's
   per-reward normalization), loss ``dapo`` (token mean, as gdpo's ``token-mean``), the same clip range,
@@ -161,7 +161,7 @@ def run_gdpo(args, ahead: int, kl: float, name: str) -> dict:
     from gdpo.trainer import train
 
     out = args.out / name
-    cfg = load_cfg(args, f"trainer.output_dir={out}", f"trainer.rollout_ahead={ahead}", f"algorithm.kl_coef={kl}")
+    cfg = load_cfg(args, f"trainer.output_dir={out}", f"trainer.max_staleness={ahead}", f"algorithm.kl_coef={kl}")
     t0 = time.time()
     train(cfg, log=print)
     wall = time.time() - t0
@@ -343,7 +343,7 @@ def floor_seconds(work: dict, kl: float, vllm_tok_s: float | None, gflops: float
 
 ARMS = {
     "gdpo": "gdpo trainer: vLLM generation, Ray, DeepSpeed ZeRO-2 learner, DoRA r{r} a{a}",
-    "gdpo-ahead": "gdpo trainer, trainer.rollout_ahead=1 (rollout of step t+1 overlaps the update of step t)",
+    "gdpo-ahead": "gdpo trainer, trainer.max_staleness=1 (rollout of step t+1 overlaps the update of step t)",
     "trl": "TRL GRPOTrainer: transformers generation, peft DoRA r{r} a{a}",
     "trl-lora": "TRL GRPOTrainer: transformers generation, peft LoRA r{r} a{a}",
 }

@@ -419,7 +419,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw = read_yaml(preset_path(path) if path is not None else DEFAULT_CONFIG)
     for key, instead in REPLACED_KEYS.items():
         section, name = key.split(".")
-        in_file = isinstance(raw.get(section), dict) and name in raw[section]
+        in_file = isinstance(raw, dict) and isinstance(raw.get(section), dict) and name in raw[section]
         in_overrides = any(o.split("=", 1)[0].strip().lstrip("+~") == key for o in overrides)
         if in_file or in_overrides:
             where = f"config file {path}" if in_file else "the overrides"

@@ -172,28 +172,77 @@ def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight
             assert again[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
-def test_rollout_ahead_samples_one_version_behind_and_trains_on_the_sampler_logprobs(tmp_path):
-    """trainer.rollout_ahead=1: step t+1's rollout is sampled while step t updates, so from step 2 on
-    the batch is one version stale; the update uses the sampler's log-probs, which now differ from the
-    learner's (the drift), and the sync still lands every version. A reward plugin kills its worker
-    the first time it runs: the worker is replaced and its share scored again (rollout workers that
-    die are replaced in tests/actors/test_two_hosts.py)."""
-    out = tmp_path / "ahead"
-    marker = tmp_path / "died"
-    summary = _train(
-        out,
-        "trainer.steps=3",
-        "trainer.rollout_ahead=1",
-        "learner.lr=1e-2",
+STALE = [
+    "trainer.steps=3",
+    "trainer.save_every=1",
+    "trainer.max_staleness=2",
+    "algorithm.rollout_correction=tis",
+    "learner.lr=1e-2",
+]
+
+
+def _die_once_rewards(marker) -> str:
+    return (
         "rewards.functions=[{name: accuracy}, {name: length_budget, condition_on: accuracy},"
-        f" {{name: 'tests.helpers.faults:die_once', kwargs: {{marker: '{marker}'}}}}]",
+        f" {{name: 'tests.helpers.faults:die_once', kwargs: {{marker: '{marker}'}}}}]"
     )
+
+
+@pytest.fixture(scope="module")
+def stale(tmp_path_factory):
+    """A 3-step run with trainer.max_staleness=2 and TIS: the rollouts of steps 2 and 3 are sampled on version 0
+    while step 1 learns. A reward plugin kills its worker the first time it runs. (output dir, summary)"""
+    tmp = tmp_path_factory.mktemp("stale")
+    return tmp / "run", _train(tmp / "run", *STALE, _die_once_rewards(tmp / "died"))
+
+
+def test_bounded_staleness_trains_on_batches_up_to_k_versions_old_with_the_correction(stale):
+    """trainer.max_staleness=2: step t's batch is up to 2 versions old; the learner recomputes the proximal
+    log-probs (its own before the update) and weighs each token by min(π_learner / π_sampler, 2); the
+    mismatch it corrects is 0 on-policy (both fp32 here) and grows with the staleness; every version lands
+    in the engines. The reward worker that died was replaced and its share scored again."""
+    out, summary = stale
     rows = _rows(out)
-    assert marker.is_file() and rows[-1]["restarts/reward"] >= 1  # nothing lost: every step below is there
+    assert rows[-1]["restarts/reward"] >= 1  # nothing lost: every step below is there
     assert [r["step"] for r in rows] == [1, 2, 3] and [r["policy_version"] for r in rows] == [1, 2, 3]
-    assert [r["staleness"] for r in rows] == [0, 1, 1]
-    assert rows[0]["logprob_drift"] < 1e-3  # step 1: sampled by the version it trains
-    assert all(r["logprob_drift"] > 1e-3 for r in rows[1:])  # later: the learner moved on since sampling
-    for r in rows:
-        assert r["time/idle"] == pytest.approx(r["time/rollout_wait"])  # waiting on a rollout is all idle here
+    assert [r["staleness"] for r in rows] == [0, 1, 2]
+    assert rows[0]["mismatch_kl"] < 1e-6 and rows[0]["logprob_drift"] < 1e-3  # sampled by the version it trains
+    assert rows[0]["is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert 0 < rows[1]["mismatch_kl"] and all(r["logprob_drift"] > 1e-3 for r in rows[1:])  # the learner moved on
+    assert all(r["is_weight_max"] > 1.0 and r["is_weight_mean"] != 1.0 for r in rows[1:])
+    assert (out / "checkpoints" / "step-000002" / "rollouts_ahead.json").is_file()  # step 3's batch, sampled
     assert summary["steps"] == 3 and "accuracy" in summary["final"]
+
+
+def test_a_resumed_stale_run_trains_on_the_batches_the_uninterrupted_one_did(stale, tmp_path):
+    """The stale run, its learner killed once step 1 is checkpointed: resumed, it takes the rollouts of steps 2
+    and 3 from the checkpoint (sampled on version 0, as in the uninterrupted run) and its steps 2 and 3
+    are the uninterrupted run's."""
+    import ray
+
+    from actors.cluster import LearnerFailed
+
+    out, result = tmp_path / "run", {}
+
+    def run():
+        try:
+            result["summary"] = _train(out, *STALE, _die_once_rewards(tmp_path / "died"))
+        except Exception as err:  # the failure is what this test checks
+            result["error"] = err
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step-000001").is_dir() and time.time() < deadline and t.is_alive():
+        time.sleep(0.2)
+    names = [n for n in ray.util.list_named_actors() if n.startswith("gdpo-learner-")]
+    assert names, "no learner found"
+    os.kill(ray.get(ray.get_actor(names[0]).pid.remote()), 9)
+    t.join(600)
+    assert isinstance(result.get("error"), LearnerFailed), result
+    _train(out, *STALE, _die_once_rewards(tmp_path / "died"))
+    again, rows = _rows(out), _rows(stale[0])
+    assert [r["step"] for r in again] == [1, 2, 3] and [r["staleness"] for r in again] == [0, 1, 2]
+    for step in (1, 2):
+        for key in ("tokens/mean", "reward/accuracy/mean", "loss", "grad_norm", "mismatch_kl", "is_weight_mean"):
+            assert again[step][key] == pytest.approx(rows[step][key], rel=1e-4, abs=1e-6), (step, key)

@@ -81,6 +81,16 @@ def test_config_is_frozen():
         ("rewards.functions.5.weight=1", r"'rewards.functions.5': index '5' is out of range 0..1"),
         ("noequals", r"not of the form key=value"),
         (
+            "trainer.rollout_ahead=1",
+            r"'trainer.rollout_ahead' \(in the overrides\) was replaced by trainer.max_staleness",
+        ),
+        ("algorithm.rollout_correction=is", r"'algorithm.rollout_correction' = 'is' is not allowed \(allowed: 'none'"),
+        ("algorithm.rollout_correction_cap=1", r"'algorithm.rollout_correction_cap': must be > 1"),
+        (
+            "algorithm.policy_loss=grpo",
+            r"'algorithm.policy_loss' = 'grpo' is not allowed \(allowed: 'ppo_clip', 'gspo'",
+        ),
+        (
             "algorithm.filter_zero_variance=[length]",
             r"'algorithm.filter_zero_variance': 'length' is not a configured reward",
         ),
@@ -106,6 +116,10 @@ def test_bad_files(tmp_path):
     dup.write_text("rewards:\n  functions:\n    - name: accuracy\n    - name: accuracy\n")
     with pytest.raises(ConfigError, match="listed twice"):
         load_config(dup)
+    old_key = tmp_path / "old.yaml"
+    old_key.write_text("trainer:\n  rollout_ahead: 1\n")
+    with pytest.raises(ConfigError, match=r"'trainer.rollout_ahead' \(in config file .*old.yaml\) was replaced"):
+        load_config(old_key)
 
 
 def test_yaml_round_trip(tmp_path):
