@@ -127,20 +127,19 @@ def test_gdpo_eval_reports_the_same_figures_as_the_run_for_the_same_model(straig
         assert metrics[key] == pytest.approx(final[key], nan_ok=True), key
 
 
-def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight, tmp_path):
-    """The same run as ``straight``, its learner killed once step 1 is checkpointed: the run stops with
-    LearnerFailed; resubmitted, it resumes and its step 2 is the straight run's step 2."""
+def _killed_after_step_1(out, *overrides) -> Exception:
+    """Train in a thread and kill learner 0 once step 1 is checkpointed; returns the run's error, which
+    must be LearnerFailed."""
     import ray
 
     from actors.cluster import LearnerFailed
 
-    out = tmp_path / "run"
     result = {}
 
     def run():
         try:
-            result["summary"] = _train(out, "trainer.steps=2", "trainer.save_every=1")
-        except Exception as err:  # the failure is what this test checks
+            result["summary"] = _train(out, *overrides)
+        except Exception as err:  # the failure is what the caller checks
             result["error"] = err
 
     t = threading.Thread(target=run)
@@ -153,7 +152,15 @@ def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight
     os.kill(ray.get(ray.get_actor(names[0]).pid.remote()), 9)
     t.join(600)
     assert isinstance(result.get("error"), LearnerFailed), result
-    assert "resume=auto" in str(result["error"])
+    return result["error"]
+
+
+def test_dead_learner_stops_the_run_and_resume_reproduces_the_next_step(straight, tmp_path):
+    """The same run as ``straight``, its learner killed once step 1 is checkpointed: the run stops with
+    LearnerFailed; resubmitted, it resumes and its step 2 is the straight run's step 2."""
+    out = tmp_path / "run"
+    error = _killed_after_step_1(out, "trainer.steps=2", "trainer.save_every=1")
+    assert "resume=auto" in str(error)
     _train(out, "trainer.steps=2", "trainer.save_every=1")
     again, rows = _rows(out), _rows(straight[0])
     assert [r["step"] for r in again] == [1, 2]
@@ -218,28 +225,8 @@ def test_a_resumed_stale_run_trains_on_the_batches_the_uninterrupted_one_did(sta
     """The stale run, its learner killed once step 1 is checkpointed: resumed, it takes the rollouts of steps 2
     and 3 from the checkpoint (sampled on version 0, as in the uninterrupted run) and its steps 2 and 3
     are the uninterrupted run's."""
-    import ray
-
-    from actors.cluster import LearnerFailed
-
-    out, result = tmp_path / "run", {}
-
-    def run():
-        try:
-            result["summary"] = _train(out, *STALE, _die_once_rewards(tmp_path / "died"))
-        except Exception as err:  # the failure is what this test checks
-            result["error"] = err
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.time() + 600
-    while not (out / "checkpoints" / "step-000001").is_dir() and time.time() < deadline and t.is_alive():
-        time.sleep(0.2)
-    names = [n for n in ray.util.list_named_actors() if n.startswith("gdpo-learner-")]
-    assert names, "no learner found"
-    os.kill(ray.get(ray.get_actor(names[0]).pid.remote()), 9)
-    t.join(600)
-    assert isinstance(result.get("error"), LearnerFailed), result
+    out = tmp_path / "run"
+    _killed_after_step_1(out, *STALE, _die_once_rewards(tmp_path / "died"))
     _train(out, *STALE, _die_once_rewards(tmp_path / "died"))
     again, rows = _rows(out), _rows(stale[0])
     assert [r["step"] for r in again] == [1, 2, 3] and [r["staleness"] for r in again] == [0, 1, 2]
