@@ -3,6 +3,11 @@
 
     .venv/bin/python bench/bench_scale.py                       # lengths 1k-16k at 151,936, then vocabularies
     .venv/bin/python bench/bench_scale.py --lengths 2048 --vocabs 32000,151936 --paths chunked
+    .venv/bin/python bench/bench_scale.py --lengths 4096 --vocabs "" --paths chunked,chunked+p,naive,naive+p
+
+A path ending in ``+p`` scores the sampler's processed distribution (``--processed``: temperature 0.7 and
+top-p 0.9 by default; ``gdpo.logprob_head.Sampling``), the others the raw policy (temperature 1, no
+nucleus): the cost of the temperature and nucleus in the update.
 
 The model has Qwen2.5-0.5B's width (hidden 896, 14 heads with 2 KV heads of 64, intermediate 4,864, tied
 embeddings), ``--depth`` layers (2 by default) and random fp32 weights, built here; DoRA rank 16 on every
@@ -58,7 +63,9 @@ def qwen_05b_width(vocab: int, depth: int, **extra):
     )
 
 
-def one(path: str, length: int, vocab: int, depth: int, prompt: int, chunk: int, checkpointing: bool) -> dict:
+def one(
+    path: str, length: int, vocab: int, depth: int, prompt: int, chunk: int, checkpointing: bool, processed: str
+) -> dict:
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -68,11 +75,13 @@ def one(path: str, length: int, vocab: int, depth: int, prompt: int, chunk: int,
 
     torch.set_num_threads(os.cpu_count() or 1)
     hf = qwen_05b_width(vocab, depth, attn_implementation="sdpa")
+    path, plus = path.removesuffix("+p"), path.endswith("+p")
+    temperature, top_p = (float(x) for x in processed.split(",")) if plus else (1.0, 1.0)
     cfg = preset(
         ROOT / "gdpo" / "configs" / "tiny_cpu.yaml",
         model={"dtype": "float32"},
         learner={"micro_batch_per_worker": 1, "dora_rank": 16, "dora_alpha": 32.0},
-        rollout={"max_new_tokens": length},
+        rollout={"max_new_tokens": length, "temperature": temperature, "top_p": top_p},
     )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(hf)
@@ -119,6 +128,8 @@ def run_child(args, path: str, length: int, vocab: int) -> dict:
         str(args.prompt),
         "--chunk",
         str(args.chunk),
+        "--processed",
+        args.processed,
         *(["--checkpointing"] if args.checkpointing else []),
     ]
     limit = int(args.limit_gib * 2**30)
@@ -145,13 +156,27 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=1024)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both paths")
+    ap.add_argument("--processed", default="0.7,0.9", help="temperature,top_p of the +p paths")
     ap.add_argument("--limit-gib", type=float, default=20.0)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         path, length, vocab = args.one.split(",")
-        print(json.dumps(one(path, int(length), int(vocab), args.depth, args.prompt, args.chunk, args.checkpointing)))
+        print(
+            json.dumps(
+                one(
+                    path,
+                    int(length),
+                    int(vocab),
+                    args.depth,
+                    args.prompt,
+                    args.chunk,
+                    args.checkpointing,
+                    args.processed,
+                )
+            )
+        )
         return 0
     points = [(p, int(n), 151936) for n in args.lengths.split(",") if n for p in args.paths.split(",")]
     points += [(p, args.vocab_length, int(v)) for v in args.vocabs.split(",") if v for p in args.paths.split(",")]

@@ -33,6 +33,10 @@ ARMS = {
     "k2-none": ["trainer.max_staleness=2", "algorithm.rollout_correction=none"],
     "k2-mis": ["trainer.max_staleness=2", "algorithm.rollout_correction=mis"],
 }
+# the same arms with the cores split between the engine and the learner (one thread each on two cores):
+# overlapped, each would otherwise run as many threads as there are cores, and they contend
+SPLIT = ["rollout.cpu_threads=1", "learner.cpu_threads=1"]
+ARMS.update({f"{name}-split": [*arm, *SPLIT] for name, arm in list(ARMS.items()) if name != "k0"})
 
 
 def cpu_name() -> str:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from gdpo.config import Config, cpu_threads_per_worker
+from gdpo.config import Config, cpu_share, cpu_threads_per_worker
 from gdpo import dora, logprob_head, weight_sync
 from gdpo.logprob_head import Sampling
 from gdpo.losses import Correction, entropy_from_logits, policy_loss, rollout_correction, token_logprobs
@@ -423,7 +423,7 @@ def checksum_params(model, zero_stage: int = 2) -> str:
 def set_cpu_threads(cfg: Config) -> int:
     """Torch threads for this learner on CPU (``learner.cpu_threads``; 0 = cores / learners); returns them."""
     if not torch.cuda.is_available():
-        torch.set_num_threads(cpu_threads_per_worker(cfg.learner.cpu_threads, cfg.learner.num_workers))
+        torch.set_num_threads(cpu_threads_per_worker(cfg.learner.cpu_threads, cfg.learner.num_workers, cpu_share(cfg)))
     return torch.get_num_threads()
 
 

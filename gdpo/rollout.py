@@ -9,7 +9,7 @@ import os
 import time
 from typing import Optional
 
-from gdpo.config import Config, cpu_threads_per_worker
+from gdpo.config import Config, cpu_share, cpu_threads_per_worker
 from gdpo.records import RolloutBatch
 from gdpo.weight_sync import TORN
 
@@ -66,7 +66,9 @@ def make_engine(model_path: str, cfg: Config, seed: int = 0, lora_rank: int = 0)
     in_process = cfg.rollout.in_process if cfg.rollout.in_process is not None else not gpu
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
     if in_process and not gpu:  # the engine's OpenMP threads are this process's
-        torch._C.set_num_threads(cpu_threads_per_worker(cfg.rollout.cpu_threads, cfg.rollout.num_workers))
+        torch._C.set_num_threads(
+            cpu_threads_per_worker(cfg.rollout.cpu_threads, cfg.rollout.num_workers, cpu_share(cfg))
+        )
     if hasattr(vllm.envs.__getattr__, "cache_clear"):  # a previous engine froze vLLM's view of the environment
         vllm.envs.disable_envs_cache()
     eager = cfg.rollout.enforce_eager if cfg.rollout.enforce_eager is not None else not gpu
