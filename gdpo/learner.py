@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from gdpo.config import Config, cpu_share, cpu_threads_per_worker
+from gdpo.config import Config
+from gdpo.cpu_threads import cpu_share, cpu_threads_per_worker
 from gdpo import dora, logprob_head, weight_sync
 from gdpo.logprob_head import Sampling
 from gdpo.losses import Correction, entropy_from_logits, policy_loss, rollout_correction, token_logprobs

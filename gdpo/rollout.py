@@ -9,7 +9,8 @@ import os
 import time
 from typing import Optional
 
-from gdpo.config import Config, cpu_share, cpu_threads_per_worker
+from gdpo.config import Config
+from gdpo.cpu_threads import cpu_share, cpu_threads_per_worker
 from gdpo.records import RolloutBatch
 from gdpo.weight_sync import TORN
 

@@ -265,14 +265,14 @@ def test_the_ofq_config_uses_the_same_loader(tmp_path):
 
 
 def test_cpu_threads_per_worker(monkeypatch):
-    from gdpo.config import cpu_threads_per_worker
+    from gdpo.cpu_threads import cpu_threads_per_worker
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert cpu_threads_per_worker(3, 4) == 3  # an explicit setting wins
     assert cpu_threads_per_worker(0, 4) == 4  # 0: the cores shared among the workers
     assert cpu_threads_per_worker(0, 32) == 1  # never below one thread
     assert cpu_threads_per_worker(0, 4, share=2) == 2  # half the cores, shared among the workers
-    from gdpo.config import cpu_share
+    from gdpo.cpu_threads import cpu_share
 
     assert cpu_share(load_config(None, [])) == 1  # on-policy: engines and learners take turns on the cores
     assert cpu_share(load_config(None, ["trainer.max_staleness=1"])) == 2  # overlapped: they split them
