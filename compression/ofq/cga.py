@@ -1,18 +1,23 @@
-"""Confidence-guided annealing (OFQ §4.3): over the last epochs of QAT, weights whose latent value lies
-within ``br`` quantization steps of a rounding boundary are frozen: their gradient is zeroed before
-the optimizer step and their value restored after it (so neither momentum nor decoupled weight
-decay moves them). StatsQ's scales are frozen at the start, so a frozen weight also keeps its
-quantized value; QKR's ``Wq·Wk`` becomes a parameter of its own (``merge_qk``) so its entries are
-frozen directly.
+"""Confidence-guided annealing (OFQ §4.3): over the last epochs of QAT, the weights the quantizer is
+confident about are frozen and the oscillating ones keep training as the learning rate anneals. Rule
+"release" (the default), as the authors' code does it (``freeze_outside_boundary_weight_idx``): before
+every optimizer step, each weight whose latent value lies *beyond* ``br`` quantization steps of a rounding
+boundary is frozen (the mask recomputed every step from the current weights), and the near-boundary ones
+train. A frozen weight's gradient is zeroed before the step and its value restored after it (so neither
+momentum nor decoupled weight decay moves it). StatsQ's scales are frozen at the start, so a frozen
+weight also keeps its quantized value; QKR's ``Wq·Wk`` becomes a parameter of its own (``merge_qk``) so
+its entries are frozen directly.
 
-Deviations from the release: its per-weight mask in the quantizer only touches a detached tensor and
-its freezing loop skips the q/k layers, so Wq·Wk never freezes (fixed here, and tested); the release
-also freezes the weights *away from* boundaries and leaves near-boundary ones training, where this
-follows the issue's (and the paper's text) definition: freeze the ones that oscillate. A weight, once
-frozen, stays frozen (the mask only grows over the annealing epochs).
+Rule "near" keeps the earlier reading of the paper's text: freeze (cumulatively) the weights *within*
+``br`` of a boundary, the oscillating ones themselves, which makes their oscillation zero by construction.
+
+Deviation from the release: its per-weight mask in the quantizer only touches a detached tensor and its
+freezing loop skips the q/k layers, so Wq·Wk never freezes (fixed here, and tested).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
@@ -24,10 +29,12 @@ __all__ = ["CGA"]
 
 
 class CGA:
-    def __init__(self, model: nn.Module, br: float):
+    def __init__(self, model: nn.Module, br: float, rule: Literal["release", "near"] = "release"):
         if not 0 < br < 0.5:
             raise ValueError(f"CGA boundary range must lie in (0, 0.5) steps, got {br}")
-        self.model, self.br = model, br
+        if rule not in ("release", "near"):
+            raise ValueError(f"CGA rule must be 'release' or 'near', got {rule!r}")
+        self.model, self.br, self.rule = model, br, rule
         for mod in model.modules():
             if isinstance(mod, QKRAttention):
                 mod.merge_qk()
@@ -42,11 +49,16 @@ class CGA:
 
     @torch.no_grad()
     def update_masks(self) -> float:
-        """Freeze (additionally) every weight now within ``br`` of a boundary; returns the frozen share."""
+        """The frozen weights from the current ones (call before every step): "release" freezes exactly those
+        beyond ``br`` of a boundary, "near" adds those within it to the ones already frozen. Returns the
+        frozen share."""
         frozen = total = 0
         for name, quant, param, read in weight_quantizers(self.model):
-            near = boundary_distance(quant.latent(read().detach())) <= self.br
-            self.masks[name] |= near.view_as(param)
+            dist = boundary_distance(quant.latent(read().detach())).view_as(param)
+            if self.rule == "release":
+                self.masks[name] = dist > self.br
+            else:
+                self.masks[name] |= dist <= self.br
             frozen += int(self.masks[name].sum())
             total += param.numel()
         return frozen / max(total, 1)

@@ -72,7 +72,17 @@ class OFQQat:
     warmup_epochs: int = doc(2, "linear warm-up epochs", ge=0)
     distill: bool = doc(True, "add KL(teacher || student) at T=1 from the full-precision model")
     cga_epochs: int = doc(15, "OFQ: confidence-guided annealing over the last cga_epochs epochs (0 = off)", ge=0)
-    cga_br: float = doc(0.05, "OFQ: freeze latent weights within this many steps of a rounding boundary", gt=0, lt=0.5)
+    cga_br: float = doc(
+        0.05,
+        "OFQ: the boundary range in quantization steps; CGA freezes the weights beyond it (rule release)",
+        gt=0,
+        lt=0.5,
+    )
+    cga_rule: Literal["release", "near"] = doc(
+        "release",
+        "release: freeze the weights beyond cga_br of a boundary, the mask recomputed every step (the "
+        "authors' code); near: freeze those within it, cumulatively (the earlier reading)",
+    )
     near_br: float = doc(0.05, "the near-boundary metric's threshold, in steps", gt=0, le=0.5)
 
 
@@ -256,6 +266,7 @@ def train(
     tracker=None,
     cga_br: Optional[float] = None,
     cga_from: int = 0,
+    cga_rule: str = "release",
     log: Callable[[str], None] = print,
     label: str = "",
 ) -> list[dict]:
@@ -283,13 +294,12 @@ def train(
         annealing = cga_br is not None and epoch >= cga_from
         if annealing and epoch == cga_from:
             known = {id(p) for group in opt.param_groups for p in group["params"]}
-            cga = CGA(model, cga_br)  # QKR's Wq·Wk becomes a parameter here: the optimizer must see it
+            cga = CGA(model, cga_br, cga_rule)  # QKR's Wq·Wk becomes a parameter here: the optimizer must see it
             fresh = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
             if fresh:
                 opt.add_param_group({"params": fresh, "weight_decay": t.weight_decay})
-        frozen = cga.update_masks() if annealing else 0.0
         order = torch.randperm(n, generator=g)
-        losses, osc, near = [], [], []
+        losses, osc, near, frozen = [], [], [], []
         for i in range(0, n, t.batch_size):
             idx = order[i : i + t.batch_size]
             x = _shift(data["train_x"][idx], shift, g)
@@ -305,13 +315,14 @@ def train(
                 group["lr"] = lr_at(step)
             step += 1
             if annealing:
+                frozen.append(cga.update_masks())  # from the current weights, every step
                 cga.before_step()
             opt.step()
             if annealing:
                 cga.after_step()
             losses.append(float(loss))
             if tracker is not None:
-                m = tracker.step()
+                m = tracker.step(cga.masks if annealing else None)
                 osc.append(m["oscillation_rate"])
                 near.append(m["near_boundary"])
         row = {
@@ -320,10 +331,15 @@ def train(
             "test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
         }
         if tracker is not None:
-            row.update(oscillation_rate=sum(osc) / len(osc), near_boundary=sum(near) / len(near), frozen=frozen)
+            frozen_share = sum(frozen) / len(frozen) if frozen else 0.0
+            row.update(oscillation_rate=sum(osc) / len(osc), near_boundary=sum(near) / len(near), frozen=frozen_share)
         history.append(row)
         if (epoch + 1) % 10 == 0 or epoch + 1 == t.epochs:
-            extra = f", oscillation {row['oscillation_rate']:.2e}, frozen {frozen:.0%}" if tracker is not None else ""
+            extra = (
+                f", oscillation {row['oscillation_rate']:.2e}, frozen {row['frozen']:.0%}"
+                if tracker is not None
+                else ""
+            )
             log(f"{label} epoch {epoch + 1}/{t.epochs}: loss {row['loss']:.3f}, test {row['test_accuracy']:.1%}{extra}")
     return history
 
@@ -366,6 +382,7 @@ def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) ->
                 tracker=tracker,
                 cga_br=cga_br,
                 cga_from=cfg.qat.epochs - cfg.qat.cga_epochs,
+                cga_rule=cfg.qat.cga_rule,
                 log=log,
                 label=label,
             )

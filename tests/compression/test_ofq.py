@@ -130,11 +130,37 @@ def test_oscillation_tracker_counts_flip_backs_only():
     del base
 
 
-def test_cga_freezes_near_boundary_weights_including_wq_wk_product():
+def test_cga_freezes_exactly_the_weights_beyond_the_boundary_range_recomputed_each_step():
+    """The release's rule: frozen = latent value more than br steps from every rounding boundary, from the
+    current weights at each call (a weight that moved near a boundary is free again)."""
+    from compression.ofq.quantizers import boundary_distance
+
+    model = quantize_vit(_vit(layers=1), 2, "ofq")
+    model(pixel_values=torch.randn(16, 1, 8, 8))
+    cga = CGA(model, br=0.1)
+    share = cga.update_masks()
+    total = frozen = 0
+    for n, q, param, read in weight_quantizers(model):
+        expected = (boundary_distance(q.latent(read().detach())) > 0.1).view_as(param)
+        assert torch.equal(cga.masks[n], expected), n
+        total, frozen = total + expected.numel(), frozen + int(expected.sum())
+    assert share == pytest.approx(frozen / total) and 0.3 < share < 0.95
+    name, param = next(iter(cga.params.items()))
+    with torch.no_grad():
+        param.add_(torch.randn_like(param) * param.abs().mean())  # the weights move: the mask follows
+    cga.update_masks()
+    quant, read = next((q, r) for n, q, _, r in weight_quantizers(model) if n == name)
+    assert torch.equal(cga.masks[name], (boundary_distance(quant.latent(read().detach())) > 0.1).view_as(param))
+    with pytest.raises(ValueError, match="rule must be"):
+        CGA(model, br=0.1, rule="oscillating")
+
+
+@pytest.mark.parametrize("rule", ["release", "near"])
+def test_cga_freezes_its_weights_including_wq_wk_product(rule):
     model = quantize_vit(_vit(layers=1), 2, "ofq")
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     model(pixel_values=x)
-    cga = CGA(model, br=0.2)
+    cga = CGA(model, br=0.2, rule=rule)
     attn = model.vit.layers[0].attention
     assert isinstance(attn.qk, torch.nn.Parameter)  # QKR's matrix is now trained (and frozen) itself
     frozen_share = cga.update_masks()
