@@ -74,15 +74,12 @@ class OFQQat:
     cga_epochs: int = doc(15, "OFQ: confidence-guided annealing over the last cga_epochs epochs (0 = off)", ge=0)
     cga_br: float = doc(
         0.05,
-        "OFQ: the boundary range in quantization steps; CGA freezes the weights beyond it (rule release)",
+        "OFQ: the boundary range in quantization steps; CGA freezes the weights beyond it, the mask "
+        "recomputed every step (the authors' code)",
         gt=0,
         lt=0.5,
     )
-    cga_rule: Literal["release", "near"] = doc(
-        "release",
-        "release: freeze the weights beyond cga_br of a boundary, the mask recomputed every step (the "
-        "authors' code); near: freeze those within it, cumulatively (the earlier reading)",
-    )
+
     near_br: float = doc(0.05, "the near-boundary metric's threshold, in steps", gt=0, le=0.5)
 
 
@@ -266,7 +263,6 @@ def train(
     tracker=None,
     cga_br: Optional[float] = None,
     cga_from: int = 0,
-    cga_rule: str = "release",
     log: Callable[[str], None] = print,
     label: str = "",
 ) -> list[dict]:
@@ -294,7 +290,7 @@ def train(
         annealing = cga_br is not None and epoch >= cga_from
         if annealing and epoch == cga_from:
             known = {id(p) for group in opt.param_groups for p in group["params"]}
-            cga = CGA(model, cga_br, cga_rule)  # QKR's Wq·Wk becomes a parameter here: the optimizer must see it
+            cga = CGA(model, cga_br)  # QKR's Wq·Wk becomes a parameter here: the optimizer must see it
             fresh = [p for p in model.parameters() if p.requires_grad and id(p) not in known]
             if fresh:
                 opt.add_param_group({"params": fresh, "weight_decay": t.weight_decay})
@@ -382,7 +378,6 @@ def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) ->
                 tracker=tracker,
                 cga_br=cga_br,
                 cga_from=cfg.qat.epochs - cfg.qat.cga_epochs,
-                cga_rule=cfg.qat.cga_rule,
                 log=log,
                 label=label,
             )
