@@ -24,7 +24,13 @@ def model_path(tmp_path_factory):
 def policy(model_path, request):
     cfg = load_config(
         None,
-        ["learner.micro_batch_per_worker=3", "algorithm.kl_coef=0.05", f"learner.logprob_chunk_tokens={request.param}"],
+        [
+            "learner.micro_batch_per_worker=3",
+            "algorithm.kl_coef=0.05",
+            f"learner.logprob_chunk_tokens={request.param}",
+            "rollout.temperature=0.7",  # the sampler's processing (temperature, nucleus) runs on the device too
+            "rollout.top_p=0.9",
+        ],
     )
     model, tok = learner.build_policy(model_path, cfg)
     batch = _fixed_batch(tok)  # on the CPU, as the driver builds it
