@@ -159,16 +159,28 @@ def save_dense(model: nn.Module, out_dir: str, tokenizer=None) -> Path:
     return Path(out_dir)
 
 
-def save_lora(factors: dict[str, LayerCompensation], out_dir: str, base_model: str) -> Path:
-    """The compensations as one peft LoRA adapter (scaling 1: lora_alpha = r)."""
+def save_lora(
+    factors: dict[str, LayerCompensation],
+    out_dir: str,
+    base_model: str,
+    dtype: torch.dtype = torch.bfloat16,
+    input_shifts: Optional[dict[str, Tensor]] = None,
+) -> Path:
+    """The compensations as one peft LoRA adapter (scaling 1: lora_alpha = r), factors stored in
+    ``dtype`` (16 bits by default, as served). ``input_shifts``: per layer, the pre-shifts s [in] that an
+    export folded into the layer before (compression.export.fold_pre_shifts): that layer now reads
+    ``x · 2^s``, so its A is stored as ``A · diag(2^-s)`` and the adapter still adds ``B A x``."""
     from safetensors.torch import save_file
 
     ranks = {c.a.shape[0] for c in factors.values()}
     r = max(ranks)
     tensors, targets, rank_pattern = {}, set(), {}
     for name, c in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = c.a.contiguous().clone()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = c.b.contiguous().clone()
+        a = c.a
+        if input_shifts and name in input_shifts:
+            a = a * torch.exp2(-input_shifts[name].float())[None, :]  # exact: powers of two
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = c.b.to(dtype).contiguous()
         targets.add(name.rsplit(".", 1)[-1])
         if c.a.shape[0] != r:  # a layer narrower than the rank got a smaller one
             rank_pattern[name] = c.a.shape[0]

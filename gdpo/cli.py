@@ -168,6 +168,7 @@ def cmd_compress(args) -> int:
         grid_rounds=args.grid_rounds,
         rank=args.rank,
         factor_bits=args.factor_bits,
+        target=args.target,
     )
     results = run_compress(settings, cfg)
     table = results_table(results)
@@ -176,8 +177,18 @@ def cmd_compress(args) -> int:
     print(f"\n{what} on {results['held_out']['prompts']} held-out prompts of {results['held_out']['data']}")
     for row in table:
         print("".join(c.rjust(w) for c, w in zip(row, widths)))
+    for name, row in results.get("variants", {}).items():
+        print(f"  {name}: {row['ran']}")
+    export = results.get("export")
+    if export:
+        b = export["bytes"]
+        print(
+            f"served checkpoint: {export['path']} ({export['format']}); quantized layers {b['quantized'] / 1e6:.3f} MB "
+            f"on disk = {b['quantized_ratio']:.3f}x bf16"
+            + ("" if export["served_here"]["ok"] else f"; {export['served_here']['why']}")
+        )
     outputs = (
-        "results.json, report/, evals/, compressed/, adapters/"
+        "results.json, report/, evals/, compressed/, served/, adapters/"
         if "variants" in results
         else "results.json, samples.jsonl, model/"
     )
@@ -292,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--rank", type=int, default=32, help="EoRA / SVD compensation rank")
     cp.add_argument("--factor-bits", type=int, default=None, help="quantize compensation factors to 4 or 8 bits")
     cp.add_argument("--bits", default="w4a4", help="w4a4, w4a8, w8a8, or weight-only w4 / w8")
+    cp.add_argument(
+        "--target",
+        default=None,
+        help="fp4 deployment format the search must fit and the pipeline exports: vllm-w4a16 (default for a "
+        "pipeline), nvfp4, mxfp4, or sim (the research path; default for --pipeline fp4)",
+    )
     cp.add_argument("--calib", default="task:chain_arith", help="calibration data spec (its train split)")
     cp.add_argument("--calib-samples", type=int, default=128)
     cp.add_argument("--eval-data", default=None, help="held-out data spec (its eval split); default: --calib's")

@@ -20,6 +20,7 @@ fake-quantized activations; the full-precision row is measured the same way.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -63,6 +64,18 @@ class CompressSettings:
     grid_rounds: int = 3
     rank: int = 32  # EoRA / SVD compensation rank
     factor_bits: Optional[int] = None  # quantize the compensation factors to 4 or 8 bits (None: keep float)
+    target: Optional[str] = None  # deployment format (compression.fp4.targets); None: sim to compare, else vllm-w4a16
+
+
+EXPORT_DTYPE = torch.bfloat16  # the served checkpoint's 16-bit tensors (vLLM's CPU W4A16 kernel takes bf16, not fp32)
+
+
+def target_name(s: CompressSettings) -> str:
+    """--target, defaulting to the research path for ``--pipeline fp4`` (a comparison of quantizers)
+    and to a served INT4 W4A16 checkpoint for a pipeline."""
+    if s.target:
+        return s.target
+    return "vllm-w4a16" if stages_of(s.pipeline) != ["fp4"] and stages_of(s.pipeline)[0] == "fp4" else "sim"
 
 
 def reference_texts(
@@ -214,6 +227,25 @@ def check_settings(s: CompressSettings) -> None:
             raise CompressError(f"{flag} must be >= 1, got {v}")
     if s.factor_bits not in (None, 4, 8):
         raise CompressError(f"--factor-bits must be 4 or 8, got {s.factor_bits}")
+    _check_target(s)
+
+
+def _check_target(s: CompressSettings) -> None:
+    from compression.fp4.search import QuantSetting
+    from compression.fp4.targets import TARGETS
+
+    if s.target is not None and s.target not in TARGETS:
+        raise CompressError(f"--target {s.target!r}: expected one of {', '.join(TARGETS)}")
+    name = target_name(s)
+    if name == "sim":
+        return
+    if stages_of(s.pipeline)[0] != "fp4":
+        raise CompressError(f"--target {name}: only the fp4 compressor writes a deployment format; use --target sim")
+    if QuantSetting.parse(s.bits).w_bits != 4:
+        raise CompressError(f"--target {name} stores 4-bit weights; --bits {s.bits} asks for 8")
+    for flag, on in (("--lm-head", s.lm_head), ("--embedding", s.embedding)):
+        if on:
+            raise CompressError(f"{flag}: --target {name} exports the decoder's linear layers only; use --target sim")
 
 
 @dataclass
@@ -271,9 +303,23 @@ def prepare(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print
                 f"--pipeline prune24: {odd[0]} has {full.get_submodule(odd[0]).in_features} inputs, "
                 f"not a multiple of 4 (2:4 sparsity needs groups of 4)"
             )
+    _check_shapes_for_target(full, names, s)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     return _Job(s, cfg, model_dir, tokenizer, full, calib, held_out, eval_spec, n_eval, out, log)
+
+
+def _check_shapes_for_target(model, names: list, s: CompressSettings) -> None:
+    from compression.fp4.targets import get_target
+
+    t = get_target(target_name(s))
+    for n in names:
+        lin = model.get_submodule(n)
+        if lin.in_features % t.in_multiple or lin.out_features % t.out_multiple:
+            raise CompressError(
+                f"--target {t.name}: {n} is [{lin.out_features}, {lin.in_features}]; the format needs inputs "
+                f"a multiple of {t.in_multiple} and outputs of {t.out_multiple} (use --target sim)"
+            )
 
 
 def run_compress(s: CompressSettings, cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -294,9 +340,11 @@ def compare_quantizers(job: _Job) -> dict:
     """``--pipeline fp4``: full precision vs each quantizer in ``--methods``, evaluated in transformers."""
     from compression.fp4.model import load_quantized, quantize_model, save_quantized
     from compression.fp4.search import QuantSetting
+    from compression.fp4.targets import get_target
 
     s, out, log = job.s, job.out, job.log
     setting = QuantSetting.parse(s.bits)
+    target = get_target(target_name(s)).for_dtype(EXPORT_DTYPE)
     t_start = time.time()
     rows, samples = {}, []
     rows["full"], smp = evaluate(job.full, job.tokenizer, job.held_out, job.cfg, s, "full", log)
@@ -305,7 +353,15 @@ def compare_quantizers(job: _Job) -> dict:
         model = copy.deepcopy(job.full)
         log(f"quantizing: {method} {setting.name}")
         quant = quantize_model(
-            model, job.calib, setting, method, _grid(s), lm_head=s.lm_head, embedding=s.embedding, log=lambda m: None
+            model,
+            job.calib,
+            setting,
+            method,
+            _grid(s),
+            lm_head=s.lm_head,
+            embedding=s.embedding,
+            log=lambda m: None,
+            target=target,
         )
         if method == "search":
             save_quantized(
@@ -328,6 +384,7 @@ def compare_quantizers(job: _Job) -> dict:
     results = {
         "pipeline": s.pipeline,
         "setting": setting.name,
+        "target": target.name,
         "model": str(Path(job.model_dir).resolve()),
         "calibration": _calib_info(job),
         "held_out": _held_out_info(job),
@@ -359,19 +416,29 @@ def _held_out_info(job: _Job) -> dict:
 
 
 def run_pipeline(job: _Job) -> dict:
-    """``--pipeline C[,eora]``: compress the policy with C (fp4 = LLM-FP4 search at ``--bits``; prune24 =
-    2:4 magnitude pruning; prune50 = 50% unstructured magnitude pruning), compensate with EoRA and, for
-    comparison, plain SVD at the same rank, then evaluate every variant with the token-efficiency
-    evaluation on vLLM (compressed base + LoRA adapter). Where activations are quantized, which vLLM
-    cannot run, the variants are also evaluated in transformers with the quantized activations.
+    """``--pipeline C[,eora]``: compress the policy with C (fp4 = LLM-FP4 search at ``--bits`` under
+    ``--target``; prune24 = 2:4 magnitude pruning; prune50 = 50% unstructured magnitude pruning),
+    compensate with EoRA and, for comparison, plain SVD at the same rank, then evaluate every variant
+    with the token-efficiency evaluation on vLLM (a base checkpoint + the compensation as a LoRA
+    adapter). Every row says what ran (``ran``) and how many bytes its files take on disk (``disk``).
 
-    Outputs in ``--out``: ``compressed/`` (transformers checkpoint of the compressed weights),
-    ``model/`` (fp4: the packed checkpoint), ``adapters/{eora,svd}/`` (peft LoRA), ``evals/<variant>/``
-    (gdpo eval results), ``report/`` (report.md/html over the evals), ``results.json``.
+    With an fp4 ``--target`` other than sim, the quantized policy is also exported in that format
+    (compression.export) and, where vLLM serves it on this machine (vllm-w4a16 on CPUs; NVFP4 and MXFP4
+    need a CUDA GPU), evaluated as served, alone and with the EoRA adapter (rows ``*.served``). The
+    simulated rows run the same quantized weights dequantized to float32. Where activations are
+    quantized, which no served row does, the variants are also evaluated in transformers with them.
+
+    Outputs in ``--out``: ``compressed/`` (the compressed weights, dequantized, as a plain
+    checkpoint), ``model/`` (fp4: the packed research checkpoint), ``served/`` (fp4 with a target: the
+    compressed-tensors checkpoint), ``adapters/{eora,svd}/`` (peft LoRA, 16-bit factors;
+    ``eora-served/`` when the export folded pre-shifts), ``evals/<variant>/`` (gdpo eval results),
+    ``report/``, ``results.json``.
     """
     from compression.calib import target_linears
+    from compression.export import export_bytes, export_compressed, fold_pre_shifts
     from compression.fp4.model import quantize_model, save_quantized
     from compression.fp4.search import QuantSetting
+    from compression.fp4.targets import get_target
     from compression.pipeline import compensate_model, save_dense, save_lora, storage_bytes
     from compression.prune import prune_linears
     from gdpo.eval.evaluate import EvalEngine, EvalSettings, evaluate_model
@@ -387,8 +454,10 @@ def run_pipeline(job: _Job) -> dict:
     pruned: list[str] = []
     detail: dict = {}
     setting = QuantSetting.parse(s.bits)
+    target = get_target(target_name(s)).for_dtype(EXPORT_DTYPE)
+    export = None
     if compressor == "fp4":
-        log(f"compressing: LLM-FP4 search, {setting.name}")
+        log(f"compressing: LLM-FP4 search, {setting.name}, target {target.name}")
         quant = quantize_model(
             compressed,
             job.calib,
@@ -398,11 +467,30 @@ def run_pipeline(job: _Job) -> dict:
             lm_head=s.lm_head,
             embedding=s.embedding,
             log=lambda m: None,
+            target=target,
         )
         save_quantized(
             compressed, {**quant, "source_model": str(Path(job.model_dir).resolve())}, str(out / "model"), job.tokenizer
         )
-        detail = {"setting": setting.name, "quantize_seconds": quant["seconds"]}
+        detail = {"setting": setting.name, "target": target.name, "quantize_seconds": quant["seconds"]}
+        if target.name != "sim":
+            info = export_compressed(
+                copy.deepcopy(compressed), target, str(out / "served"), job.tokenizer, EXPORT_DTYPE
+            )
+            export = {
+                "path": info.path,
+                "format": info.format,
+                "dtype": info.dtype,
+                "layers": info.layers,
+                "folded_shift_layers": sorted(info.folded_shifts),
+                "max_decode_error": info.max_decode_error,
+                "bytes": export_bytes(info.path),
+                "served_here": _served_here(target),
+            }
+            log(
+                f"exported {info.format} ({info.dtype}): quantized layers {export['bytes']['quantized'] / 1e6:.3f} MB "
+                f"on disk, {export['bytes']['quantized_ratio']:.3f}x their bf16 size"
+            )
     else:
         pattern = "2:4" if compressor == "prune24" else "unstructured"
         log(f"compressing: {pattern} magnitude pruning")
@@ -410,8 +498,13 @@ def run_pipeline(job: _Job) -> dict:
         pruned = names
         detail = {"pattern": pattern, "sparsity": sum(sparsity.values()) / len(sparsity)}
     save_dense(compressed, str(out / "compressed"), job.tokenizer)
+    simulated = "vLLM, the compressed weights dequantized to float32" if compressor == "fp4" else "vLLM, float32"
     models = {"full": job.full, compressor: compressed}
-    served = {"full": (job.model_dir, None), compressor: (str(out / "compressed"), None)}
+    # label -> (model dir, adapter dir, engine dtype, what ran)
+    served = {
+        "full": (job.model_dir, None, job.cfg.model.dtype, f"vLLM, {job.cfg.model.dtype}"),
+        compressor: (str(out / "compressed"), None, "float32", simulated),
+    }
     compensation = {}
     if len(stages) > 1:
         for method in ("svd", "eora"):
@@ -422,17 +515,39 @@ def run_pipeline(job: _Job) -> dict:
             label = f"{compressor}+{method}"
             save_lora(factors, str(out / "adapters" / method), str((out / "compressed").resolve()))
             models[label] = model
-            served[label] = (str(out / "compressed"), str(out / "adapters" / method))
+            served[label] = (
+                str(out / "compressed"),
+                str(out / "adapters" / method),
+                "float32",
+                f"{simulated}, + {'EoRA' if method == 'eora' else 'SVD'} as a LoRA adapter (bf16 factors)",
+            )
             compensation[label] = {
                 "output_error_before": sum(f.error_before for f in factors.values()),
                 "output_error_after": sum(f.error_after for f in factors.values()),
                 "seconds": time.time() - t0,
             }
+            if method == "eora" and export and export["served_here"]["ok"]:
+                shifts = fold_pre_shifts(copy.deepcopy(compressed))  # the export's shifts, recomputed
+                adapter = out / "adapters" / ("eora-served" if shifts else "eora")
+                if shifts:
+                    save_lora(factors, str(adapter), export["path"], input_shifts=shifts)
+                models[f"{compressor}+eora.served"] = model
+                served_eora = (
+                    export["path"],
+                    str(adapter),
+                    "bfloat16",
+                    f"{export['served_here']['ran']}, + EoRA as a LoRA adapter (bf16 factors)",
+                )
+    if export and export["served_here"]["ok"]:  # the served rows last: the plain base, then with EoRA
+        served[f"{compressor}.served"] = (export["path"], None, "bfloat16", export["served_here"]["ran"])
+        models[f"{compressor}.served"] = compressed
+        if len(stages) > 1:
+            served[f"{compressor}+eora.served"] = served_eora
 
     rows: dict = {}
-    with EvalEngine(lora_rank=s.rank if len(stages) > 1 else 0, seed=s.seed) as engines:  # one for all
-        for label, (model_path, lora) in served.items():
-            log(f"evaluating on vLLM: {label}")
+    with EvalEngine(lora_rank=s.rank if len(stages) > 1 else 0, seed=s.seed) as engines:  # one per dtype/format
+        for label, (model_path, lora, dtype, ran) in served.items():
+            log(f"evaluating on vLLM: {label} ({ran})")
             settings = EvalSettings(
                 model=model_path,
                 data=job.eval_spec,
@@ -442,29 +557,37 @@ def run_pipeline(job: _Job) -> dict:
                 lora=lora,
                 base=None if label == "full" else str(out / "evals" / "full"),
             )
-            res = evaluate_model(settings, job.cfg, str(out / "evals" / label), log, engines)
+            cfg = dataclasses.replace(job.cfg, model=dataclasses.replace(job.cfg.model, dtype=dtype))
+            res = evaluate_model(settings, cfg, str(out / "evals" / label), log, engines)
             m = res["metrics"]
             rows[label] = {
+                "ran": ran,
                 "accuracy": m["accuracy"],
                 "mean_tokens": m["mean_tokens"],
                 "truncation_rate": m["truncation_rate"],
+                "disk": _disk_bytes(model_path, lora),
                 "bytes": storage_bytes(
                     models[label], pruned if label != "full" else (), factor_bits=s.factor_bits or 16
                 ),
-                **compensation.get(label, {}),
+                **compensation.get(label.removesuffix(".served"), {}),
             }
     if compressor == "fp4" and setting.a_bits:
         for label, model in models.items():
-            if label == "full":
+            if label == "full" or label.endswith(".served"):
                 continue
             m, _ = evaluate(model, job.tokenizer, job.held_out, job.cfg, s, label + " (acts)", log)
             rows[label]["with_quantized_activations"] = {k: m[k] for k in ("accuracy", "mean_tokens", "perplexity")}
     full_acc = rows["full"]["accuracy"]
     for label, row in rows.items():
         if "+" in label:
-            row["recovered"] = gap_recovered(full_acc, rows[compressor]["accuracy"], row["accuracy"])
+            base = compressor + (".served" if label.endswith(".served") else "")
+            row["recovered"] = gap_recovered(full_acc, rows[base]["accuracy"], row["accuracy"])
             if "with_quantized_activations" in row:
-                acts = {k: v["with_quantized_activations"]["accuracy"] for k, v in rows.items() if k != "full"}
+                acts = {
+                    k: v["with_quantized_activations"]["accuracy"]
+                    for k, v in rows.items()
+                    if k != "full" and "with_quantized_activations" in v
+                }
                 row["with_quantized_activations"]["recovered"] = gap_recovered(full_acc, acts[compressor], acts[label])
     write_report(
         [str(out / "evals" / k) for k in served],
@@ -481,8 +604,10 @@ def run_pipeline(job: _Job) -> dict:
         "calibration": _calib_info(job),
         "held_out": _held_out_info(job),
         "variants": rows,
+        "export": export,
         "outputs": {
             "compressed": str((out / "compressed").resolve()),
+            "served": export["path"] if export else None,
             "adapters": {m: str((out / "adapters" / m).resolve()) for m in ("svd", "eora") if len(stages) > 1},
             "report": str((out / "report" / "report.html").resolve()),
         },
@@ -493,12 +618,30 @@ def run_pipeline(job: _Job) -> dict:
     return results
 
 
+def _served_here(target) -> dict:
+    """Whether vLLM on this machine serves the target's checkpoint, and the row label of what runs."""
+    if target.name == "vllm-w4a16" and not torch.cuda.is_available():
+        return {"ok": True, "ran": "vLLM W4A16 (compressed-tensors pack-quantized, CPU kernel CPUWNA16), bfloat16"}
+    if target.name == "vllm-w4a16":
+        return {"ok": True, "ran": "vLLM W4A16 (compressed-tensors pack-quantized, Marlin), bfloat16"}
+    if torch.cuda.is_available():
+        return {"ok": True, "ran": f"vLLM {target.name.upper()} (compressed-tensors), bfloat16"}
+    return {"ok": False, "ran": None, "why": f"vLLM's {target.name.upper()} kernels need a CUDA GPU; not served here"}
+
+
+def _disk_bytes(model_dir: str, adapter: Optional[str]) -> dict:
+    """Bytes of the weight files as they lie on disk (the model's .safetensors, the adapter's)."""
+    model = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+    lora = (Path(adapter) / "adapter_model.safetensors").stat().st_size if adapter else 0
+    return {"model": model, "adapter": lora, "total": model + lora}
+
+
 def results_table(results: dict) -> list[list[str]]:
     """The printed table of either kind of results.json."""
     pct = lambda v: "n/a" if v is None else f"{v:.0%}"  # noqa: E731
     if "variants" in results:
         acts = any("with_quantized_activations" in r for r in results["variants"].values())
-        head = ["variant", "accuracy", "mean tokens", "MB", "recovered"]
+        head = ["variant", "accuracy", "mean tokens", "MB on disk", "recovered"]
         head += ["accuracy (acts)", "recovered (acts)"] if acts else []
         body = []
         for name, r in results["variants"].items():
@@ -506,7 +649,7 @@ def results_table(results: dict) -> list[list[str]]:
                 name,
                 f"{r['accuracy']:.1%}",
                 f"{r['mean_tokens']:.1f}",
-                f"{r['bytes']['total'] / 1e6:.3f}",
+                f"{r['disk']['total'] / 1e6:.3f}" if "disk" in r else "-",
                 pct(r["recovered"]) if "recovered" in r else "-",
             ]
             if acts:

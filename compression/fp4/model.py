@@ -34,6 +34,7 @@ from compression.fp4.qlinear import QuantEmbedding, QuantLinear, layer_meta
 from gdpo.fileio import atomic_dir
 from gdpo.policy import save_tokenizer
 from compression.fp4.search import QuantSetting, SearchGrid, quantize_layer, search_embedding, split_rows
+from compression.fp4.targets import SIM, Target
 
 __all__ = ["quantize_model", "save_quantized", "load_quantized", "FORMAT_VERSION"]
 
@@ -73,8 +74,10 @@ def quantize_model(
     embedding: bool = False,
     max_tokens: int = 4096,
     log: Callable[[str], None] = print,
+    target: Target = SIM,
 ) -> dict:
-    """Quantize ``model`` in place; returns ``quantization.json``'s content. Inputs are checked first."""
+    """Quantize ``model`` in place; returns ``quantization.json``'s content. Inputs are checked first.
+    ``target``: the deployment format the weights must fit (compression.fp4.targets)."""
     names = target_linears(model, targets, lm_head)
     check_calibration(batches)
     model.eval()
@@ -87,7 +90,7 @@ def quantize_model(
         for readers in shared_input_sets(group, xs):
             linears = [model.get_submodule(n) for n in readers]
             stacked = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
-            lq = quantize_layer(stacked, xs[readers[0]], setting, method, grid)
+            lq = quantize_layer(stacked, xs[readers[0]], setting, method, grid, target)
             parts = split_rows(lq, [lin.out_features for lin in linears])
             for name, linear, part in zip(readers, linears, parts):
                 set_module(model, name, QuantLinear.from_linear(linear, part))
@@ -119,6 +122,7 @@ def quantize_model(
         "format_version": FORMAT_VERSION,
         "setting": setting.name,
         "method": method,
+        "target": target.name,
         "grid": {
             "lo": grid.lo,
             "hi": grid.hi,

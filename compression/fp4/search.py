@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from compression.fp4.formats import FPFormat, bias_for_max, fake_quant, formats_for_bits
+from compression.fp4.targets import SIM, Target
 from compression.intq import (
     int_fake_quant_asymmetric,
     int_fake_quant_symmetric,
@@ -176,11 +177,12 @@ def _default_format(bits: int) -> FPFormat:
     return FPFormat(2, 1) if bits == 4 else FPFormat(4, 3)
 
 
-def minmax_fp(weight: Tensor, x: Tensor, setting: QuantSetting) -> LayerQuant:
-    """MinMax FP baseline: E2M1 (E4M3 at 8 bits), bias from max|W| per output channel and from max|x|
-    per tensor; no search, no shifts."""
-    w_fmt = _default_format(setting.w_bits)
-    lq = LayerQuant("minmax_fp", setting.w_bits, w_fmt, bias_for_max(w_fmt, _row_max(weight.float())))
+def minmax_fp(weight: Tensor, x: Tensor, setting: QuantSetting, target: Target = SIM) -> LayerQuant:
+    """MinMax FP baseline: E2M1 (E4M3 at 8 bits; the target's first format if it names them), bias from
+    max|W| per output channel (snapped to what the target stores) and from max|x| per tensor; no search,
+    no shifts."""
+    w_fmt = target.w_formats[0] if target.w_formats else _default_format(setting.w_bits)
+    lq = LayerQuant("minmax_fp", setting.w_bits, w_fmt, target.snap(bias_for_max(w_fmt, _row_max(weight.float()))))
     if setting.a_bits:
         a_fmt = _default_format(setting.a_bits)
         lq.a_bits, lq.a_fmt = setting.a_bits, a_fmt
@@ -193,10 +195,11 @@ def _row_max(w: Tensor) -> Tensor:
     return w.abs().amax(dim=1).clamp_min(_TINY)
 
 
-def _search_weight(w_t: Tensor, a: Tensor, x_t: Tensor, fmts, grid: SearchGrid):
+def _search_weight(w_t: Tensor, a: Tensor, x_t: Tensor, fmts, grid: SearchGrid, target: Target = SIM):
     """Best (format, per-channel bias) for weights ``w_t`` [out, in] (shift already folded) reading the
-    quantized activations ``a`` [N, in], against the reference ``x_t w_tᵀ``. Returns
-    (format, bias [out], max fraction [out], summed relative error).
+    quantized activations ``a`` [N, in], against the reference ``x_t w_tᵀ``; each candidate bias is
+    snapped to the target's stored scales before it is scored. Returns (format, bias [out], max fraction
+    [out], summed relative error).
 
     With d = q - w and E = A - X̃: ‖A q - X̃ w‖² = dᵀ(AᵀA)d + 2 dᵀ(AᵀE)w + ‖E w‖²; the last term is the
     same for every candidate and format, so it is left out of the returned (relative) error.
@@ -209,7 +212,7 @@ def _search_weight(w_t: Tensor, a: Tensor, x_t: Tensor, fmts, grid: SearchGrid):
         err_best = torch.full((w_t.shape[0],), float("inf"))
         bias_best, alpha_best = torch.zeros(w_t.shape[0]), torch.zeros(w_t.shape[0])
         for alpha in grid.alphas(grid.points):
-            bias = bias_for_max(fmt, row_max * float(alpha))  # [out]
+            bias = target.snap(bias_for_max(fmt, row_max * float(alpha)))  # [out]
             d = fake_quant(w_t, fmt.e_bits, fmt.m_bits, bias[:, None]) - w_t  # [out, in]
             err = ((d @ gram) * d).sum(1) + 2 * (d * cross).sum(1)  # [out]
             better = err < err_best
@@ -222,7 +225,16 @@ def _search_weight(w_t: Tensor, a: Tensor, x_t: Tensor, fmts, grid: SearchGrid):
     return best
 
 
-def _search_act(x: Tensor, w: Tensor, ref: Tensor, lq: LayerQuant, fmts, grid: SearchGrid, per_channel: bool):
+def _search_act(
+    x: Tensor,
+    w: Tensor,
+    ref: Tensor,
+    lq: LayerQuant,
+    fmts,
+    grid: SearchGrid,
+    per_channel: bool,
+    target: Target = SIM,
+):
     """Best (format, ρ, shifts) for the activations, scored with the weights re-quantized after each
     candidate's shifts are folded in (the current weight format and per-row max fractions kept).
     With ``per_channel``, shift-free candidates compete too, so a layer whose weights suffer more from
@@ -238,7 +250,7 @@ def _search_act(x: Tensor, w: Tensor, ref: Tensor, lq: LayerQuant, fmts, grid: S
         key = None if shift is None else tuple(shift.tolist())
         if key not in folded_weights:
             w_t = w if shift is None else w * torch.exp2(-shift.float())[None, :]
-            bias = bias_for_max(lq.w_fmt, lq.w_alpha * _row_max(w_t))
+            bias = target.snap(bias_for_max(lq.w_fmt, lq.w_alpha * _row_max(w_t)))
             folded_weights[key] = fake_quant(w_t, lq.w_fmt.e_bits, lq.w_fmt.m_bits, bias[:, None])
         return folded_weights[key]
 
@@ -260,25 +272,32 @@ def _search_act(x: Tensor, w: Tensor, ref: Tensor, lq: LayerQuant, fmts, grid: S
 
 
 def search_fp(
-    weight: Tensor, x: Tensor, setting: QuantSetting, grid: SearchGrid = SearchGrid(), per_channel_act: bool = True
+    weight: Tensor,
+    x: Tensor,
+    setting: QuantSetting,
+    grid: SearchGrid = SearchGrid(),
+    per_channel_act: bool = True,
+    target: Target = SIM,
 ) -> LayerQuant:
     """LLM-FP4's search (see the module docstring), started from the MinMax FP solution. The best
-    solution seen (by calibration output MSE) is returned, so it never loses to MinMax FP there."""
+    solution seen (by calibration output MSE) is returned, so it never loses to MinMax FP there.
+    ``target`` limits the weight formats and per-row scales to what it stores (compression.fp4.targets)."""
     w, x = weight.float(), x.float()
-    lq = minmax_fp(w, x, setting)
+    lq = minmax_fp(w, x, setting, target)
     lq.method = "search" if per_channel_act or not setting.a_bits else "search_pertensor"
     lq.w_alpha = torch.ones(w.shape[0])
     start = lq.mse["final"]
     best, best_mse = copy.deepcopy(lq), start
     ref = x @ w.T  # [N, out]
-    w_fmts, a_fmts = formats_for_bits(setting.w_bits), formats_for_bits(setting.a_bits) if setting.a_bits else ()
+    w_fmts = target.w_formats or formats_for_bits(setting.w_bits)
+    a_fmts = formats_for_bits(setting.a_bits) if setting.a_bits else ()
     for _ in range(grid.rounds if setting.a_bits else 1):
         if setting.a_bits:
-            lq.a_fmt, lq.a_bias, lq.a_shift, _ = _search_act(x, w, ref, lq, a_fmts, grid, per_channel_act)
+            lq.a_fmt, lq.a_bias, lq.a_shift, _ = _search_act(x, w, ref, lq, a_fmts, grid, per_channel_act, target)
         a = quantize_input(x, lq, folded=True)
         x_t = x * torch.exp2(lq.a_shift.float())[None, :] if lq.a_shift is not None else x
         w_t = w * torch.exp2(-lq.a_shift.float())[None, :] if lq.a_shift is not None else w
-        lq.w_fmt, lq.w_param, lq.w_alpha, _ = _search_weight(w_t, a, x_t, w_fmts, grid)
+        lq.w_fmt, lq.w_param, lq.w_alpha, _ = _search_weight(w_t, a, x_t, w_fmts, grid, target)
         mse = output_mse(w, x, lq)
         if mse < best_mse:
             best, best_mse = copy.deepcopy(lq), mse
@@ -287,15 +306,20 @@ def search_fp(
 
 
 def quantize_layer(
-    weight: Tensor, x: Tensor, setting: QuantSetting, method: str, grid: SearchGrid = SearchGrid()
+    weight: Tensor,
+    x: Tensor,
+    setting: QuantSetting,
+    method: str,
+    grid: SearchGrid = SearchGrid(),
+    target: Target = SIM,
 ) -> LayerQuant:
-    """One layer's quantization by ``method`` (see METHODS)."""
+    """One layer's quantization by ``method`` (see METHODS); ``target`` constrains the FP methods."""
     if method == "minmax_int":
         return minmax_int(weight, x, setting)
     if method == "minmax_fp":
-        return minmax_fp(weight, x, setting)
+        return minmax_fp(weight, x, setting, target)
     if method in ("search", "search_pertensor"):
-        return search_fp(weight, x, setting, grid, per_channel_act=(method == "search"))
+        return search_fp(weight, x, setting, grid, per_channel_act=(method == "search"), target=target)
     raise ValueError(f"quantization method {method!r}: expected one of {', '.join(METHODS)}")
 
 

@@ -74,7 +74,11 @@ def test_exports_load_in_peft_and_reproduce_the_compensated_model(tmp_path):
     dense_dir = save_dense(comp, str(tmp_path / "compressed"))
     model = copy.deepcopy(comp)
     factors = compensate_model(model, ref, _batches(), rank=8, method="eora", log=lambda s: None)
-    ad = save_lora(factors, str(tmp_path / "eora"), str(dense_dir))
+    ad = save_lora(factors, str(tmp_path / "eora"), str(dense_dir), dtype=torch.float32)
+    from safetensors.torch import load_file
+
+    default = save_lora(factors, str(tmp_path / "eora16"), str(dense_dir))  # 16-bit factors, as served
+    assert {t.dtype for t in load_file(str(default / "adapter_model.safetensors")).values()} == {torch.bfloat16}
     conf = json.loads((ad / "adapter_config.json").read_text())
     assert conf["peft_type"] == "LORA" and conf["r"] == conf["lora_alpha"] == 8
     assert set(conf["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
