@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +38,7 @@ from compression.fp4.targets import Target
 from gdpo.fileio import atomic_dir
 from gdpo.policy import save_tokenizer
 
-__all__ = ["ExportError", "ExportInfo", "export_compressed", "export_bytes", "fold_pre_shifts"]
+__all__ = ["ExportError", "ExportInfo", "Fold", "export_compressed", "export_bytes", "fold_pre_shifts"]
 
 _FORMAT = {"vllm-w4a16": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
 _E4M3_MAX, _E4M3_MIN_NORMAL = 448.0, 2.0**-6
@@ -55,7 +55,7 @@ class ExportInfo:
     format: str  # compressed-tensors format name
     dtype: str  # the unquantized tensors' and (W4A16) scales' dtype
     layers: int  # quantized linear layers written
-    folded_shifts: dict  # layer -> its activation pre-shifts [in], moved into the layer before
+    folded_shifts: Fold  # the activation pre-shifts moved into the layer before
     max_decode_error: float  # max |decoded - searched| over all quantized weights, relative to the row's max
 
 
@@ -89,16 +89,27 @@ def _producer(name: str) -> tuple[str, str]:
     )
 
 
+@dataclass
+class Fold:
+    """What :func:`fold_pre_shifts` moved, for whatever else reads or writes those layers (a LoRA
+    adapter): ``input_shifts[name]`` = s [in], the layer now reads ``x · 2^s``; ``output_factors[name]``
+    [out], the producer's outputs are now multiplied by these powers of two."""
+
+    input_shifts: dict = field(default_factory=dict)
+    output_factors: dict = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.input_shifts)
+
+
 @torch.no_grad()
-def fold_pre_shifts(model: nn.Module) -> dict[str, Tensor]:
+def fold_pre_shifts(model: nn.Module) -> Fold:
     """Move each quantized layer's input shift ``2^s`` into the layer that produces its input, in place;
     afterwards every QuantLinear reads the shifted input as produced (``lq.a_shift`` None) and the model
-    computes what it computed before, activation quantization included. Returns, per layer whose shift
-    moved, the shifts s [in] (a LoRA adapter on that layer must read ``x · 2^s`` now: scale its A's
-    columns by ``2^-s``)."""
+    computes what it computed before, activation quantization included."""
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     done_norms: dict[str, Tensor] = {}
-    moved: dict[str, Tensor] = {}
+    moved = Fold()
     for name, mod in quant.items():
         shift = mod.lq.a_shift
         if shift is None or not bool((shift != 0).any()):
@@ -120,8 +131,9 @@ def fold_pre_shifts(model: nn.Module) -> dict[str, Tensor]:
         else:
             rows = _producer_rows(model, name, factor)
             _scale_rows(src, rows, src_name)
+            moved.output_factors[src_name] = rows.clone()
         mod.lq.a_shift = None
-        moved[name] = shift.clone()
+        moved.input_shifts[name] = shift.clone()
     return moved
 
 

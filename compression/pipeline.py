@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from compression.fp4.qlinear import QuantEmbedding, QuantLinear
 from compression.fp4.search import quantize_input
 from gdpo.fileio import atomic_dir
 from gdpo.policy import save_tokenizer
+
+if TYPE_CHECKING:
+    from compression.export import Fold
 
 __all__ = [
     "Compensated",
@@ -164,23 +167,26 @@ def save_lora(
     out_dir: str,
     base_model: str,
     dtype: torch.dtype = torch.bfloat16,
-    input_shifts: Optional[dict[str, Tensor]] = None,
+    fold: Optional["Fold"] = None,
 ) -> Path:
     """The compensations as one peft LoRA adapter (scaling 1: lora_alpha = r), factors stored in
-    ``dtype`` (16 bits by default, as served). ``input_shifts``: per layer, the pre-shifts s [in] that an
-    export folded into the layer before (compression.export.fold_pre_shifts): that layer now reads
-    ``x · 2^s``, so its A is stored as ``A · diag(2^-s)`` and the adapter still adds ``B A x``."""
+    ``dtype`` (16 bits by default, as served). ``fold``: the pre-shifts an export moved
+    (compression.export.fold_pre_shifts): a layer that now reads ``x · 2^s`` stores ``A · diag(2^-s)``,
+    a producer whose outputs are now scaled by f stores ``diag(f) · B``, so the adapter adds what it
+    added to the unfolded model (powers of two: exact)."""
     from safetensors.torch import save_file
 
     ranks = {c.a.shape[0] for c in factors.values()}
     r = max(ranks)
     tensors, targets, rank_pattern = {}, set(), {}
     for name, c in factors.items():
-        a = c.a
-        if input_shifts and name in input_shifts:
-            a = a * torch.exp2(-input_shifts[name].float())[None, :]  # exact: powers of two
+        a, b = c.a, c.b
+        if fold and name in fold.input_shifts:
+            a = a * torch.exp2(-fold.input_shifts[name].float())[None, :]
+        if fold and name in fold.output_factors:
+            b = b * fold.output_factors[name][:, None]
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = c.b.to(dtype).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.to(dtype).contiguous()
         targets.add(name.rsplit(".", 1)[-1])
         if c.a.shape[0] != r:  # a layer narrower than the rank got a smaller one
             rank_pattern[name] = c.a.shape[0]

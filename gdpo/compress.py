@@ -482,7 +482,7 @@ def run_pipeline(job: _Job) -> dict:
                 "format": info.format,
                 "dtype": info.dtype,
                 "layers": info.layers,
-                "folded_shift_layers": sorted(info.folded_shifts),
+                "folded_shift_layers": sorted(info.folded_shifts.input_shifts),
                 "max_decode_error": info.max_decode_error,
                 "bytes": export_bytes(info.path),
                 "served_here": _served_here(target),
@@ -530,7 +530,7 @@ def run_pipeline(job: _Job) -> dict:
                 shifts = fold_pre_shifts(copy.deepcopy(compressed))  # the export's shifts, recomputed
                 adapter = out / "adapters" / ("eora-served" if shifts else "eora")
                 if shifts:
-                    save_lora(factors, str(adapter), export["path"], input_shifts=shifts)
+                    save_lora(factors, str(adapter), export["path"], fold=shifts)
                 models[f"{compressor}+eora.served"] = model
                 served_eora = (
                     export["path"],

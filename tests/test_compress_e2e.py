@@ -76,6 +76,10 @@ def _tensors(path):
         (["--pipeline", "fp4,svd"], "only eora may follow"),
         (["--methods", "search,awq"], "unknown method awq"),
         (["--calib-samples", "1"], "calibration data too small"),
+        (["--target", "int3"], "--target 'int3': expected one of sim, vllm-w4a16, nvfp4, mxfp4"),
+        (["--pipeline", "fp4,eora", "--bits", "w8a8"], "--target vllm-w4a16 stores 4-bit weights"),
+        (["--pipeline", "prune24,eora", "--target", "nvfp4"], "only the fp4 compressor writes"),
+        (["--pipeline", "fp4,eora", "--lm-head"], "--lm-head: --target vllm-w4a16 exports the decoder's linear"),
         (["--model", "/nonexistent"], "no such directory"),
     ],
 )
@@ -116,12 +120,23 @@ def test_pipeline_fp4_eora_serves_compressed_base_plus_lora_on_vllm(tmp_path, ca
     assert main(args) == 0
     assert "recovered" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    assert list(res["variants"]) == ["full", "fp4", "fp4+svd", "fp4+eora"]
+    assert list(res["variants"]) == ["full", "fp4", "fp4+svd", "fp4+eora", "fp4.served", "fp4+eora.served"]
     for name, row in res["variants"].items():
         ev = json.loads((out / "evals" / name / "results.json").read_text())
         assert ev["metrics"]["prompts"] == 8 and row["accuracy"] == ev["metrics"]["accuracy"]
         assert (ev["lora"] is not None) == ("+" in name)
-        assert ("with_quantized_activations" in row) == (name != "full")
+        assert ("with_quantized_activations" in row) == (name not in ("full", "fp4.served", "fp4+eora.served"))
+        assert ("W4A16" in row["ran"]) == name.endswith(".served") and ("LoRA" in row["ran"]) == ("+" in name)
+    # the export: compressed-tensors INT4 W4A16, the quantized layers at most 0.3x their bf16 bytes on disk
+    export = res["export"]
+    assert export["format"] == "pack-quantized" and export["max_decode_error"] < 1e-6
+    assert export["bytes"]["layers"] == 28 and export["bytes"]["quantized_ratio"] <= 0.3
+    assert export["folded_shift_layers"], "w4a4's pre-shifts are folded into the layers before"
+    served = res["variants"]["fp4.served"]["disk"]
+    assert served["model"] == sum(f.stat().st_size for f in (out / "served").glob("*.safetensors"))
+    assert served["model"] < res["variants"]["full"]["disk"]["model"] / 4  # fp32 original vs 4-bit + bf16 rest
+    assert (out / "adapters" / "eora-served" / "adapter_config.json").is_file()
+    _independent_vllm_load_generates(out / "served", tmp_path)
     v = res["variants"]
     assert v["fp4"]["bytes"]["total"] < v["full"]["bytes"]["total"]
     assert v["fp4+eora"]["bytes"]["compensation"] > 0
@@ -130,3 +145,29 @@ def test_pipeline_fp4_eora_serves_compressed_base_plus_lora_on_vllm(tmp_path, ca
     conf = json.loads((out / "adapters" / "eora" / "adapter_config.json").read_text())
     assert conf["r"] == 16 and conf["peft_type"] == "LORA"
     assert (out / "report" / "report.html").is_file() and (out / "model" / "quantization.json").is_file()
+
+
+def _independent_vllm_load_generates(path, tmp_path):
+    """The served directory loads in plain vLLM (no project code on the path) and generates."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import sys\n"
+        "if __name__ == '__main__':\n"
+        "    from vllm import LLM, SamplingParams\n"
+        "    llm = LLM(sys.argv[1], dtype='bfloat16', max_model_len=256, enforce_eager=True)\n"
+        "    out = llm.generate(['What is 3 + 4?'], SamplingParams(max_tokens=16, temperature=0))\n"
+        "    print('GENERATED', len(out[0].outputs[0].token_ids), repr(out[0].outputs[0].text))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    line = [x for x in proc.stdout.splitlines() if x.startswith("GENERATED")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    assert int(line[0].split()[1]) > 0
+    assert "CPUWNA16" in proc.stderr + proc.stdout  # vLLM ran its 4-bit kernel, not a dequantized copy
