@@ -5,7 +5,9 @@ Approximation", §3).
 For a layer ``y = x Wᵀ`` compressed to ``W_c``, with ``ΔW = W - W_c`` [out, in] and the calibration
 input covariance ``C = XᵀX/n = QΛQᵀ`` [in, in], the rank-r ``B A`` minimizing the layer-output error
 ``‖(ΔW - BA) Xᵀ‖_F`` is (Eq. 4-6): ``ΔW' = ΔW Q√Λ``, truncated SVD ``ΔW' ≈ U_r Σ_r V_rᵀ``, then
-``B = U_r Σ_r`` [out, r] and ``A = V_rᵀ √Λ⁻¹ Qᵀ`` [r, in]. Because ``‖M Xᵀ‖² = n·‖M Q√Λ‖²``, this is
+``B = U_r √Σ_r`` [out, r] and ``A = √Σ_r V_rᵀ √Λ⁻¹ Qᵀ`` [r, in] (the release splits √Σ between the two
+factors, as here: the product is the paper's ``U_r Σ_r · V_rᵀ √Λ⁻¹ Qᵀ``, and the factors' magnitudes
+are balanced, which is what 16-bit storage and factor quantization need). Because ``‖M Xᵀ‖² = n·‖M Q√Λ‖²``, this is
 Eckart-Young in the projected space, hence optimal. Plain SVD (:func:`svd_compensation`) minimizes
 ``‖ΔW - BA‖`` instead and never does better on the output error.
 
@@ -66,16 +68,19 @@ def eora_compensation(delta_w: Tensor, cov: Tensor, rank: int, eig_floor: float 
     root = lam.sqrt()  # [in]
     projected = (delta_w.double() @ q) * root[None, :]  # [out, in] = ΔW Q √Λ
     u, s, vh = torch.linalg.svd(projected, full_matrices=False)
-    b = u[:, :rank] * s[:rank][None, :]  # [out, r]
-    a = (vh[:rank] / root[None, :]) @ q.T  # [r, in] = V_rᵀ √Λ⁻¹ Qᵀ
+    half = s[:rank].sqrt()
+    b = u[:, :rank] * half[None, :]  # [out, r] = U_r √Σ_r
+    a = half[:, None] * ((vh[:rank] / root[None, :]) @ q.T)  # [r, in] = √Σ_r V_rᵀ √Λ⁻¹ Qᵀ
     return b.float(), a.float()
 
 
 def svd_compensation(delta_w: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Plain truncated SVD of ΔW (the baseline EoRA is measured against): ``(B [out, r], A [r, in])``."""
+    """Plain truncated SVD of ΔW (the baseline EoRA is measured against): ``(B [out, r], A [r, in])``,
+    √Σ split between them as for EoRA."""
     _check(delta_w, rank)
     u, s, vh = torch.linalg.svd(delta_w.double(), full_matrices=False)
-    return (u[:, :rank] * s[:rank][None, :]).float(), vh[:rank].float()
+    half = s[:rank].sqrt()
+    return (u[:, :rank] * half[None, :]).float(), (half[:, None] * vh[:rank]).float()
 
 
 def output_error(delta_w: Tensor, cov: Tensor, b: Optional[Tensor] = None, a: Optional[Tensor] = None) -> float:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compression.calib import block_groups, capture_inputs, set_module
+from compression.calib import CalibrationError, block_groups, capture_inputs, count_tokens, set_module
 from compression.eora import (
     activation_aware_delta,
     eora_compensation,
@@ -92,7 +92,7 @@ def compensate_model(
     rank: int,
     method: str = "eora",
     factor_bits: Optional[int] = None,
-    max_tokens: int = 4096,
+    max_tokens: Optional[int] = None,
     eig_floor: float = 1e-6,
     activation_aware: bool = False,
     log: Callable[[str], None] = print,
@@ -101,11 +101,24 @@ def compensate_model(
     original weights [out, in]. ``method``: "eora" or "svd" (plain SVD of ΔW). With
     ``activation_aware``, EoRA on a layer with quantized activations targets the whole output error
     (``compression.eora.activation_aware_delta``); the factors still read the full-precision input.
-    Off by default: on the tiny policy at W4A4 it halved the calibration output error yet dropped
+    ``max_tokens``: the calibration tokens each layer's covariance is read from (an evenly strided
+    subset); None: at least 4,096 and twice the widest layer's input width. A calibration with fewer
+    real tokens than the widest input is refused: its covariance would be rank-deficient.
+    ``activation_aware`` is off by default: on the tiny policy at W4A4 it halved the calibration output error yet dropped
     held-out accuracy from 85% to 60% (it fits the calibration set's activation noise through C⁻¹,
     and served without quantized activations it corrects an error that is not there)."""
     if method not in ("eora", "svd"):
         raise ValueError(f"compensation method {method!r}: expected 'eora' or 'svd'")
+    widest = max(reference, key=lambda n: reference[n].shape[1])
+    width = reference[widest].shape[1]
+    tokens = count_tokens(batches)
+    if method == "eora" and tokens < width:
+        raise CalibrationError(
+            f"EoRA: the input covariance of {widest} ({width} inputs) needs at least {width} calibration tokens, "
+            f"the calibration has {tokens} (raise --calib-samples)"
+        )
+    if max_tokens is None:  # every layer's covariance from at least twice its width in tokens
+        max_tokens = max(4096, 2 * width)
     out = {}
     for group in block_groups(list(reference)):
         xs = capture_inputs(model, group, batches, max_tokens)

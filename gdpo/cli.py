@@ -298,11 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument(
         "--pipeline",
         default="fp4",
-        help="fp4 (compare quantizers), or a compressor (fp4, prune24, prune50) followed by eora",
+        help="fp4 (compare quantizers), or a compressor (fp4, gptq, prune24, prune50) followed by eora",
     )
     cp.add_argument("--rank", type=int, default=32, help="EoRA / SVD compensation rank")
     cp.add_argument("--factor-bits", type=int, default=None, help="quantize compensation factors to 4 or 8 bits")
-    cp.add_argument("--bits", default="w4a4", help="w4a4, w4a8, w8a8, or weight-only w4 / w8")
+    cp.add_argument(
+        "--bits", default=None, help="w4a4 (the fp4 default), w4a8, w8a8, or weight-only w4 / w8 (the gptq default: w4)"
+    )
     cp.add_argument(
         "--target",
         default=None,

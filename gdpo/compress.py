@@ -35,7 +35,7 @@ from gdpo.config import Config
 from gdpo.data import DataError, build_prompts, load_rows
 from gdpo.fileio import atomic_write_text
 
-COMPRESSORS = ("fp4", "prune24", "prune50")  # first stage
+COMPRESSORS = ("fp4", "gptq", "prune24", "prune50")  # first stage
 COMPENSATORS = ("eora",)  # optional second stage
 DEFAULT_METHODS = ("minmax_int", "minmax_fp", "search")
 
@@ -49,7 +49,7 @@ class CompressSettings:
     model: str  # HF directory, a run directory, a run's final/ or builtin:tiny-chain-arith
     out: str
     pipeline: str = "fp4"
-    bits: str = "w4a4"
+    bits: Optional[str] = None  # None: w4a4 for fp4, w4 (weight-only) for gptq
     calib: str = "task:chain_arith"  # a data spec; its train split calibrates
     calib_samples: int = 128
     eval_data: Optional[str] = None  # a data spec; its eval split is held out (default: --calib's source)
@@ -72,10 +72,16 @@ EXPORT_DTYPE = torch.bfloat16  # the served checkpoint's 16-bit tensors (vLLM's 
 
 def target_name(s: CompressSettings) -> str:
     """--target, defaulting to the research path for ``--pipeline fp4`` (a comparison of quantizers)
-    and to a served INT4 W4A16 checkpoint for a pipeline."""
+    and to a served INT4 W4A16 checkpoint for a pipeline (GPTQ writes only that)."""
     if s.target:
         return s.target
-    return "vllm-w4a16" if stages_of(s.pipeline) != ["fp4"] and stages_of(s.pipeline)[0] == "fp4" else "sim"
+    stages = stages_of(s.pipeline)
+    return "vllm-w4a16" if stages[0] == "gptq" or (stages[0] == "fp4" and len(stages) > 1) else "sim"
+
+
+def bits_of(s: CompressSettings) -> str:
+    """--bits, defaulting to w4a4 (LLM-FP4's setting) and, for GPTQ, to weight-only w4."""
+    return s.bits or ("w4" if stages_of(s.pipeline)[0] == "gptq" else "w4a4")
 
 
 def reference_texts(
@@ -207,7 +213,7 @@ def check_settings(s: CompressSettings) -> None:
 
     stages_of(s.pipeline)
     try:
-        QuantSetting.parse(s.bits)
+        QuantSetting.parse(bits_of(s))
     except ValueError as err:
         raise CompressError(f"--bits: {err}") from None
     bad = [m for m in s.methods if m not in METHODS]
@@ -236,12 +242,17 @@ def _check_target(s: CompressSettings) -> None:
 
     if s.target is not None and s.target not in TARGETS:
         raise CompressError(f"--target {s.target!r}: expected one of {', '.join(TARGETS)}")
-    name = target_name(s)
+    name, compressor = target_name(s), stages_of(s.pipeline)[0]
+    if compressor == "gptq":
+        if name != "vllm-w4a16":
+            raise CompressError(f"--target {name}: GPTQ writes INT4 W4A16 (--target vllm-w4a16) only")
+        if bits_of(s) not in ("w4", "w4a16"):
+            raise CompressError(f"--pipeline gptq quantizes weights only, to 4 bits: use --bits w4, not {s.bits}")
     if name == "sim":
         return
-    if stages_of(s.pipeline)[0] != "fp4":
+    if compressor not in ("fp4", "gptq"):
         raise CompressError(f"--target {name}: only the fp4 compressor writes a deployment format; use --target sim")
-    if QuantSetting.parse(s.bits).w_bits != 4:
+    if QuantSetting.parse(bits_of(s)).w_bits != 4:
         raise CompressError(f"--target {name} stores 4-bit weights; --bits {s.bits} asks for 8")
     for flag, on in (("--lm-head", s.lm_head), ("--embedding", s.embedding)):
         if on:
@@ -343,7 +354,7 @@ def compare_quantizers(job: _Job) -> dict:
     from compression.fp4.targets import get_target
 
     s, out, log = job.s, job.out, job.log
-    setting = QuantSetting.parse(s.bits)
+    setting = QuantSetting.parse(bits_of(s))
     target = get_target(target_name(s)).for_dtype(EXPORT_DTYPE)
     t_start = time.time()
     rows, samples = {}, []
@@ -453,7 +464,7 @@ def run_pipeline(job: _Job) -> dict:
     compressed = copy.deepcopy(job.full)
     pruned: list[str] = []
     detail: dict = {}
-    setting = QuantSetting.parse(s.bits)
+    setting = QuantSetting.parse(bits_of(s))
     target = get_target(target_name(s)).for_dtype(EXPORT_DTYPE)
     export = None
     if compressor == "fp4":
@@ -491,6 +502,30 @@ def run_pipeline(job: _Job) -> dict:
                 f"exported {info.format} ({info.dtype}): quantized layers {export['bytes']['quantized'] / 1e6:.3f} MB "
                 f"on disk, {export['bytes']['quantized_ratio']:.3f}x their bf16 size"
             )
+    elif compressor == "gptq":
+        from compression.fp4.targets import TARGETS
+        from compression.gptq import GPTQ_PINS, load_decompressed, run_gptq
+
+        log("compressing: GPTQ W4A16 per channel (llm-compressor)")
+        t0 = time.time()
+        path = run_gptq(job.model_dir, job.calib, str(out / "served"), bits=4, log=log)
+        compressed = load_decompressed(str(path))  # the served weights, decoded to float32
+        detail = {
+            "setting": "w4a16",
+            "target": "vllm-w4a16",
+            "library": GPTQ_PINS[0],
+            "quantize_seconds": time.time() - t0,
+        }
+        export = {
+            "path": str(path.resolve()),
+            "format": "pack-quantized",
+            "dtype": "bfloat16",
+            "layers": len(names),
+            "folded_shift_layers": [],
+            "max_decode_error": 0.0,  # the simulation rows are the checkpoint's own decoded weights
+            "bytes": export_bytes(str(path)),
+            "served_here": _served_here(TARGETS["vllm-w4a16"]),
+        }
     else:
         pattern = "2:4" if compressor == "prune24" else "unstructured"
         log(f"compressing: {pattern} magnitude pruning")
@@ -498,7 +533,9 @@ def run_pipeline(job: _Job) -> dict:
         pruned = names
         detail = {"pattern": pattern, "sparsity": sum(sparsity.values()) / len(sparsity)}
     save_dense(compressed, str(out / "compressed"), job.tokenizer)
-    simulated = "vLLM, the compressed weights dequantized to float32" if compressor == "fp4" else "vLLM, float32"
+    simulated = (
+        "vLLM, the compressed weights dequantized to float32" if compressor in ("fp4", "gptq") else "vLLM, float32"
+    )
     models = {"full": job.full, compressor: compressed}
     # label -> (model dir, adapter dir, engine dtype, what ran)
     served = {
@@ -592,7 +629,7 @@ def run_pipeline(job: _Job) -> dict:
     write_report(
         [str(out / "evals" / k) for k in served],
         str(out / "report"),
-        title=f"gdpo compress: {s.pipeline} ({setting.name if compressor == 'fp4' else detail['pattern']}), "
+        title=f"gdpo compress: {s.pipeline} ({detail.get('setting') or detail['pattern']}), "
         f"rank {s.rank}",
     )
     results = {

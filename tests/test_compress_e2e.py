@@ -72,7 +72,7 @@ def _tensors(path):
     "flags,message",
     [
         (["--bits", "w3a4"], "--bits: bits 'w3a4': weight bits must be 4 or 8"),
-        (["--pipeline", "gptq"], "unknown stage 'gptq'"),
+        (["--pipeline", "awq"], "unknown stage 'awq'"),
         (["--pipeline", "fp4,svd"], "only eora may follow"),
         (["--methods", "search,awq"], "unknown method awq"),
         (["--calib-samples", "1"], "calibration data too small"),
@@ -80,6 +80,8 @@ def _tensors(path):
         (["--pipeline", "fp4,eora", "--bits", "w8a8"], "--target vllm-w4a16 stores 4-bit weights"),
         (["--pipeline", "prune24,eora", "--target", "nvfp4"], "only the fp4 compressor writes"),
         (["--pipeline", "fp4,eora", "--lm-head"], "--lm-head: --target vllm-w4a16 exports the decoder's linear"),
+        (["--pipeline", "gptq,eora", "--bits", "w4a4"], "--pipeline gptq quantizes weights only, to 4 bits"),
+        (["--pipeline", "gptq,eora", "--target", "nvfp4"], "GPTQ writes INT4 W4A16 (--target vllm-w4a16) only"),
         (["--model", "/nonexistent"], "no such directory"),
     ],
 )
@@ -171,3 +173,41 @@ def _independent_vllm_load_generates(path, tmp_path):
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     assert int(line[0].split()[1]) > 0
     assert "CPUWNA16" in proc.stderr + proc.stdout  # vLLM ran its 4-bit kernel, not a dequantized copy
+
+
+def test_pipeline_gptq_eora_compensates_the_served_gptq_base(tmp_path, capsys):
+    """GPTQ by llm-compressor (its own site directory), read back by this environment's compressed-tensors,
+    EoRA on the decoded weights, served by vLLM's W4A16 kernel with the adapter on top."""
+    out = tmp_path / "gptq"
+    args = ["compress", "--policy", "builtin:tiny-chain-arith", "--pipeline", "gptq,eora", "--rank", "16"]
+    args += ["--calib-samples", "32", "--eval-limit", "8", "--max-new-tokens", "96", "--out", str(out)]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["variants"]) == ["full", "gptq", "gptq+svd", "gptq+eora", "gptq.served", "gptq+eora.served"]
+    assert res["compressor"]["library"].startswith("llmcompressor==")
+    conf = json.loads((out / "served" / "config.json").read_text())["quantization_config"]
+    assert conf["config_groups"]["group_0"]["weights"]["strategy"] == "channel" and conf["format"] == "pack-quantized"
+    assert res["export"]["bytes"]["quantized_ratio"] <= 0.3
+    v = res["variants"]
+    assert v["gptq+eora"]["output_error_after"] < v["gptq+eora"]["output_error_before"]
+    assert v["gptq+eora"]["output_error_after"] <= v["gptq+svd"]["output_error_after"] * 1.05
+    assert "CPUWNA16" in v["gptq.served"]["ran"] and "EoRA" in v["gptq+eora.served"]["ran"]
+
+    # the simulation rows read exactly the weights the served checkpoint decodes to
+    from compression.gptq import load_decompressed
+    from transformers import AutoModelForCausalLM
+
+    decoded, dense = load_decompressed(str(out / "served")), AutoModelForCausalLM.from_pretrained(out / "compressed")
+    for name, mod in decoded.named_modules():
+        if name.endswith("proj"):
+            assert torch.equal(mod.weight, dense.get_submodule(name).weight), name
+            w = mod.weight / mod.weight.abs().amax(1, keepdim=True)
+            assert torch.unique(torch.round(w * 7)).numel() <= 16  # 4-bit levels per row
+
+
+def test_gptq_without_its_site_directory_says_how_to_install_it(tmp_path, monkeypatch):
+    from compression.gptq import GPTQError, run_gptq
+
+    monkeypatch.setenv("GDPO_GPTQ_SITE", str(tmp_path / "none"))
+    with pytest.raises(GPTQError, match="llm-compressor is not installed in .*none.*make install"):
+        run_gptq("unused", [], str(tmp_path / "out"))

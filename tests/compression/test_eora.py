@@ -52,6 +52,22 @@ def test_eora_reaches_the_optimum_of_the_layer_output_error(rank):
         assert err <= _brute_force_error(delta, cov, rank, seed) * (1 + 1e-6) + 1e-9
 
 
+def test_the_singular_values_are_split_evenly_between_the_factors():
+    """The release's √Σ split: B = U√Σ has column norms √σ, A's rows (projected back) the same, so a
+    16-bit or INT factor does not hold the whole dynamic range."""
+    delta, x = _case(seed=4)
+    cov = input_covariance(x)
+    b, a = eora_compensation(delta, cov, 4)
+    lam, q = torch.linalg.eigh(cov)
+    sigma = torch.linalg.svdvals(delta.double() @ q * lam.sqrt())[:4]  # the singular values of ΔW Q√Λ
+    torch.testing.assert_close(b.double().norm(dim=0), sigma.sqrt(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close((a.double() @ q * lam.sqrt()).norm(dim=1), sigma.sqrt(), rtol=1e-5, atol=1e-7)
+    bs, as_ = svd_compensation(delta, 4)
+    s = torch.linalg.svdvals(delta.double())[:4]
+    torch.testing.assert_close(bs.double().norm(dim=0), s.sqrt(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(as_.double().norm(dim=1), s.sqrt(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_eora_never_loses_to_plain_svd_on_the_output_error(seed):
     delta, x = _case(seed=10 + seed)

@@ -105,7 +105,7 @@ def test_export_decodes_through_compressed_tensors_to_the_searched_weights(tmp_p
     assert conf["quant_method"] == "compressed-tensors" and conf["format"] == info.format
     assert conf["ignore"] == ["lm_head"]
     loaded = AutoModelForCausalLM.from_pretrained(
-        str(tmp_path / "ct"), dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+        str(tmp_path / "ct"), dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
     )
     for n, m in searched.named_modules():
         if isinstance(m, QuantLinear):
@@ -167,7 +167,7 @@ def test_a_lora_adapter_follows_the_folded_shifts(tmp_path):
     ids = _batches(1, seed=3)[0]
     sim = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(dense)), str(plain)).eval()
     ct = AutoModelForCausalLM.from_pretrained(
-        export.path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)
+        export.path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
     )
     served = PeftModel.from_pretrained(ct, str(shifted)).eval()
     unshifted = PeftModel.from_pretrained(copy.deepcopy(ct), str(plain)).eval()

@@ -108,3 +108,13 @@ def test_storage_bytes_accounting():
     c = storage_bytes(pr, pruned=list(ref))
     assert c["pruned"] == p["pruned"] and c["dense"] == p["dense"]  # the base is still counted once
     assert c["compensation"] == sum((w.shape[0] + w.shape[1]) * 4 * 2 for w in ref.values())
+
+
+def test_eora_refuses_a_calibration_smaller_than_the_widest_layer():
+    from compression.calib import CalibrationError
+
+    _, comp, ref = _compressed("w4")
+    few = _batches(1, width=8)  # 4 rows x 8 tokens, one half padded: 28 real tokens < 64 inputs of down_proj
+    with pytest.raises(CalibrationError, match=r"down_proj \(64 inputs\) needs at least 64 calibration tokens"):
+        compensate_model(copy.deepcopy(comp), ref, few, rank=4, log=lambda s: None)
+    compensate_model(copy.deepcopy(comp), ref, few, rank=4, method="svd", log=lambda s: None)  # no covariance
