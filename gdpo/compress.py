@@ -575,7 +575,9 @@ def run_pipeline(job: _Job) -> dict:
                     "bfloat16",
                     f"{export['served_here']['ran']}, + EoRA as a LoRA adapter (bf16 factors)",
                 )
-    if export and export["served_here"]["ok"]:  # the served rows last: the plain base, then with EoRA
+    if export and export["served_here"]["ok"]:  # the served rows last: the original and the base in bf16, + EoRA
+        served["full.bf16"] = (job.model_dir, None, "bfloat16", "vLLM, bfloat16 (the served rows' reference)")
+        models["full.bf16"] = job.full
         served[f"{compressor}.served"] = (export["path"], None, "bfloat16", export["served_here"]["ran"])
         models[f"{compressor}.served"] = compressed
         if len(stages) > 1:
@@ -610,27 +612,27 @@ def run_pipeline(job: _Job) -> dict:
             }
     if compressor == "fp4" and setting.a_bits:
         for label, model in models.items():
-            if label == "full" or label.endswith(".served"):
+            if label.startswith("full") or label.endswith(".served"):
                 continue
             m, _ = evaluate(model, job.tokenizer, job.held_out, job.cfg, s, label + " (acts)", log)
             rows[label]["with_quantized_activations"] = {k: m[k] for k in ("accuracy", "mean_tokens", "perplexity")}
     full_acc = rows["full"]["accuracy"]
     for label, row in rows.items():
-        if "+" in label:
-            base = compressor + (".served" if label.endswith(".served") else "")
-            row["recovered"] = gap_recovered(full_acc, rows[base]["accuracy"], row["accuracy"])
+        if "+" in label:  # the loss recovered, against the original run alike (float32, or bf16 for served rows)
+            is_served = label.endswith(".served")
+            base, ref = compressor + (".served" if is_served else ""), rows["full.bf16" if is_served else "full"]
+            row["recovered"] = gap_recovered(ref["accuracy"], rows[base]["accuracy"], row["accuracy"])
             if "with_quantized_activations" in row:
                 acts = {
                     k: v["with_quantized_activations"]["accuracy"]
                     for k, v in rows.items()
-                    if k != "full" and "with_quantized_activations" in v
+                    if "with_quantized_activations" in v
                 }
                 row["with_quantized_activations"]["recovered"] = gap_recovered(full_acc, acts[compressor], acts[label])
     write_report(
         [str(out / "evals" / k) for k in served],
         str(out / "report"),
-        title=f"gdpo compress: {s.pipeline} ({detail.get('setting') or detail['pattern']}), "
-        f"rank {s.rank}",
+        title=f"gdpo compress: {s.pipeline} ({detail.get('setting') or detail['pattern']}), rank {s.rank}",
     )
     results = {
         "pipeline": s.pipeline,

@@ -122,12 +122,12 @@ def test_pipeline_fp4_eora_serves_compressed_base_plus_lora_on_vllm(tmp_path, ca
     assert main(args) == 0
     assert "recovered" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
-    assert list(res["variants"]) == ["full", "fp4", "fp4+svd", "fp4+eora", "fp4.served", "fp4+eora.served"]
+    assert list(res["variants"]) == ["full", "fp4", "fp4+svd", "fp4+eora", "full.bf16", "fp4.served", "fp4+eora.served"]
     for name, row in res["variants"].items():
         ev = json.loads((out / "evals" / name / "results.json").read_text())
         assert ev["metrics"]["prompts"] == 8 and row["accuracy"] == ev["metrics"]["accuracy"]
         assert (ev["lora"] is not None) == ("+" in name)
-        assert ("with_quantized_activations" in row) == (name not in ("full", "fp4.served", "fp4+eora.served"))
+        assert ("with_quantized_activations" in row) == (name in ("fp4", "fp4+svd", "fp4+eora"))
         assert ("W4A16" in row["ran"]) == name.endswith(".served") and ("LoRA" in row["ran"]) == ("+" in name)
     # the export: compressed-tensors INT4 W4A16, the quantized layers at most 0.3x their bf16 bytes on disk
     export = res["export"]
@@ -183,7 +183,15 @@ def test_pipeline_gptq_eora_compensates_the_served_gptq_base(tmp_path, capsys):
     args += ["--calib-samples", "32", "--eval-limit", "8", "--max-new-tokens", "96", "--out", str(out)]
     assert main(args) == 0
     res = json.loads((out / "results.json").read_text())
-    assert list(res["variants"]) == ["full", "gptq", "gptq+svd", "gptq+eora", "gptq.served", "gptq+eora.served"]
+    assert list(res["variants"]) == [
+        "full",
+        "gptq",
+        "gptq+svd",
+        "gptq+eora",
+        "full.bf16",
+        "gptq.served",
+        "gptq+eora.served",
+    ]
     assert res["compressor"]["library"].startswith("llmcompressor==")
     conf = json.loads((out / "served" / "config.json").read_text())["quantization_config"]
     assert conf["config_groups"]["group_0"]["weights"]["strategy"] == "channel" and conf["format"] == "pack-quantized"
