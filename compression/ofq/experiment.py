@@ -36,6 +36,10 @@ class OFQData:
     test_fraction: float = doc(0.2, "digits: held-out share (stratified, seeded)", gt=0, lt=1)
     augment_shift: int = doc(1, "random translation in pixels while training (0 = off)", ge=0)
     limit: int = doc(0, "use at most this many training images (0 = all)", ge=0)
+    mean: Optional[tuple[float, ...]] = doc(None, "per-channel mean to normalize with (None: estimated on train)")
+    std: Optional[tuple[float, ...]] = doc(None, "per-channel standard deviation (with data.mean)")
+    stats_images: int = doc(512, "a streamed source: training images the mean and std are estimated on", ge=1)
+    workers: int = doc(0, "a streamed source: image-decoding loader processes (0 = in the training process)", ge=0)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class OFQQat:
 class OFQConfig:
     seed: int = doc(0, "seed for the split, initialization and batching")
     threads: int = doc(2, "torch intra-op threads", ge=1)
+    device: str = doc("auto", "where the models train: auto (cuda when available, else cpu), cpu, cuda or cuda:N")
     data: OFQData = doc_factory(OFQData, "images")
     model: OFQModel = doc_factory(OFQModel, "the vision transformer")
     fp: OFQTrain = doc_factory(OFQTrain, "full-precision training")
@@ -113,6 +118,25 @@ def validate(cfg: OFQConfig) -> None:
     )
     need(q.cga_epochs <= q.epochs, "qat.cga_epochs", f"must lie in 0..qat.epochs ({q.epochs})")
     need(cfg.fp.epochs >= 1 or m.pretrained, "fp.epochs", "must be >= 1 (0 only with model.pretrained)")
+    for key, v in (("data.mean", d.mean), ("data.std", d.std)):
+        need(v is None or len(v) == d.num_channels, key, f"needs one value per channel ({d.num_channels}), got {v}")
+    need((d.mean is None) == (d.std is None), "data.std", "data.mean and data.std are given together")
+    need(d.std is None or min(d.std) > 0, "data.std", f"must be > 0, got {d.std}")
+    need(
+        cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:") and cfg.device[5:].isdigit(),
+        "device",
+        f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
+    )
+
+
+def resolve_device(cfg: OFQConfig) -> torch.device:
+    """``device``, with auto resolved; a CUDA device that is not there is a config error."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"config key 'device': {cfg.device} is not available on this machine")
+    return dev
 
 
 def load_ofq_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> OFQConfig:
@@ -124,71 +148,11 @@ def load_ofq_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> O
 # ----------------------------------------------------------------------------- data
 
 
-def load_images(d: OFQData, seed: int) -> dict[str, torch.Tensor]:
-    """{"train_x": [N, C, H, W], "train_y": [N], "test_x", "test_y"}, normalized per channel."""
-    if d.source == "digits":
-        from sklearn.datasets import load_digits
+def load_images(d: OFQData, seed: int):
+    """(train, test) splits for ``data.source``: in memory or streamed (compression.ofq.data)."""
+    from compression.ofq.data import open_splits
 
-        digits = load_digits()
-        x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # [1797, 1, 8, 8]
-        y = torch.tensor(digits.target)
-        g = torch.Generator().manual_seed(seed)
-        test = torch.zeros(len(y), dtype=torch.bool)
-        for c in y.unique():  # stratified split
-            idx = (y == c).nonzero().flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            test[idx[: round(len(idx) * d.test_fraction)]] = True
-        if d.image_size != 8:
-            x = F.interpolate(x, size=(d.image_size, d.image_size), mode="bilinear", align_corners=False)
-        out = {"train_x": x[~test], "train_y": y[~test], "test_x": x[test], "test_y": y[test]}
-    else:
-        out = _load_folder_or_hf(d)
-    mean = out["train_x"].mean(dim=(0, 2, 3), keepdim=True)
-    std = out["train_x"].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    for k in ("train_x", "test_x"):
-        out[k] = (out[k] - mean) / std
-    if d.limit:
-        out["train_x"], out["train_y"] = out["train_x"][: d.limit], out["train_y"][: d.limit]
-    return out
-
-
-def _load_folder_or_hf(d: OFQData) -> dict[str, torch.Tensor]:
-    import numpy as np
-    from PIL import Image
-
-    def prep(img) -> torch.Tensor:
-        img = img.convert("L" if d.num_channels == 1 else "RGB").resize((d.image_size, d.image_size), Image.BILINEAR)
-        a = torch.tensor(np.asarray(img, dtype=np.float32) / 255.0)
-        return a[None] if a.dim() == 2 else a.permute(2, 0, 1)
-
-    out = {}
-    if d.source.startswith("imagefolder:"):
-        root = Path(d.source[len("imagefolder:") :])
-        for split, key in (("train", "train"), ("val", "test")):
-            folder = root / split
-            if not folder.is_dir():
-                raise ConfigError(
-                    f"data.source {d.source}: no {folder} directory (expected PATH/{{train,val}}/<class>/)"
-                )
-            classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-            xs, ys = [], []
-            for ci, c in enumerate(classes):
-                for f in sorted((folder / c).iterdir()):
-                    with Image.open(f) as img:
-                        xs.append(prep(img))
-                    ys.append(ci)
-            out[f"{key}_x"], out[f"{key}_y"] = torch.stack(xs), torch.tensor(ys)
-    else:
-        import datasets
-
-        name, _, config = d.source[len("hf:") :].partition(":")
-        for split, key in (("train", "train"), ("validation", "test")):
-            ds = datasets.load_dataset(name, config or None, split=split)
-            img_col = next(c for c in ds.column_names if c in ("image", "img"))
-            lab_col = next(c for c in ds.column_names if c in ("label", "labels"))
-            out[f"{key}_x"] = torch.stack([prep(r[img_col]) for r in ds])
-            out[f"{key}_y"] = torch.tensor(ds[lab_col])
-    return out
+    return open_splits(d, seed)
 
 
 # ----------------------------------------------------------------------------- model and training
@@ -235,13 +199,33 @@ def _shift(x: torch.Tensor, pixels: int, g: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
+def accuracy(model, split, batch: int = 256, workers: int = 0) -> float:
+    """Top-1 accuracy on a split, streamed ``batch`` images at a time to the model's device."""
+    from compression.ofq.data import batches
+
     model.eval()
-    correct = sum(
-        int((model(pixel_values=x[i : i + batch]).logits.argmax(-1) == y[i : i + batch]).sum())
-        for i in range(0, len(y), batch)
-    )
-    return correct / len(y)
+    device = next(model.parameters()).device
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    order = torch.arange(len(split))
+    for x, y in batches(split, order, batch, workers, pin=device.type == "cuda"):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct += (model(pixel_values=x).logits.argmax(-1) == y).sum()
+    return int(correct) / len(split)
+
+
+def train_step(model, x: torch.Tensor, y: torch.Tensor, teacher=None) -> torch.Tensor:
+    """The loss of one batch (cross-entropy, plus KL from the teacher at T=1), backpropagated; the batch
+    is moved to the model's device first. Returns the loss on that device."""
+    device = next(model.parameters()).device
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    logits = model(pixel_values=x).logits
+    loss = F.cross_entropy(logits, y)
+    if teacher is not None:
+        with torch.no_grad():
+            soft = teacher(pixel_values=x).logits.softmax(-1)
+        loss = loss + F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
+    loss.backward()
+    return loss.detach()
 
 
 def _param_groups(model, wd: float):
@@ -255,7 +239,7 @@ def _param_groups(model, wd: float):
 
 def train(
     model,
-    data: dict,
+    data: tuple,
     t,
     seed: int,
     shift: int,
@@ -265,14 +249,18 @@ def train(
     cga_from: int = 0,
     log: Callable[[str], None] = print,
     label: str = "",
+    workers: int = 0,
 ) -> list[dict]:
-    """AdamW with warm-up and cosine decay; returns one row per epoch (loss, test accuracy, oscillation).
-    With ``cga_br``, CGA is set up at epoch ``cga_from`` (it merges QKR's product and freezes StatsQ
-    scales then) and anneals to the end."""
+    """AdamW with warm-up and cosine decay over ``data`` = (train, test) splits, on the model's device;
+    returns one row per epoch (loss, test accuracy, oscillation). With ``cga_br``, CGA is set up at
+    epoch ``cga_from`` (it merges QKR's product and freezes StatsQ scales then) and anneals to the end."""
     from compression.ofq.cga import CGA
+    from compression.ofq.data import batches
 
+    train_split, test_split = data
+    pin = next(model.parameters()).device.type == "cuda"
     g = torch.Generator().manual_seed(seed)
-    n = len(data["train_y"])
+    n = len(train_split)
     steps_per_epoch = math.ceil(n / t.batch_size)
     total = steps_per_epoch * t.epochs
     warm = steps_per_epoch * t.warmup_epochs
@@ -296,17 +284,9 @@ def train(
                 opt.add_param_group({"params": fresh, "weight_decay": t.weight_decay})
         order = torch.randperm(n, generator=g)
         losses, osc, near, frozen = [], [], [], []
-        for i in range(0, n, t.batch_size):
-            idx = order[i : i + t.batch_size]
-            x = _shift(data["train_x"][idx], shift, g)
-            logits = model(pixel_values=x).logits
-            loss = F.cross_entropy(logits, data["train_y"][idx])
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = teacher(pixel_values=x).logits.softmax(-1)
-                loss = loss + F.kl_div(logits.log_softmax(-1), soft, reduction="batchmean")
+        for x, y in batches(train_split, order, t.batch_size, workers, pin):
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.append(train_step(model, _shift(x, shift, g), y, teacher))
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             step += 1
@@ -316,15 +296,14 @@ def train(
             opt.step()
             if annealing:
                 cga.after_step()
-            losses.append(float(loss))
             if tracker is not None:
                 m = tracker.step(cga.masks if annealing else None)
                 osc.append(m["oscillation_rate"])
                 near.append(m["near_boundary"])
         row = {
             "epoch": epoch + 1,
-            "loss": sum(losses) / len(losses),
-            "test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
+            "loss": float(torch.stack(losses).mean()),  # one device sync an epoch
+            "test_accuracy": accuracy(model, test_split, workers=workers),
         }
         if tracker is not None:
             frozen_share = sum(frozen) / len(frozen) if frozen else 0.0
@@ -342,30 +321,36 @@ def train(
 
 def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) -> dict:
     """Full precision, then QAT for every (bits, method); results.json and ofq.png in ``out_dir``."""
+    from compression.ofq.data import batches
     from compression.ofq.modules import quantize_vit
     from compression.ofq.oscillation import OscillationTracker
 
     torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = load_images(cfg.data, cfg.seed)
-    log(f"data: {len(data['train_y'])} train / {len(data['test_y'])} test images from {cfg.data.source}")
-    fp_model = build_model(cfg)
+    workers = cfg.data.workers
+    log(f"data: {len(data[0])} train / {len(data[1])} test images from {cfg.data.source}; device {device}")
+    fp_model = build_model(cfg).to(device)
     fp_history = []
     if not cfg.model.pretrained:
-        fp_history = train(fp_model, data, cfg.fp, cfg.seed, cfg.data.augment_shift, log=log, label="fp")
+        fp_history = train(
+            fp_model, data, cfg.fp, cfg.seed, cfg.data.augment_shift, log=log, label="fp", workers=workers
+        )
         fp_model.save_pretrained(out / "fp")
-    fp_acc = accuracy(fp_model, data["test_x"], data["test_y"])
+    fp_acc = accuracy(fp_model, data[1], workers=workers)
     log(f"full precision: test accuracy {fp_acc:.1%}")
     fp_model.eval()
     runs = {}
     for bits in cfg.qat.bits:
         for method in cfg.qat.methods:
             label = f"{method}-w{bits}a{bits}"
-            model = quantize_vit(copy.deepcopy(fp_model), bits, method)
+            model = quantize_vit(copy.deepcopy(fp_model), bits, method).to(device)
+            first, _ = next(batches(data[0], torch.arange(len(data[0])), cfg.qat.batch_size, workers))
             with torch.no_grad():  # LSQ steps initialize on this batch
-                model(pixel_values=data["train_x"][: cfg.qat.batch_size])
+                model(pixel_values=first.to(device))
             tracker = OscillationTracker(model, cfg.qat.near_br)
             cga_br = cfg.qat.cga_br if method == "ofq" and cfg.qat.cga_epochs else None
             hist = train(
@@ -380,6 +365,7 @@ def run_ofq(cfg: OFQConfig, out_dir: str, log: Callable[[str], None] = print) ->
                 cga_from=cfg.qat.epochs - cfg.qat.cga_epochs,
                 log=log,
                 label=label,
+                workers=workers,
             )
             last = hist[-max(1, min(5, len(hist))) :]
             runs[label] = {

@@ -47,7 +47,11 @@ class QKRAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
 
         def augmented(lin: nn.Linear) -> Tensor:  # [H, D, C+1]: weight with its bias as the last column
-            b = lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
+            b = (
+                lin.bias
+                if lin.bias is not None
+                else torch.zeros(lin.out_features, device=lin.weight.device, dtype=lin.weight.dtype)
+            )
             return torch.cat([lin.weight.detach(), b.detach()[:, None]], dim=1).view(heads, self.head_dim, -1).clone()
 
         self.wq = nn.Parameter(augmented(attn.q_proj))

@@ -89,6 +89,7 @@ class LSQ(nn.Module):
         self.step = nn.Parameter(torch.ones(max(channels, 1)))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.per_channel = channels > 0
+        self._ready = False  # the buffer's value known to be True: no device read per forward after that
 
     def _shape(self, x: Tensor) -> tuple:
         if not self.per_channel:
@@ -116,8 +117,10 @@ class LSQ(nn.Module):
         return torch.clamp(torch.round(self.latent(x.detach())), -self.qn, self.qp).to(torch.int16)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not bool(self.initialized):
-            self._init(x)
+        if not self._ready:
+            if not bool(self.initialized):  # a read of the device's value, once (a loaded state may be set)
+                self._init(x)
+            self._ready = True
         per_step = x.numel() / self.step.numel()
         g = 1.0 / math.sqrt(self.qp * per_step)
         s = self.step.abs().clamp_min(1e-8)

@@ -247,7 +247,7 @@ def test_cga_started_mid_training_trains_the_merged_qk(tmp_path):
     from compression.ofq.experiment import OFQConfig, load_images, train
 
     cfg = build(OFQConfig, {"data": {"limit": 128}, "qat": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0}})
-    data = load_images(cfg.data, 0)
+    data = load_images(cfg.data, 0)  # (train, test) splits
     model = quantize_vit(_vit(layers=1), 2, "ofq")
     train(model, data, cfg.qat, 0, 0, cga_br=0.05, cga_from=1, log=lambda s: None)
     attn = model.vit.layers[0].attention
