@@ -23,6 +23,9 @@ warm-up:
    (merge, copy to host, hash, write) into a temporary directory.
 4. ``kernels``: the FP4 pack/unpack and fake-quant Triton kernels and the DoRA row-norm kernel against
    their torch references (bit-exact for FP4, tolerance for the norm) and their times.
+5. ``ofq_deit``: OFQ's QAT step on DeiT-Tiny at 224x224 (W2A2, distilled from the full-precision model,
+   the ImageNet preset's batch of 140) through ``compression.ofq.experiment.train_step`` with the batch
+   built on the CPU as the loader yields it: images per second and peak memory (fp32).
 
 Writes ``OUT/results.json`` and prints one line per figure.
 """
@@ -289,6 +292,47 @@ def kernels(device, tiny: bool) -> dict:
     return out
 
 
+def ofq_deit(device, tiny: bool) -> dict:
+    import copy
+
+    import torch
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    from compression.ofq.experiment import train_step
+    from compression.ofq.modules import quantize_vit
+
+    shape = (
+        dict(image_size=8, patch_size=2, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+        if tiny
+        else dict(image_size=224, patch_size=16, hidden_size=192, num_hidden_layers=12, num_attention_heads=3)
+    )
+    cfg = DeiTConfig(
+        num_channels=3, intermediate_size=4 * shape["hidden_size"], num_labels=10 if tiny else 1000, **shape
+    )
+    batch = 4 if tiny else 140
+    torch.manual_seed(0)
+    teacher = DeiTForImageClassification(cfg).eval()
+    model = quantize_vit(copy.deepcopy(teacher), 2, "ofq")
+    teacher.to(device)
+    model.to(device)
+    size = cfg.image_size
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, cfg.num_labels, (batch,))  # on the CPU, as loaded
+    with torch.no_grad():
+        model(pixel_values=x.to(device))  # LSQ steps initialize on a first batch, as run_ofq does
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        train_step(model, x, y, teacher)
+        opt.step()
+
+    step()
+    _peak_reset(device)
+    times = _timed(step, device, 1 if tiny else 5)
+    med = statistics.median(times)
+    return {"batch": batch, "step_s": med, "images_per_s": batch / med, "peak_gib": _peak_gib(device)}
+
+
 def preset(path: Path, **overrides: dict):
     """The preset's ``model``, ``rollout``, ``algorithm`` and ``learner`` sections on the schema's defaults,
     read with PyYAML (OmegaConf, the config loader's, is not on the GPU machine); unvalidated: the preset
@@ -312,7 +356,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU: what the test suite runs)")
-    p.add_argument("--sections", default="kernels,dora_layers,update_step")
+    p.add_argument("--sections", default="kernels,dora_layers,update_step,ofq_deit")
     args = p.parse_args(argv)
     import torch
 
@@ -333,6 +377,7 @@ def main(argv=None) -> dict:
             "kernels": lambda: kernels(device, args.tiny),
             "dora_layers": lambda: dora_layers(device, dtype, args.tiny, cfg),
             "update_step": lambda: update_step(device, dtype, args.tiny, cfg),
+            "ofq_deit": lambda: ofq_deit(device, args.tiny),
         }[name]
         results[name] = section()
         results[name + "_wall_s"] = time.perf_counter() - t0

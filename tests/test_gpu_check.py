@@ -45,6 +45,8 @@ def _check(r: dict) -> None:
     assert step["plan_peak_gib"] > 0
     pub = step["publish"]
     assert pub["bytes"] > 0 and pub["merge_s"] > 0 and pub["file_s"] > 0
+    ofq = r["ofq_deit"]
+    assert ofq["images_per_s"] > 0 and ofq["batch"] >= 4
 
 
 def test_gpu_check_runs_at_a_tiny_shape_on_cpu(tmp_path):
