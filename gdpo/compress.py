@@ -1,7 +1,8 @@
 """``gdpo compress``: post-training compression of a policy, evaluated against full precision.
 
-``--pipeline fp4`` compares quantizers; ``--pipeline fp4,eora`` / ``prune24,eora`` runs the compression
-pipeline (see :func:`run_pipeline`).
+``--pipeline fp4`` compares quantizers; ``--pipeline fp4,eora`` / ``gptq,eora`` / ``prune24,eora`` runs the
+compression pipeline (see :func:`run_pipeline`), which exports what vLLM serves (``--target``,
+compression.fp4.targets and compression.export) and evaluates it as served.
 
 ``--pipeline fp4`` quantizes with LLM-FP4 (compression.fp4) at ``--bits`` (w4a4, w4a8, w8a8, w4, w8),
 calibrated on ``--calib``, and compares on held-out data, in one run: full precision, MinMax INT,
