@@ -79,6 +79,18 @@ def _read_jsonl(path: Path) -> list[dict]:
         raise ReportError(str(err)) from None
 
 
+EVAL_METRICS = ("accuracy", "mean_tokens", "prompts", "samples_per_prompt")  # what the tables and plots read
+RUN_METRICS = ("accuracy", "mean_tokens")
+
+
+def _require_numbers(path: Path, obj: dict, where: str, keys: tuple[str, ...]) -> None:
+    for k in keys:
+        if k not in obj:
+            raise ReportError(f"{path}: '{where}' has no '{k}' (a report needs {', '.join(keys)})")
+        if isinstance(obj[k], bool) or not isinstance(obj[k], (int, float)):
+            raise ReportError(f"{path}: '{where}.{k}' is {obj[k]!r}, not a number")
+
+
 def load_inputs(dirs: list[str]) -> tuple[list[EvalDir], list[RunDir]]:
     evals, runs = [], []
     for d in dirs:
@@ -87,6 +99,7 @@ def load_inputs(dirs: list[str]) -> tuple[list[EvalDir], list[RunDir]]:
             results = _read_json(p / "results.json")
             if not isinstance(results.get("metrics"), dict):
                 raise ReportError(f"{p / 'results.json'}: not a gdpo eval results file (no 'metrics')")
+            _require_numbers(p / "results.json", results["metrics"], "metrics", EVAL_METRICS)
             try:
                 tokens = (
                     [
@@ -102,6 +115,11 @@ def load_inputs(dirs: list[str]) -> tuple[list[EvalDir], list[RunDir]]:
             evals.append(EvalDir(p, results, tokens))
         elif (p / "metrics.jsonl").is_file() or (p / "summary.json").is_file():
             summary = _read_json(p / "summary.json") if (p / "summary.json").is_file() else {}
+            for part in ("baseline", "final"):
+                if part in summary:
+                    if not isinstance(summary[part], dict):
+                        raise ReportError(f"{p / 'summary.json'}: '{part}' is not an object")
+                    _require_numbers(p / "summary.json", summary[part], part, RUN_METRICS)
             runs.append(RunDir(p, _read_jsonl(p / "metrics.jsonl"), summary))
         elif not p.exists():
             raise ReportError(f"{p}: no such directory")
