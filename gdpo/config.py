@@ -40,7 +40,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SFTConfig:
-    cache_dir: str = doc(".cache/gdpo", "where built policies are cached (keyed by a hash of this section)")
+    cache_dir: Optional[str] = doc(
+        None,
+        "where built policies are cached (keyed by a hash of this section); unset: $GDPO_CACHE_DIR, else the "
+        "per-user cache (~/.cache/gdpo or $XDG_CACHE_HOME/gdpo; ~/Library/Caches/gdpo on macOS)",
+    )
     seed: int = doc(0, "seed for data generation, initialization and batching")
     hidden_size: int = doc(128, "tiny policy width", ge=1)
     num_layers: int = doc(4, "tiny policy depth", ge=1)

@@ -5,7 +5,7 @@ Everything is built here, nothing downloaded: a byte-level BPE tokenizer trained
 attention requires), and a seeded supervised run. The result is an ordinary HF model directory,
 loaded everywhere with ``from_pretrained(path)``, exactly as a hub model or a local Qwen2.5 would be.
 
-The build is cached under ``sft.cache_dir`` keyed by a hash of the SFT settings and
+The build is cached under ``sft.cache_dir`` (default: the per-user cache, gdpo.paths) keyed by a hash of the SFT settings and
 ``BUILD_VERSION``; it is written to a temporary directory and renamed into place when complete, so
 an interrupted build never leaves a half-written policy behind.
 """
@@ -28,6 +28,7 @@ import torch
 from gdpo.config import SFTConfig
 from gdpo.fileio import atomic_write_text
 from gdpo.tasks import chain_arith
+from gdpo.paths import resolve_cache_dir
 
 BUILD_VERSION = 3  # bump when the task text, tokenizer or training recipe changes
 VALIDATION_SEED = 10_000  # the build's stopping criterion is measured on held-out problems of this seed
@@ -41,7 +42,7 @@ def policy_dir(cfg: SFTConfig) -> Path:
     if not fields["concise_fraction"]:  # the key came later: builds without it keep their cache directory
         del fields["concise_fraction"]
     key = hashlib.sha256(json.dumps({"v": BUILD_VERSION, **fields}, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cfg.cache_dir) / f"tiny-chain-arith-{key}"
+    return resolve_cache_dir(cfg.cache_dir) / f"tiny-chain-arith-{key}"
 
 
 def ensure_tiny_policy(cfg: SFTConfig, log: Callable[[str], None] = print) -> Path:
