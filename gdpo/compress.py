@@ -245,6 +245,13 @@ def _check_target(s: CompressSettings) -> None:
         raise CompressError(f"--target {s.target!r}: expected one of {', '.join(TARGETS)}")
     name, compressor = target_name(s), stages_of(s.pipeline)[0]
     if compressor == "gptq":
+        from compression.gptq import GPTQ_PINS, gptq_site
+
+        if not (gptq_site() / "llmcompressor").is_dir():
+            raise CompressError(
+                f"--pipeline gptq: llm-compressor is not installed in {gptq_site()} (run `make install`, or pip "
+                f"install --no-deps --target {gptq_site()} {' '.join(GPTQ_PINS)}; GDPO_GPTQ_SITE names another)"
+            )
         if name != "vllm-w4a16":
             raise CompressError(f"--target {name}: GPTQ writes INT4 W4A16 (--target vllm-w4a16) only")
         if bits_of(s) not in ("w4", "w4a16"):
@@ -505,11 +512,14 @@ def run_pipeline(job: _Job) -> dict:
             )
     elif compressor == "gptq":
         from compression.fp4.targets import TARGETS
-        from compression.gptq import GPTQ_PINS, load_decompressed, run_gptq
+        from compression.gptq import GPTQ_PINS, GPTQError, load_decompressed, run_gptq
 
         log("compressing: GPTQ W4A16 per channel (llm-compressor)")
         t0 = time.time()
-        path = run_gptq(job.model_dir, job.calib, str(out / "served"), bits=4, log=log)
+        try:
+            path = run_gptq(job.model_dir, job.calib, str(out / "served"), bits=4, log=log)
+        except GPTQError as err:
+            raise CompressError(str(err)) from None
         compressed = load_decompressed(str(path))  # the served weights, decoded to float32
         detail = {
             "setting": "w4a16",

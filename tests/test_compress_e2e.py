@@ -219,3 +219,11 @@ def test_gptq_without_its_site_directory_says_how_to_install_it(tmp_path, monkey
     monkeypatch.setenv("GDPO_GPTQ_SITE", str(tmp_path / "none"))
     with pytest.raises(GPTQError, match="llm-compressor is not installed in .*none.*make install"):
         run_gptq("unused", [], str(tmp_path / "out"))
+
+
+def test_gptq_without_its_site_directory_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GDPO_GPTQ_SITE", str(tmp_path / "none"))
+    args = ["compress", "--model", "builtin:tiny-chain-arith", "--pipeline", "gptq,eora", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert "llm-compressor is not installed in" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
