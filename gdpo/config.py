@@ -327,6 +327,20 @@ class TrainerConfig:
     )
     eval_every: int = doc(10, "held-out evaluation every N steps (0 = only before and after)", ge=0)
     save_every: int = doc(5, "checkpoint every N steps", ge=1)
+    loggers: tuple[str, ...] = doc(
+        ("tensorboard",),
+        "experiment trackers that get every metrics row and the resolved config: tensorboard, wandb, mlflow "
+        "(wandb and mlflow are the optional extras gdpo[wandb], gdpo[mlflow]); metrics.jsonl is always written",
+    )
+    run_name: Optional[str] = doc(None, "the run's name in W&B / MLflow (None: output_dir's last part)")
+    wandb_project: str = doc("gdpo", "W&B project")
+    wandb_mode: Literal["online", "offline"] = doc(
+        "online", "W&B: online needs credentials (wandb login); offline writes output_dir/wandb for wandb sync"
+    )
+    mlflow_tracking_uri: Optional[str] = doc(
+        None, "MLflow tracking server or store URI (None: a SQLite store, output_dir/mlflow.db)"
+    )
+    mlflow_experiment: str = doc("gdpo", "MLflow experiment name")
     max_staleness: int = doc(
         0,
         "k > 0: the rollouts of the next k steps are sampled while the learners update (each batch at most k "
@@ -458,6 +472,14 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {msg}")
 
+    known = ("tensorboard", "wandb", "mlflow")  # gdpo.trackers.LOGGERS
+    bad = [x for x in cfg.trainer.loggers if x not in known]
+    need(not bad, "trainer.loggers", f"unknown tracker {bad[0] if bad else ''!r}; expected some of {', '.join(known)}")
+    need(
+        len(set(cfg.trainer.loggers)) == len(cfg.trainer.loggers),
+        "trainer.loggers",
+        f"names a tracker twice: {list(cfg.trainer.loggers)}",
+    )
     need(
         cfg.rollout.samples_per_prompt >= 2,
         "rollout.samples_per_prompt",

@@ -64,9 +64,9 @@ def read_rows(path: Path, log: Callable[[str], None] = print) -> list[dict]:
 
 
 class MetricsLogger:
-    def __init__(self, out: Path, total_steps: int, initial: int = 0, log: Callable[[str], None] = print):
+    def __init__(self, out: Path, total_steps: int, initial: int = 0, log: Callable[[str], None] = print, trackers=()):
         """Appends to ``metrics.jsonl``, first dropping rows past ``initial`` (steps a resume redoes) and a
-        torn last row; TensorBoard drops its events past ``initial`` too."""
+        torn last row, and hands every row to the ``trackers`` already started (gdpo.trackers)."""
         from tqdm import tqdm
 
         path = out / "metrics.jsonl"
@@ -77,30 +77,29 @@ class MetricsLogger:
             if rewritten != text:
                 atomic_write_text(path, rewritten)
         self.file = path.open("a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=initial + 1 if initial else None)
-        except ImportError:  # tensorboard is a dependency; a broken install only loses the TB view
-            self.tb = None
+        self.trackers = list(trackers)
         self.bar = tqdm(total=total_steps, initial=initial, desc="gdpo", dynamic_ncols=True)
 
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())  # a row is on disk before the step's checkpoint refers to it
-        if self.tb is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.tb.add_scalar(key, value, row["step"])
+        for tracker in self.trackers:
+            tracker.log(row)
         rewards = {k.split("/")[1]: v for k, v in row.items() if k.startswith("reward/") and k.endswith("/mean")}
         post = {short: f"{row[k]:.3g}" for k, short in BAR_KEYS if k in row and k != "reward/accuracy/mean"}
         post = {**{n[:8]: f"{v:.3f}" for n, v in rewards.items()}, **post}
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
+    def track(self, row: dict) -> None:
+        """A row for the trackers only (the held-out evaluations before and after training, which
+        summary.json keeps rather than metrics.jsonl)."""
+        for tracker in self.trackers:
+            tracker.log(row)
+
     def close(self) -> None:
         self.bar.close()
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()

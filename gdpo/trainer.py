@@ -26,6 +26,7 @@ from gdpo.data import PromptSet
 from gdpo.fileio import atomic_write_text
 from gdpo.eval.metrics import held_out_metrics, is_correct, reward_means
 from gdpo.metrics import MetricsLogger, token_stats
+from gdpo.trackers import open_trackers
 from gdpo.preflight import RunInputs, prepare_run
 from gdpo.records import RolloutBatch, SamplingSettings, TrainBatch, UpdateStats
 
@@ -237,15 +238,28 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
         log(f"{plan.out} holds this run finished ({cfg.trainer.steps} steps); nothing to do")
         return plan.summary
     _write_json(plan.out / "config.json", to_dict(cfg))
-    ray_init(cfg)
-    cluster = Cluster(cfg, inputs.model_path, log)
+    trackers = open_trackers(cfg, plan.out, to_dict(cfg), initial=_checkpoint_step(plan), log=log)  # before Ray
     try:
-        return _run(cluster, cfg, inputs, plan, log)
+        ray_init(cfg)
+        cluster = Cluster(cfg, inputs.model_path, log)
+    except BaseException:
+        for tracker in trackers:
+            tracker.close()
+        raise
+    try:
+        return _run(cluster, cfg, inputs, plan, log, trackers)
     finally:
         cluster.shutdown()
 
 
-def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[str], None]) -> dict:
+def _checkpoint_step(plan: RunPlan) -> int:
+    """The step the run resumes after (0 for a new run)."""
+    if not plan.checkpoint:
+        return 0
+    return int(json.loads((plan.checkpoint / "trainer_state.json").read_text()).get("step", 0))
+
+
+def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[str], None], trackers=()) -> dict:
     train_data, eval_data = inputs.train, inputs.eval
     stream = PromptStream(train_data, cfg.trainer.seed)
     state, summary, summary_path = RunState(), plan.summary, plan.out / "summary.json"
@@ -262,7 +276,9 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
             f"baseline: accuracy {summary['baseline']['accuracy']:.3f}, mean tokens {summary['baseline']['mean_tokens']:.1f}"
         )
     _write_json(summary_path, summary)  # without an earlier final evaluation: this run is not finished
-    metrics = MetricsLogger(plan.out, cfg.trainer.steps, initial=state.step, log=log)
+    metrics = MetricsLogger(plan.out, cfg.trainer.steps, initial=state.step, log=log, trackers=trackers)
+    if state.step == 0:  # the trackers' evaluation curves start at the initial policy
+        metrics.track({"step": 0, **{f"eval/{k_}": v for k_, v in summary["baseline"].items()}})
     n_prompts, k = cfg.trainer.prompts_per_step, cfg.rollout.samples_per_prompt
     sampling = SamplingSettings.for_rollout(cfg)
 
@@ -330,8 +346,9 @@ def _run(cluster, cfg: Config, inputs: RunInputs, plan: RunPlan, log: Callable[[
         if state.step % cfg.trainer.save_every == 0 or state.step == cfg.trainer.steps:
             save_checkpoint(cluster, state, plan, cfg, log=log, ahead=[(r.step, r.collect(cluster)) for r in ahead])
 
-    metrics.close()
     summary["final"] = evaluate(cluster, cfg, eval_data)
+    metrics.track({"step": state.step, **{f"eval/{k_}": v for k_, v in summary["final"].items()}})
+    metrics.close()
     summary["steps"] = state.step
     cluster.save_final(str(plan.out / "final"))
     _write_json(summary_path, summary)

@@ -40,7 +40,8 @@ def _rows(out):
 def straight(tmp_path_factory):
     """A 2-step run of the small config, checkpointing every step: (output dir, summary)."""
     out = tmp_path_factory.mktemp("straight")
-    return out, _train(out, "trainer.steps=2", "trainer.save_every=1")
+    trackers = ["trainer.loggers=[tensorboard,wandb,mlflow]", "trainer.wandb_mode=offline"]
+    return out, _train(out, "trainer.steps=2", "trainer.save_every=1", *trackers)
 
 
 def test_train_writes_outputs(straight):
@@ -98,6 +99,25 @@ def test_train_writes_outputs(straight):
     merged = AutoModelForCausalLM.from_pretrained(straight / "final" / "merged").eval()
     ids = torch.tensor([[5, 9, 13, 21, 8, 30, 7]])
     torch.testing.assert_close(with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_every_tracker_logged_every_row_and_the_evaluations(straight):
+    """TensorBoard, W&B (offline) and MLflow got each metrics.jsonl row at its step, the held-out
+    evaluations before and after training, and (W&B) the resolved config."""
+    from tests.helpers.tracker_files import mlflow_metric, tensorboard_scalars, wandb_offline
+
+    out, summary = straight
+    rows = _rows(out)
+    tb = tensorboard_scalars(out)
+    wb_history, wb_config = wandb_offline(out)
+    for key in ("reward/accuracy/mean", "reward/efficient_sigmoid/mean", "time/sync", "sync/bytes", "tokens/mean"):
+        want = {r["step"]: pytest.approx(r[key], rel=1e-6) for r in rows}
+        assert tb[key] == want and mlflow_metric(out, key) == want, key
+        assert {h["_step"]: h[key] for h in wb_history if key in h} == want, key
+    for step, part in ((0, "baseline"), (2, "final")):
+        assert tb["eval/accuracy"][step] == pytest.approx(summary[part]["accuracy"])
+        assert mlflow_metric(out, "eval/mean_tokens")[step] == pytest.approx(summary[part]["mean_tokens"])
+    assert wb_config["trainer"]["steps"] == 2 and wb_config["algorithm"]["estimator"] == "gdpo"
 
 
 def test_gdpo_eval_reports_the_same_figures_as_the_run_for_the_same_model(straight, tmp_path):
