@@ -77,15 +77,14 @@ class MetricsLogger:
             if rewritten != text:
                 atomic_write_text(path, rewritten)
         self.file = path.open("a", encoding="utf-8")
-        self.trackers = list(trackers)
+        self.trackers, self.log_fn = list(trackers), log
         self.bar = tqdm(total=total_steps, initial=initial, desc="gdpo", dynamic_ncols=True)
 
     def log(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())  # a row is on disk before the step's checkpoint refers to it
-        for tracker in self.trackers:
-            tracker.log(row)
+        self.track(row)
         rewards = {k.split("/")[1]: v for k, v in row.items() if k.startswith("reward/") and k.endswith("/mean")}
         post = {short: f"{row[k]:.3g}" for k, short in BAR_KEYS if k in row and k != "reward/accuracy/mean"}
         post = {**{n[:8]: f"{v:.3f}" for n, v in rewards.items()}, **post}
@@ -93,10 +92,18 @@ class MetricsLogger:
         self.bar.update(1)
 
     def track(self, row: dict) -> None:
-        """A row for the trackers only (the held-out evaluations before and after training, which
-        summary.json keeps rather than metrics.jsonl)."""
-        for tracker in self.trackers:
-            tracker.log(row)
+        """A row for the trackers (alone: the held-out evaluations before and after training, which
+        summary.json keeps rather than metrics.jsonl). A tracker that fails mid-run (its server gone) is
+        warned about and left out from then on: metrics.jsonl keeps every row, and the run goes on."""
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(row)
+            except Exception as err:  # any tracker's own error types
+                self.trackers.remove(tracker)
+                self.log_fn(
+                    f"warning: tracker {tracker.name} failed at step {row.get('step')} ({type(err).__name__}: "
+                    f"{err}); it is off for the rest of this run (metrics.jsonl has every row)"
+                )
 
     def close(self) -> None:
         self.bar.close()

@@ -15,6 +15,7 @@ uploads it later); MLflow's default store is a local SQLite file, ``output_dir/m
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 
 from gdpo.structured import ConfigError
 
-__all__ = ["LOGGERS", "TrackerError", "open_trackers", "scalars"]
+__all__ = ["LOGGERS", "TrackerError", "open_trackers", "scalars", "mlflow_key"]
 
 LOGGERS = ("tensorboard", "wandb", "mlflow")
 _EXTRA = {"wandb": "wandb", "mlflow": "mlflow"}
@@ -109,6 +110,12 @@ class WandbTracker:
         self.run.finish()
 
 
+def mlflow_key(key: str) -> str:
+    """MLflow's metric names take letters, digits and ``_ - . : / `` and spaces: ``eval/pass@4`` is
+    logged as ``eval/pass_at_4``, any other character as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", key.replace("@", "_at_"))
+
+
 class MLflowTracker:
     name = "mlflow"
 
@@ -145,7 +152,7 @@ class MLflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, row["step"]) for k, v in scalars(row).items()]
+        metrics = [Metric(mlflow_key(k), v, now, row["step"]) for k, v in scalars(row).items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 

@@ -117,6 +117,7 @@ def test_every_tracker_logged_every_row_and_the_evaluations(straight):
     for step, part in ((0, "baseline"), (2, "final")):
         assert tb["eval/accuracy"][step] == pytest.approx(summary[part]["accuracy"])
         assert mlflow_metric(out, "eval/mean_tokens")[step] == pytest.approx(summary[part]["mean_tokens"])
+        assert mlflow_metric(out, "eval/pass_at_1")[step] == pytest.approx(summary[part]["pass@1"])
     assert wb_config["trainer"]["steps"] == 2 and wb_config["algorithm"]["estimator"] == "gdpo"
 
 

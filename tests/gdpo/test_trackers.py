@@ -32,15 +32,8 @@ def test_every_tracker_gets_every_row_and_the_config_and_a_resume_continues_its_
     assert [t.name for t in trackers] == ["tensorboard", "wandb", "mlflow"]
     for step in (1, 2):
         for t in trackers:
-            t.log(
-                {
-                    "step": step,
-                    "reward/accuracy/mean": 0.25 * step,
-                    "time/update": 1.5,
-                    "note": "text",
-                    "x": float("nan"),
-                }
-            )
+            row = {"step": step, "reward/accuracy/mean": 0.25 * step, "time/update": 1.5, "eval/pass@4": 0.5}
+            t.log({**row, "note": "text", "x": float("nan")})
     for t in trackers:
         t.close()
     ids = {f: (out / f).read_text() for f in ("wandb_run_id", "mlflow_run_id")}
@@ -54,6 +47,8 @@ def test_every_tracker_gets_every_row_and_the_config_and_a_resume_continues_its_
     want = {1: 0.25, 2: 0.5, 3: 0.75}
     assert tensorboard_scalars(out)["reward/accuracy/mean"] == want
     assert mlflow_metric(out, "reward/accuracy/mean") == want and mlflow_metric(out, "time/update") == {1: 1.5, 2: 1.5}
+    assert mlflow_metric(out, "eval/pass_at_4") == {1: 0.5, 2: 0.5}  # MLflow takes no '@' in a name
+    assert tensorboard_scalars(out)["eval/pass@4"] == {1: 0.5, 2: 0.5}
     history, wb_config = wandb_offline(out)
     assert [(h["_step"], h["reward/accuracy/mean"]) for h in history] == [(3, 0.75)]  # the resumed offline run
     history, _ = wandb_offline_first(out)
@@ -123,3 +118,37 @@ def test_gdpo_train_stops_before_ray_when_a_tracker_cannot_start(tmp_path, capsy
     err = capsys.readouterr().err
     assert "gdpo train: error: trainer.loggers: mlflow did not start" in err and "Traceback" not in err
     assert not ray.is_initialized()
+
+
+def test_a_tracker_failing_mid_run_is_warned_about_and_dropped(tmp_path):
+    from gdpo.metrics import MetricsLogger
+
+    class Broken:
+        name = "mlflow"
+
+        def log(self, row):
+            raise ConnectionError("the tracking server went away")
+
+        def close(self):
+            pass
+
+    class Kept:
+        name = "tensorboard"
+
+        def __init__(self):
+            self.rows = []
+
+        def log(self, row):
+            self.rows.append(row["step"])
+
+        def close(self):
+            pass
+
+    said = []
+    kept = Kept()
+    logger = MetricsLogger(tmp_path, 3, log=said.append, trackers=[Broken(), kept])
+    for step in (1, 2):
+        logger.log({"step": step, "loss": 0.1})
+    logger.close()
+    assert kept.rows == [1, 2] and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(said) == 1 and "tracker mlflow failed at step 1 (ConnectionError" in said[0]
