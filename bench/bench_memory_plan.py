@@ -25,7 +25,7 @@ from bench.bench_dora import LiveBytes  # noqa: E402
 from bench.gpu_check import _driver_batch, preset  # noqa: E402
 from gdpo import dora, learner, logprob_head, memory_plan  # noqa: E402
 
-PRESET = Path(__file__).resolve().parents[1] / "gdpo" / "configs" / "tiny_cpu.yaml"
+PRESET = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 # (hidden, layers, heads, kv heads, intermediate, vocab, micro-batch, prompt, completion)
 SHAPES = [
     (128, 2, 2, 1, 344, 1000, 4, 32, 96),

@@ -78,7 +78,7 @@ def one(
     path, plus = path.removesuffix("+p"), path.endswith("+p")
     temperature, top_p = (float(x) for x in processed.split(",")) if plus else (1.0, 1.0)
     cfg = preset(
-        ROOT / "gdpo" / "configs" / "tiny_cpu.yaml",
+        ROOT / "configs" / "tiny_cpu.yaml",
         model={"dtype": "float32"},
         learner={"micro_batch_per_worker": 1, "dora_rank": 16, "dora_alpha": 32.0},
         rollout={"max_new_tokens": length, "temperature": temperature, "top_p": top_p},

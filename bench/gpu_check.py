@@ -4,8 +4,8 @@
     python bench/gpu_check.py --tiny --out /tmp/gpu_check   # the same code on CPU at a tiny shape (the tests)
 
 Needs PyTorch, Triton, transformers and peft only: no vLLM, Ray, DeepSpeed, OmegaConf or model hub (the
-Qwen2.5-1.5B shape comes from ``gdpo/configs/models/qwen2.5-1.5b/config.json``; the learner settings from
-``gdpo/configs/gsm8k_qwen2.5_1.5b.yaml``, read with PyYAML onto the schema's defaults, unvalidated). bf16 on a GPU, fp32 on CPU. Sections, each timed after a
+Qwen2.5-1.5B shape comes from ``configs/models/qwen2.5-1.5b/config.json``; the learner settings from
+``configs/gsm8k_qwen2.5_1.5b.yaml``, read with PyYAML onto the schema's defaults, unvalidated). bf16 on a GPU, fp32 on CPU. Sections, each timed after a
 warm-up:
 
 1. ``dora_layers``: one projection of each 1.5B shape, forward + backward over a micro-batch of
@@ -44,8 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PRESET = ROOT / "gdpo" / "configs" / "gsm8k_qwen2.5_1.5b.yaml"
-MODEL_CONFIG = ROOT / "gdpo" / "configs" / "models" / "qwen2.5-1.5b" / "config.json"
+PRESET = ROOT / "configs" / "gsm8k_qwen2.5_1.5b.yaml"
+MODEL_CONFIG = ROOT / "configs" / "models" / "qwen2.5-1.5b" / "config.json"
 PROMPT_TOKENS = 256  # a GSM8K prompt with the preset's chat template is 100-250 tokens
 
 

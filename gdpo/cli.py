@@ -18,7 +18,7 @@ _REF_BLOCK = re.compile(r"(<!-- config-reference:start -->\n)(.*?)(<!-- config-r
 
 
 def _with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--config", default=None, help="YAML file or preset name (gdpo/configs/; default: tiny_cpu)")
+    p.add_argument("--config", default=None, help="YAML file or preset name (configs/; default: tiny_cpu)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.prompts_per_step=8")
     return p
 
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", required=True)
     cp.set_defaults(fn=cmd_compress)
     oq = sub.add_parser("ofq", help="OFQ vs LSQ quantization-aware training of a vision transformer")
-    oq.add_argument("--config", default="ofq_digits_cpu", help="YAML file or preset name (gdpo/configs/)")
+    oq.add_argument("--config", default="ofq_digits_cpu", help="YAML file or preset name (configs/)")
     oq.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     oq.add_argument("--out", required=True)
     oq.set_defaults(fn=cmd_ofq)

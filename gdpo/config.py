@@ -22,7 +22,16 @@ from gdpo.structured import ConfigError, build, doc, doc_factory, read_yaml, ref
 
 __all__ = ["Config", "ConfigError", "build", "config_reference", "doc", "doc_factory", "load_config", "to_dict"]
 
-PRESETS = Path(__file__).resolve().parent / "configs"  # shipped inside the package (package data)
+# The presets: configs/ at the top of a source checkout; an installed wheel carries them as gdpo/configs/
+# (setup.py copies them there at build time).
+PRESETS = next(
+    (
+        p
+        for p in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent / "configs")
+        if (p / "tiny_cpu.yaml").is_file()
+    ),
+    Path(__file__).resolve().parent.parent / "configs",
+)
 DEFAULT_CONFIG = PRESETS / "tiny_cpu.yaml"
 BUILTIN_TINY_POLICY = "builtin:tiny-chain-arith"
 

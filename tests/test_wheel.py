@@ -44,7 +44,8 @@ def test_a_wheel_installed_outside_the_checkout_finds_its_presets(tmp_path):
         "cfg = c.load_config(); print(cfg.model.path); "
         "print(c.load_config('multireward_cpu').rewards.correctness); "
         "print(c.load_config('configs/gsm8k_qwen2.5_1.5b.yaml').model.path); "
-        "from compression.ofq.experiment import load_ofq_config; print(load_ofq_config('ofq_digits_cpu').model)"
+        "from compression.ofq.experiment import load_ofq_config; print(load_ofq_config('ofq_digits_cpu').model); "
+        "print(c.PRESETS)"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the checkout's editable install
     out = subprocess.run(
@@ -53,3 +54,10 @@ def test_a_wheel_installed_outside_the_checkout_finds_its_presets(tmp_path):
     assert out[0].startswith(str(site))  # the wheel's package, not the checkout
     assert out[1:4] == ["builtin:tiny-chain-arith", "accuracy", "Qwen/Qwen2.5-1.5B-Instruct"]
     assert out[4]
+    assert out[5] == str(site / "gdpo" / "configs")  # the wheel's copy of the top-level configs/
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    presets = {f"gdpo/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*") if p.is_file()}
+    assert presets and presets <= names  # every preset and model shape, once, inside the package
+    assert not any(n.startswith("configs/") for n in names)

@@ -196,7 +196,7 @@ def test_ofq_presets_validate_and_bad_keys_are_named():
     from gdpo.config import ConfigError
     from compression.ofq.experiment import load_ofq_config
 
-    root = Path(__file__).resolve().parents[2] / "gdpo" / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     digits = load_ofq_config(str(root / "ofq_digits_cpu.yaml"))
     assert digits.data.source == "digits" and digits.qat.bits == (4, 3, 2)
     deit = load_ofq_config(str(root / "ofq_deit_tiny_imagenet.yaml"))
@@ -219,7 +219,7 @@ def test_ofq_run_end_to_end_shrunk(tmp_path):
     from pathlib import Path
 
     cfg = load_ofq_config(
-        str(Path(__file__).resolve().parents[2] / "gdpo" / "configs" / "ofq_digits_cpu.yaml"),
+        str(Path(__file__).resolve().parents[2] / "configs" / "ofq_digits_cpu.yaml"),
         [
             "fp.epochs=2",
             "qat.epochs=2",

@@ -19,7 +19,7 @@ def test_default_config_is_the_embedded_preset_and_validates():
 
 
 def test_every_preset_in_configs_validates():
-    presets = sorted((ROOT / "gdpo" / "configs").glob("*.yaml"))
+    presets = sorted((ROOT / "configs").glob("*.yaml"))
     assert presets
     for preset in presets:
         if preset.name.startswith(("ofq", "compress")):

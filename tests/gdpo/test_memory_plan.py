@@ -10,7 +10,7 @@ from gdpo import memory_plan
 from gdpo.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-QWEN_1_5B = memory_plan.ModelShape.of(AutoConfig.from_pretrained(ROOT / "gdpo" / "configs" / "models" / "qwen2.5-1.5b"))
+QWEN_1_5B = memory_plan.ModelShape.of(AutoConfig.from_pretrained(ROOT / "configs" / "models" / "qwen2.5-1.5b"))
 
 
 def _preset(*overrides):
@@ -105,7 +105,7 @@ def test_an_unknown_gpu_size_plans_nothing_for_training():
     with pytest.raises(ConfigError, match="memory plan"):
         preflight.check_memory(
             load_config(None, ["cluster.gpu_memory_gb=0.01"]),
-            str(ROOT / "gdpo" / "configs" / "models" / "qwen2.5-1.5b"),
+            str(ROOT / "configs" / "models" / "qwen2.5-1.5b"),
             32,
             log=lambda m: None,
         )

@@ -11,7 +11,7 @@ from gdpo.preflight import prepare_run
 from tests.helpers.chat_model import build_chat_model
 
 ROOT = Path(__file__).resolve().parents[2]
-PRESET = ROOT / "gdpo" / "configs" / "gsm8k_qwen2.5_1.5b.yaml"
+PRESET = ROOT / "configs" / "gsm8k_qwen2.5_1.5b.yaml"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 needs_gsm8k = pytest.mark.skipif(
     not (GSM8K / "train.jsonl").is_file(), reason="the shared GSM8K data is not beside the project"
