@@ -28,7 +28,6 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -314,8 +313,3 @@ def _weight_shape(sizes: dict, layer: str) -> tuple[int, int]:
     _, shape, dtype = sizes[f"{layer}.weight_packed"]
     per = 8 if dtype == "I32" else 2
     return shape[0], shape[1] * per
-
-
-def read_quantization_config(path: str) -> Optional[dict]:
-    conf = json.loads((Path(path) / "config.json").read_text())
-    return conf.get("quantization_config")
