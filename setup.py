@@ -1,6 +1,6 @@
 """Build configuration beside pyproject.toml (which holds the metadata): the presets live once, in the
 top-level configs/, and ship inside the package as gdpo/configs/, where an installed wheel finds them
-(gdpo.config.PRESETS)."""
+(gdpo.paths.PRESETS)."""
 
 from pathlib import Path
 

@@ -18,20 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from gdpo.paths import PRESETS, preset_path  # noqa: F401 (where the presets are; preset_path is public here)
 from gdpo.structured import ConfigError, build, doc, doc_factory, read_yaml, reference_table, to_dict
 
 __all__ = ["Config", "ConfigError", "build", "config_reference", "doc", "doc_factory", "load_config", "to_dict"]
 
-# The presets: configs/ at the top of a source checkout; an installed wheel carries them as gdpo/configs/
-# (setup.py copies them there at build time).
-PRESETS = next(
-    (
-        p
-        for p in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent / "configs")
-        if (p / "tiny_cpu.yaml").is_file()
-    ),
-    Path(__file__).resolve().parent.parent / "configs",
-)
 DEFAULT_CONFIG = PRESETS / "tiny_cpu.yaml"
 BUILTIN_TINY_POLICY = "builtin:tiny-chain-arith"
 
@@ -455,20 +446,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = build(Config, raw, overrides)
     validate(cfg)
     return cfg
-
-
-def preset_path(spec: str | Path) -> Path:
-    """A config file: ``spec`` itself where that file exists, else the preset of that name shipped in the
-    package (``multireward_cpu``, ``multireward_cpu.yaml`` or ``configs/multireward_cpu.yaml``, so the
-    paths of a source checkout work from any directory and from an installed wheel)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
-    if (PRESETS / name).is_file() and path.parent in (Path("."), Path("configs")):
-        return PRESETS / name
-    presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-    raise ConfigError(f"config file not found: {spec} (nor a preset of that name; presets: {presets})")
 
 
 # ----------------------------------------------------------------------------- validation

@@ -1,4 +1,5 @@
-"""Where gdpo keeps what it builds for a user (the tiny SFT policy), found from any working directory."""
+"""Where gdpo finds its presets (configs/) and keeps what it builds for a user (the tiny SFT policy),
+found from any working directory."""
 
 from __future__ import annotations
 
@@ -7,9 +8,33 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CACHE_ENV", "user_cache_dir", "resolve_cache_dir"]
+from gdpo.structured import ConfigError
+
+__all__ = ["CACHE_ENV", "PRESETS", "preset_path", "user_cache_dir", "resolve_cache_dir"]
 
 CACHE_ENV = "GDPO_CACHE_DIR"
+
+# The presets: configs/ at the top of a source checkout; an installed wheel carries them as gdpo/configs/
+# (setup.py copies them there at build time).
+_HERE = Path(__file__).resolve().parent
+PRESETS = next(
+    (p for p in (_HERE / "configs", _HERE.parent / "configs") if (p / "tiny_cpu.yaml").is_file()),
+    _HERE.parent / "configs",
+)
+
+
+def preset_path(spec: str | Path) -> Path:
+    """A config file: ``spec`` itself where that file exists, else the preset of that name shipped in the
+    package (``multireward_cpu``, ``multireward_cpu.yaml`` or ``configs/multireward_cpu.yaml``, so the
+    paths of a source checkout work from any directory and from an installed wheel)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    if (PRESETS / name).is_file() and path.parent in (Path("."), Path("configs")):
+        return PRESETS / name
+    presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {spec} (nor a preset of that name; presets: {presets})")
 
 
 def user_cache_dir() -> Path:
