@@ -284,6 +284,9 @@ class LearnerConfig:
         "sequences each",
         ge=0,
     )
+    adapter: Literal["dora", "lora"] = doc(
+        "dora", "DoRA, or plain LoRA (vLLM serves its final adapter); dora_* set both"
+    )
     dora_rank: int = doc(8, "DoRA rank r", ge=1)
     dora_alpha: float = doc(16.0, "DoRA alpha (scale s = alpha / r)", gt=0)
     cpu_threads: int = doc(
@@ -337,9 +340,7 @@ class TrainerConfig:
     wandb_mode: Literal["online", "offline"] = doc(
         "online", "W&B: online needs credentials (wandb login); offline writes output_dir/wandb for wandb sync"
     )
-    mlflow_tracking_uri: Optional[str] = doc(
-        None, "MLflow tracking server or store URI (None: a SQLite store, output_dir/mlflow.db)"
-    )
+    mlflow_tracking_uri: Optional[str] = doc(None, "MLflow server or store URI (None: SQLite, output_dir/mlflow.db)")
     mlflow_experiment: str = doc("gdpo", "MLflow experiment name")
     max_staleness: int = doc(
         0,

@@ -105,20 +105,33 @@ class _FusedDora(torch.autograd.Function):
 
 
 class DoraLinear(nn.Module):
-    """A linear layer with a DoRA adapter. ``base_layer`` keeps the original module (peft's naming)."""
+    """A linear layer with a DoRA adapter, or with ``use_dora=False`` a plain LoRA one (``W0 + s·BA``, no
+    magnitude). ``base_layer`` keeps the original module (peft's naming)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = True,
+    ):
         super().__init__()
         if rank < 1:
             raise ValueError(f"DoRA rank must be >= 1, got {rank}")
+        self.use_dora = use_dora
         self.base_layer = base
         w0 = base.weight
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w0.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w0.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        with torch.no_grad():
-            mag = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32)  # [out]
-        self.lora_magnitude_vector = nn.Parameter(mag)
+        if use_dora:
+            with torch.no_grad():
+                mag = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float32)  # [out]
+            self.lora_magnitude_vector = nn.Parameter(mag)
+        else:
+            self.lora_magnitude_vector = None
         self.refresh_zero_rows()
         self.rank, self.alpha, self.dropout, self.use_rslora = rank, float(alpha), float(dropout), use_rslora
         self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
@@ -132,7 +145,7 @@ class DoraLinear(nn.Module):
         ``z`` for the magnitude's gradient, which ``y = 0`` cannot give. Read once here (at creation and when
         an adapter is loaded), not per forward, where it would stop the GPU's queue at every layer."""
         m = self.lora_magnitude_vector
-        self.zero_rows = m.device.type == "meta" or bool((m == 0).any())
+        self.zero_rows = m is not None and (m.device.type == "meta" or bool((m == 0).any()))
 
     @property
     def in_features(self) -> int:
@@ -148,12 +161,16 @@ class DoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}, merged={self.merged}"
+            f"{'dora' if self.use_dora else 'lora'}, rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}, "
+            f"dropout={self.dropout}, merged={self.merged}"
         )
 
     def merged_weight(self) -> Tensor:
-        """W' (paper Eq. 5), in W0's dtype: what merge_dora writes and the weight sync sends."""
+        """W' (paper Eq. 5; LoRA: ``W0 + s·BA``), in W0's dtype: what merge_dora writes and the weight sync
+        sends."""
         w0 = self._w0_stash if self.merged else self.base_layer.weight
+        if not self.use_dora:
+            return (w0.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(w0.dtype)
         return dora_merged_weight(w0, self.lora_A, self.lora_B, self.lora_magnitude_vector, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,6 +179,10 @@ class DoraLinear(nn.Module):
             return F.linear(x, self._w0_stash if self.merged else w0, bias)
         if self.merged:
             return F.linear(x, w0, bias)
+        if not self.use_dora:  # LoRA: base(x) + s·B·A·drop(x)
+            xd = F.dropout(x, self.dropout, training=True) if self.dropout > 0 and self.training else x
+            a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+            return F.linear(x, w0, bias) + F.linear(F.linear(xd, a), b) * self.scale
         a, b, m = (p.to(x.dtype) for p in (self.lora_A, self.lora_B, self.lora_magnitude_vector))
         if self.dropout > 0 and self.training:
             return self._forward_dropout(x, w0, bias, a, b, m)
@@ -195,8 +216,10 @@ def apply_dora(
     alpha: float,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    use_dora: bool = True,
 ) -> nn.Module:
-    """Wrap every ``nn.Linear`` whose name matches in place and freeze all other parameters.
+    """Wrap every ``nn.Linear`` whose name matches in place and freeze all other parameters
+    (``use_dora=False``: plain LoRA adapters).
 
     ``target_modules`` follows peft: a list of names matches a module named exactly so or ending in
     ``.name``; a string is a regular expression matched against the full module name.
@@ -217,10 +240,10 @@ def apply_dora(
         p.requires_grad_(False)
     for name in linear:
         parent, _, leaf = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent), leaf, DoraLinear(model.get_submodule(name), rank, alpha, dropout, use_rslora)
-        )
+        layer = DoraLinear(model.get_submodule(name), rank, alpha, dropout, use_rslora, use_dora)
+        setattr(model.get_submodule(parent), leaf, layer)
     model.gdpo_dora_config = {
+        "use_dora": use_dora,
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": dropout,
@@ -290,7 +313,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, layer in dora_layers(model):
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
-        out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
+        if layer.use_dora:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     if not out:
         raise ValueError("the model has no DoRA layers (call apply_dora first)")
     return out
@@ -304,7 +328,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     cfg = dict(model.gdpo_dora_config)
     config = {
         "peft_type": "LORA",
-        "use_dora": True,
+        "use_dora": cfg.get("use_dora", True),
         "r": cfg["r"],
         "lora_alpha": cfg["lora_alpha"],
         "lora_dropout": cfg["lora_dropout"],
@@ -335,8 +359,6 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
     problems = []
     if cfg.get("peft_type") != "LORA":
         problems.append(f"peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    if not cfg.get("use_dora"):
-        problems.append("use_dora is not true (a plain LoRA adapter)")
     for key in ("fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
         if cfg.get(key):
             problems.append(f"{key}={cfg[key]!r} is not supported")
@@ -352,7 +374,7 @@ def read_adapter_config(path: Union[str, os.PathLike]) -> dict:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
-    """Load a DoRA adapter in peft's layout; applies DoRA first if the model has none. Returns the model."""
+    """Load a DoRA (or plain LoRA) adapter in peft's layout; applies it first if the model has none."""
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(path)
@@ -367,6 +389,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
             cfg["lora_alpha"],
             cfg.get("lora_dropout", 0.0),
             cfg.get("use_rslora", False),
+            bool(cfg.get("use_dora", False)),
+        )
+    kind = {layer.use_dora for _, layer in dora_layers(model)}
+    if kind != {bool(cfg.get("use_dora", False))}:
+        raise ValueError(
+            f"{Path(path) / CONFIG_NAME}: a {'DoRA' if cfg.get('use_dora') else 'plain LoRA'} adapter, the model's "
+            f"layers are {'DoRA' if True in kind else 'LoRA'}"
         )
     tensors = load_file(str(file))
     tensors = {

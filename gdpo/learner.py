@@ -47,6 +47,7 @@ def build_policy(model_path: str, cfg: Config):
                 cfg.learner.dora_rank,
                 cfg.learner.dora_alpha,
                 cfg.learner.dora_dropout,
+                use_dora=cfg.learner.adapter == "dora",
             )
     except ValueError as e:
         raise ValueError(f"config key 'learner.target_modules' on {model_path}: {e}") from None

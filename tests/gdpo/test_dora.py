@@ -214,8 +214,10 @@ def test_bad_adapters_and_targets_are_named(tmp_path):
         dora.load_adapter(dora.apply_dora(_tiny_lm(), ["q_proj", "v_proj"], rank=4, alpha=8), tmp_path / "a")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": False}))
-    with pytest.raises(ValueError, match="adapter_config.json: use_dora is not true"):
-        dora.load_adapter(_tiny_lm(), tmp_path / "a")
+    with pytest.raises(ValueError, match="adapter does not fit the model: .*unexpected .*lora_magnitude_vector"):
+        dora.load_adapter(_tiny_lm(), tmp_path / "a")  # read as plain LoRA, the magnitudes are left over
+    with pytest.raises(ValueError, match="a plain LoRA adapter, the model's layers are DoRA"):
+        dora.load_adapter(dora.apply_dora(_tiny_lm(), ["q_proj"], rank=4, alpha=8), tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         dora.load_adapter(_tiny_lm(), tmp_path / "nothing")
 
@@ -239,3 +241,33 @@ def test_bf16_on_gpu_matches_peft_with_the_triton_norm():
         rtol=1e-3,
         atol=1e-3,
     )
+
+
+def test_plain_lora_round_trips_with_peft_and_merges_exactly(tmp_path):
+    """``use_dora=False``: ``W0 + s·BA``, no magnitude; peft reads what the project writes and back."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ours = dora.apply_dora(_tiny_lm(), TARGETS, rank=4, alpha=8, use_dora=False)
+    assert all(not layer.use_dora and layer.lora_magnitude_vector is None for _, layer in dora.dora_layers(ours))
+    _randomize(ours)
+    dora.save_adapter(ours, tmp_path / "lora")
+    conf = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert conf["use_dora"] is False and not any("magnitude" in k for k in dora.adapter_state_dict(ours))
+    ids = torch.randint(0, 64, (2, 9))
+    expected = ours(input_ids=ids).logits
+    theirs = PeftModel.from_pretrained(_tiny_lm(), tmp_path / "lora").eval()
+    torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    peft_lora = get_peft_model(_tiny_lm(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)).eval()
+    _randomize(peft_lora, seed=3)
+    peft_lora.save_pretrained(tmp_path / "peft")
+    back = dora.load_adapter(_tiny_lm(), tmp_path / "peft")
+    torch.testing.assert_close(back(input_ids=ids).logits, peft_lora(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+    plain = _tiny_lm(seed=5)
+    plain.load_state_dict(dora.merged_state_dict(ours), strict=False)
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    w0 = {n: layer.base_layer.weight.clone() for n, layer in dora.dora_layers(ours)}
+    dora.merge_dora(ours)
+    torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    dora.unmerge_dora(ours)
+    assert all(torch.equal(layer.base_layer.weight, w0[n]) for n, layer in dora.dora_layers(ours))
