@@ -68,9 +68,9 @@ def run_gptq(
     samples = []
     for b in batches:
         for ids, mask in zip(b["input_ids"].tolist(), b["attention_mask"].tolist()):
-            n = sum(mask)
-            if n:
-                samples.append(ids[:n] if all(mask[:n]) else [t for t, m in zip(ids, mask) if m])
+            real = [t for t, m in zip(ids, mask) if m]  # the real tokens (padding dropped)
+            if real:
+                samples.append(real)
     if not samples:
         raise CalibrationError("GPTQ calibration: no sample has a real token")
     with tempfile.TemporaryDirectory(prefix="gdpo-gptq-") as tmp:

@@ -51,7 +51,7 @@ def run_pipeline(job: _Job) -> dict:
     ``report/``, ``results.json``.
     """
     from compression.calib import target_linears
-    from compression.export import export_bytes, export_compressed, fold_pre_shifts
+    from compression.export import Fold, export_bytes, export_compressed
     from compression.fp4.model import quantize_model, save_quantized
     from compression.fp4.search import QuantSetting
     from compression.fp4.targets import get_target
@@ -66,13 +66,13 @@ def run_pipeline(job: _Job) -> dict:
     t_start = time.time()
     names = target_linears(job.full, None, s.lm_head)
     reference = {n: job.full.get_submodule(n).weight.detach().float().clone() for n in names}
-    compressed = copy.deepcopy(job.full)
     pruned: list[str] = []
     detail: dict = {}
     setting = QuantSetting.parse(bits_of(s))
     target = get_target(target_name(s)).for_dtype(EXPORT_DTYPE)
-    export = None
+    export, fold = None, Fold()  # fold: the pre-shifts the export moved, which a served adapter follows
     if compressor == "fp4":
+        compressed = copy.deepcopy(job.full)
         log(f"compressing: LLM-FP4 search, {setting.name}, target {target.name}")
         quant = quantize_model(
             compressed,
@@ -93,6 +93,7 @@ def run_pipeline(job: _Job) -> dict:
             info = export_compressed(
                 copy.deepcopy(compressed), target, str(out / "served"), job.tokenizer, EXPORT_DTYPE
             )
+            fold = info.folded_shifts
             export = {
                 "path": info.path,
                 "format": info.format,
@@ -137,6 +138,7 @@ def run_pipeline(job: _Job) -> dict:
     else:
         pattern = "2:4" if compressor == "prune24" else "unstructured"
         log(f"compressing: {pattern} magnitude pruning")
+        compressed = copy.deepcopy(job.full)
         sparsity = prune_linears(compressed, names, pattern, 0.5)
         pruned = names
         detail = {"pattern": pattern, "sparsity": sum(sparsity.values()) / len(sparsity)}
@@ -172,10 +174,9 @@ def run_pipeline(job: _Job) -> dict:
                 "seconds": time.time() - t0,
             }
             if method == "eora" and export and export["served_here"]["ok"]:
-                shifts = fold_pre_shifts(copy.deepcopy(compressed))  # the export's shifts, recomputed
-                adapter = out / "adapters" / ("eora-served" if shifts else "eora")
-                if shifts:
-                    save_lora(factors, str(adapter), export["path"], fold=shifts)
+                adapter = out / "adapters" / ("eora-served" if fold else "eora")
+                if fold:
+                    save_lora(factors, str(adapter), export["path"], fold=fold)
                 models[f"{compressor}+eora.served"] = model
                 served_eora = (
                     export["path"],

@@ -107,6 +107,4 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
-        for tracker in self.trackers:
-            tracker.close()
+        self.file.close()  # the trackers belong to whoever opened them (gdpo.trainer.train closes them)

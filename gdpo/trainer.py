@@ -242,14 +242,13 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     try:
         ray_init(cfg)
         cluster = Cluster(cfg, inputs.model_path, log)
-    except BaseException:
+        try:
+            return _run(cluster, cfg, inputs, plan, log, trackers)
+        finally:
+            cluster.shutdown()
+    finally:
         for tracker in trackers:
             tracker.close()
-        raise
-    try:
-        return _run(cluster, cfg, inputs, plan, log, trackers)
-    finally:
-        cluster.shutdown()
 
 
 def _checkpoint_step(plan: RunPlan) -> int:
