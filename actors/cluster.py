@@ -99,9 +99,16 @@ class Cluster:
         self.rendezvous = self._learner_call([self.learners[0].rendezvous_endpoint.remote()], "start")[0]
         started = [w.start.remote(*self.rendezvous) for w in self.learners]
         self.reward_workers = [self._new_reward(i) for i in range(cfg.rewards.num_workers)]
-        manifest = self._start_engines(started)
+        manifest, adapter_config = self._start_engines(started)
         self.weights = EngineSync(
-            cfg, self.learners, manifest, self.run_id, "nccl" if self.use_gpu else "gloo", self.tp, self.log
+            cfg,
+            self.learners,
+            manifest,
+            self.run_id,
+            "nccl" if self.use_gpu else "gloo",
+            self.tp,
+            self.log,
+            adapter_config=adapter_config,
         )
         for i, actor in enumerate(self.rollouts):
             self.weights.place(i, actor, self._shares_learner0_device(i))
@@ -115,12 +122,14 @@ class Cluster:
         self.pad_id = self._learner_call([self.learners[0].pad_token_id.remote()], "start")[0]
         files, members = self.weights.file_engines(), self.weights.members()
         self.log(
-            f"weight sync: {len(files)} engine(s) by file on learner 0's node, {len(members)} by "
+            f"weight sync ({'the LoRA adapter' if cfg.learner.syncs_adapter else 'merged weights'}): "
+            f"{len(files)} engine(s) by file on learner 0's node, {len(members)} by "
             f"{'nccl' if self.use_gpu else 'gloo'} broadcast"
         )
 
     def _start_engines(self, learners_started: list) -> list:
-        """Start the engines beside the learners' start; returns learner 0's sync manifest. Engines on the
+        """Start the engines beside the learners' start; returns learner 0's sync manifest and adapter config
+        (``LearnerWorker.start``). Engines on the
         learners' GPUs start once the learners hold their memory: vLLM's start-up profiling would count
         memory DeepSpeed allocates (or frees) meanwhile as its own. Elsewhere they start meanwhile."""
         shared = self.placement.use_gpu and self.placement.colocated
@@ -389,7 +398,7 @@ class Cluster:
             )
 
     def sync(self) -> SyncReport:
-        """Publish the merged DoRA weights as the next policy version and load them into every engine."""
+        """Publish the next policy version (merged weights, or the LoRA adapter) and load it into every engine."""
         t0 = time.perf_counter()
         msg = self.weights.publish(
             self.version + 1,

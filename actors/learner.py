@@ -33,8 +33,9 @@ class LearnerWorker:
         self.rendezvous_sock = sync_transport.listen_socket(ray.util.get_node_ip_address())
         return self.rendezvous_sock.getsockname()[:2]
 
-    def start(self, master_addr: str, master_port: int) -> list:
-        """Join the DeepSpeed world, build the policy and its engine; returns the sync manifest."""
+    def start(self, master_addr: str, master_port: int) -> tuple[list, str | None]:
+        """Join the DeepSpeed world, build the policy and its engine; returns the sync manifest and, for an
+        adapter sync, the adapter's config (JSON) that the engines on the broadcast write beside it."""
         sock, self.rendezvous_sock = self.rendezvous_sock, None
         learner.init_distributed(
             self.rank, self.world_size, master_addr, master_port, listen_fd=sock.detach() if sock is not None else None
@@ -42,7 +43,8 @@ class LearnerWorker:
         self.model, self.tokenizer = learner.build_policy(self.model_path, self.cfg)
         self.engine = learner.make_engine(self.model, self.cfg)
         self.sync_names = weight_sync.sync_module_names(self.model, self.cfg.learner.target_modules)
-        return learner.sync_manifest(self.model, self.sync_names, self.cfg.learner.zero_stage)
+        ln = self.cfg.learner
+        return learner.sync_manifest(self.model, self.sync_names, ln.zero_stage, ln.syncs_adapter)
 
     def logprobs(self, batch: TrainBatch) -> TrainBatch:
         return learner.attach_logprobs(self.model, batch, self.cfg)
@@ -105,6 +107,7 @@ class LearnerWorker:
             bucket_mb=self.cfg.learner.sync_bucket_mb,
             directory=self.weights_dir if to_file else None,
             comm=self.comm if broadcast else None,
+            adapter=self.cfg.learner.syncs_adapter,
         )
         self.published, self.dirty = version, False
         return msg

@@ -14,7 +14,9 @@ from gdpo.records import RolloutBatch, SyncGroup, WeightUpdate
 @ray.remote
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: Config, seed: int = 0):
-        self.llm = rollout.make_engine(model_path, cfg, seed)
+        # an adapter sync serves the policy as a LoRA on the base weights
+        lora_rank = cfg.learner.dora_rank if cfg.learner.syncs_adapter else 0
+        self.llm = rollout.make_engine(model_path, cfg, seed, lora_rank=lora_rank)
         self.seeded = rollout.seeds_per_prompt(cfg)
 
     def node(self) -> str:

@@ -45,8 +45,10 @@ class EngineSync:
         backend: str,
         workers_per_engine: int,
         log: Callable[[str], None],
+        adapter_config: Optional[str] = None,
     ):
         self.cfg, self.learners, self.manifest, self.run_id, self.log = cfg, learners, manifest, run_id, log
+        self.adapter_config = adapter_config  # an adapter sync: the config the engines on the broadcast write
         self.backend, self.workers_per_engine = backend, workers_per_engine
         self.timeout_s = cfg.cluster.sync_timeout_s
         self.learner0_node, self.learner0_ip = ray.get(learners[0].node.remote(), timeout=self.timeout_s)
@@ -152,6 +154,7 @@ class EngineSync:
             timeout_s=self.timeout_s,
             bucket_bytes=self.cfg.learner.sync_bucket_mb << 20,
             manifest=self.manifest,
+            adapter_config=self.adapter_config,
         )
         refs = {("learner", 0): self.learners[0].open_sync_group.remote(spec)}
         refs.update(

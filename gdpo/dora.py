@@ -320,13 +320,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """adapter_config.json + adapter_model.safetensors that ``peft.PeftModel.from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+def peft_config(model: nn.Module) -> dict:
+    """The adapter's ``adapter_config.json`` in peft's layout (what peft and vLLM read)."""
     cfg = dict(model.gdpo_dora_config)
-    config = {
+    return {
         "peft_type": "LORA",
         "use_dora": cfg.get("use_dora", True),
         "r": cfg["r"],
@@ -344,10 +341,17 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
     }
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """adapter_config.json + adapter_model.safetensors that ``peft.PeftModel.from_pretrained`` loads."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out / CONFIG_NAME, json.dumps(peft_config(model), indent=2, sort_keys=True) + "\n")
 
 
 def read_adapter_config(path: Union[str, os.PathLike]) -> dict:

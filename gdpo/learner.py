@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 from typing import Optional
@@ -365,10 +366,22 @@ def accumulate_gradients(
     return sums, on_device
 
 
-def sync_manifest(model, module_names: list[str], zero_stage: int = 2) -> list:
-    """The sync's tensor manifest (names, dtypes, full shapes). Collective under ZeRO-3."""
+def sync_payload(model, module_names: list[str], adapter: bool = False) -> list[weight_sync.SyncTensor]:
+    """What a sync sends: the merged weights of ``module_names``, or with ``adapter`` the LoRA adapter alone
+    in the engine's dtype (call under ``gathered`` for ZeRO-3)."""
+    if adapter:
+        return weight_sync.adapter_tensors(model, model.get_input_embeddings().weight.dtype)
+    return weight_sync.sync_tensors(model, module_names)
+
+
+def sync_manifest(
+    model, module_names: list[str], zero_stage: int = 2, adapter: bool = False
+) -> tuple[list, Optional[str]]:
+    """The sync's tensor manifest (names, dtypes, full shapes) and, for an adapter sync, the adapter's
+    config (JSON) that engines on the broadcast write beside what they receive. Collective under ZeRO-3."""
     with gathered(model, zero_stage):
-        return weight_sync.manifest_of(weight_sync.sync_tensors(model, module_names))
+        manifest = weight_sync.manifest_of(sync_payload(model, module_names, adapter))
+    return manifest, json.dumps(dora.peft_config(model), sort_keys=True) if adapter else None
 
 
 def device_of(model) -> torch.device:
@@ -385,16 +398,23 @@ def publish_weights(
     bucket_mb: int = 32,
     directory: Optional[str] = None,
     comm=None,
+    adapter: bool = False,
 ) -> WeightUpdate | None:
-    """Publish the merged weights as ``version``: rank 0 writes the file into ``directory`` and/or
-    broadcasts over ``comm`` (``gdpo.weight_sync.publish``). Every rank must call it (under ZeRO-3
-    gathering the parameters is collective); the others return None."""
+    """Publish the merged weights (``adapter``: the LoRA adapter alone) as ``version``: rank 0 writes the file
+    into ``directory`` and/or broadcasts over ``comm`` (``gdpo.weight_sync.publish``). Every rank must call
+    it (under ZeRO-3 gathering the parameters is collective); the others return None."""
     with gathered(model, zero_stage):
         if rank != 0:
             return None
-        tensors = weight_sync.sync_tensors(model, module_names)
+        tensors = sync_payload(model, module_names, adapter)
         path, digest, size = weight_sync.publish(
-            tensors, version, bucket_mb << 20, directory=directory, comm=comm, device=device_of(model)
+            tensors,
+            version,
+            bucket_mb << 20,
+            directory=directory,
+            comm=comm,
+            device=device_of(model),
+            adapter_config=dora.peft_config(model) if adapter else None,
         )
     return WeightUpdate(
         version=version,
@@ -403,6 +423,7 @@ def publish_weights(
         path=path,
         checksum=digest,
         broadcast=comm is not None,
+        adapter=adapter,
     )
 
 

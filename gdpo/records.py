@@ -242,6 +242,7 @@ class WeightUpdate:
     path: str | None = None  # the weight file on learner 0's node (file transport), None if not written
     checksum: str = ""  # sha256 of the file's bytes
     broadcast: bool = False  # whether it was also sent to the collective group
+    adapter: bool = False  # a LoRA adapter (path: a peft adapter directory), not merged weights
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,7 @@ class SyncGroup:
     timeout_s: float  # joining and every collective call fail after this
     bucket_bytes: int
     manifest: list  # [(name, dtype, shape)] in send order (gdpo.weight_sync.manifest_of)
+    adapter_config: str | None = None  # an adapter sync: the adapter_config.json the engines write beside it
 
 
 @dataclass

@@ -135,10 +135,12 @@ def generate(
     policy_version: int = 0,
     lora_path: Optional[str] = None,
     min_new_tokens: int = 0,
+    lora_request=None,
 ) -> RolloutBatch:
     """``samples_per_prompt`` completions per prompt, grouped contiguously; prompt i is seeded ``seed + i``
     (``seed`` None: no per-request seeds, the engine's generator samples the batch at once).
-    ``lora_path``: a LoRA adapter directory (peft layout) applied on top of the engine's weights."""
+    ``lora_path``: a LoRA adapter directory (peft layout) applied on top of the engine's weights;
+    ``lora_request``: a ``LoRARequest`` the engine holds already (the policy's, :func:`policy_lora`)."""
     import vllm
 
     params = [
@@ -153,7 +155,7 @@ def generate(
         )
         for i in range(len(prompts))
     ]
-    lora = None
+    lora = lora_request
     if lora_path:
         from vllm.lora.request import LoRARequest
 
@@ -174,12 +176,14 @@ def generate(
 
 
 def sequence_logprobs(llm, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[list[float]]:
-    """Log-prob of each completion token given its prompt, under the engine's current weights."""
+    """Log-prob of each completion token given its prompt, under the engine's current policy (its weights,
+    and its policy adapter when an adapter sync put one there)."""
     import vllm
     from vllm.inputs import TokensPrompt
 
     reqs = [TokensPrompt(prompt_token_ids=p + c) for p, c in zip(prompt_ids, completion_ids)]
-    outs = llm.generate(reqs, vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
+    params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    outs = llm.generate(reqs, params, use_tqdm=False, lora_request=policy_lora(engine_state(llm)[1]))
     result = []
     for out, p, c in zip(outs, prompt_ids, completion_ids):
         plp = out.prompt_logprobs  # [P + T] entries, the first None
@@ -203,11 +207,31 @@ def wake(llm, level: int) -> None:
         engine_reload_base(llm)
 
 
-def engine_version(llm) -> int:
-    versions = set(llm.collective_rpc("gdpo_policy_version_now"))
+def engine_state(llm) -> tuple[int, Optional[str]]:
+    """(policy version, the policy adapter's directory or None) that every worker of the engine holds."""
+    states = llm.collective_rpc("gdpo_policy_state")
+    versions = {v for v, _ in states}
     if len(versions) != 1:
         raise RuntimeError(f"rollout engine workers disagree on the policy version: {sorted(versions)}")
-    return versions.pop()
+    if len({a is None for _, a in states}) != 1:  # each worker writes a broadcast adapter to its own directory
+        raise RuntimeError(f"rollout engine workers disagree on serving a policy adapter: {states}")
+    return states[0]
+
+
+def engine_version(llm) -> int:
+    return engine_state(llm)[0]
+
+
+def policy_lora(path: Optional[str]):
+    """The request that samples with the policy adapter an adapter sync loaded (None: no adapter). The engine
+    holds it already under this id; the path is read again only if vLLM evicted it."""
+    if path is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    from gdpo.weight_sync import POLICY_LORA_ID, POLICY_LORA_NAME
+
+    return LoRARequest(POLICY_LORA_NAME, POLICY_LORA_ID, path)
 
 
 class StalePolicyError(RuntimeError):
@@ -221,7 +245,7 @@ def generate_checked(
     ``seeded`` False drops the per-prompt seeds (``seeds_per_prompt``)."""
     if not seeded:
         sampling["seed"] = None
-    held = engine_version(llm)
+    held, adapter = engine_state(llm)
     if held == TORN:
         raise StalePolicyError(
             f"rollout engine holds a torn policy (a weight load failed part way), the driver "
@@ -229,4 +253,6 @@ def generate_checked(
         )
     if held != expected_version:
         raise StalePolicyError(f"rollout engine holds policy version {held}, the driver expects {expected_version}")
-    return generate(llm, prompts, samples_per_prompt, policy_version=held, **sampling)
+    return generate(
+        llm, prompts, samples_per_prompt, policy_version=held, lora_request=policy_lora(adapter), **sampling
+    )

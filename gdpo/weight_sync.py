@@ -36,6 +36,21 @@ damaged transfers inside the cluster, not against an attacker on the cluster's n
 Engines load through vLLM's layerwise ``reload_weights`` (a plain ``model.load_weights`` leaves the
 CPU backend's packed kernels on the old weights) and then drop their prefix cache, whose blocks hold
 keys and values the old weights computed.
+
+**Adapter sync** (``learner.adapter=lora``, ``learner.sync_as`` auto or adapter): a version is the
+plain LoRA adapter alone, ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]`` of every adapted layer
+under peft's names, in the engine's dtype (:func:`adapter_tensors`): ``r (in + out)`` numbers per layer
+instead of the merged layers' ``in x out`` and their stack mates'. Both transports and the wire
+protocol are the same; the file is a peft adapter directory, ``policy-v{version}.lora/``, whose
+weights' header carries the version and a copy of ``adapter_config.json`` (checked against the file
+beside it: the checksum covers the config too). An engine on the broadcast writes what it received,
+after every bucket's checksum matched, into a peft directory of its own under the node-local root.
+Either way the engine, started with LoRA enabled at the learner's rank, loads it with vLLM's own
+adapter loader under one id (``POLICY_LORA_ID``, ``load_inplace``), which validates the adapter
+before it replaces the previous version: a refused or damaged adapter leaves the engine whole on the
+version it held (never torn). Rollouts and evaluations then sample through that LoRA on the base
+weights (``gdpo.rollout.policy_lora``). vLLM keys prefix-cache blocks on the LoRA's name and path,
+and each version has its own directory; the cache is dropped after each version all the same.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -54,7 +70,7 @@ import torch
 
 from gdpo import dora
 from gdpo.records import SyncGroup, WeightUpdate
-from gdpo.sync_transport import Comm, SyncError, check_free_space
+from gdpo.sync_transport import Comm, SyncError, check_free_space, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +86,11 @@ STACKED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # A sync sends only the adapted layers; vLLM warns about every layer it did not receive (norms,
 # embeddings) on each reload. Those keep their tensors by design, so the warnings are noise.
 _QUIET = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+
+ADAPTER_WEIGHTS = dora.WEIGHTS_NAME  # an adapter version: a peft adapter directory
+ADAPTER_CONFIG = dora.CONFIG_NAME
+POLICY_LORA_ID = 1 << 30  # the engines' LoRA id of the policy: each version replaces the last under it
+POLICY_LORA_NAME = "gdpo-policy"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -121,6 +142,20 @@ def sync_tensors(model, module_names: list[str]) -> list[SyncTensor]:
 def merged_weights(model, module_names: list[str]) -> dict[str, torch.Tensor]:
     """Checkpoint-format ``{name.weight: W'}`` of the given modules, DoRA merged as merge_dora does."""
     return {t.name: t.make().clone() for t in sync_tensors(model, module_names)}
+
+
+def adapter_tensors(model, dtype: torch.dtype) -> list[SyncTensor]:
+    """An adapter sync's tensors: each plain LoRA layer's ``lora_A`` ``[r, in]`` and ``lora_B`` ``[out, r]``
+    under peft's names (``base_model.model.<layer>.lora_A.weight``), in ``dtype``, the engine's (vLLM
+    casts a LoRA to the model's dtype when it loads one)."""
+    out = []
+    for name, layer in dora.dora_layers(model):
+        if layer.use_dora:
+            raise ValueError(f"{name} is a DoRA layer: vLLM serves plain LoRA only, so DoRA syncs merged weights")
+        for part in ("lora_A", "lora_B"):
+            p = getattr(layer, part)
+            out.append(SyncTensor(f"{dora.PREFIX}{name}.{part}.weight", tuple(p.shape), dtype, lambda p=p: p))
+    return out
 
 
 def _raw(t: SyncTensor) -> torch.Tensor:
@@ -280,20 +315,33 @@ def publish(
     directory: Optional[str] = None,
     comm: Optional[Comm] = None,
     device="cpu",
+    adapter_config: Optional[dict] = None,
 ) -> tuple[Optional[str], str, int]:
     """Rank 0's side of a sync: each tensor computed once (the DoRA merge), then written to
     ``directory/policy-v{version}.safetensors`` (atomically; older versions removed) and/or broadcast
-    over ``comm``. Returns (file path or None, its sha256 or "", payload bytes)."""
+    over ``comm``. With ``adapter_config`` (an adapter sync) the file is a peft adapter directory,
+    ``directory/policy-v{version}.lora/``, whose weights' header also carries the config, so that the
+    checksum covers it. Returns (file or adapter directory or None, the weights' sha256 or "", payload bytes)."""
     if directory is None and comm is None:
         raise ValueError("publish needs a directory, a group, or both")
     final = tmp = None
+    meta = {"policy_version": str(version)}
+    if adapter_config is not None:
+        meta["adapter_config"] = json.dumps(adapter_config, sort_keys=True)
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        final = Path(directory) / f"policy-v{version}.safetensors"
-        tmp = final.with_suffix(".tmp")
-    if final is not None:
         check_free_space(directory, sum(t.nbytes for t in tensors) + (1 << 20))
-    writer = _FileWriter(tensors, str(tmp), {"policy_version": str(version)}, bucket_bytes) if final else None
+        if adapter_config is None:
+            final = Path(directory) / f"policy-v{version}.safetensors"
+            tmp = final.with_suffix(".tmp")
+        else:
+            final = Path(directory) / f"policy-v{version}.lora"
+            tmp = final.with_suffix(".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            (tmp / ADAPTER_CONFIG).write_text(meta["adapter_config"])
+            tmp = tmp / ADAPTER_WEIGHTS
+    writer = _FileWriter(tensors, str(tmp), meta, bucket_bytes) if final else None
     try:
         caster = _Broadcaster(comm, tensors, version, bucket_bytes, device) if comm is not None else None
         for t in tensors:
@@ -306,10 +354,13 @@ def publish(
         digest = writer.finish() if writer is not None else ""
     if final is None:
         return None, "", caster.sent
+    if adapter_config is not None:
+        shutil.rmtree(final, ignore_errors=True)  # a re-sent version (an engine catching up) replaces itself
+        tmp = tmp.parent
     os.replace(tmp, final)
-    for old in Path(directory).glob("policy-v*.safetensors"):
+    for old in Path(directory).glob("policy-v*"):
         if old != final:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     return str(final), digest, writer.size
 
 
@@ -413,11 +464,56 @@ def _settled(llm, versions: list[int], version: int) -> int:
     return version
 
 
+def check_adapter_dir(path: str, version: int, checksum: str) -> None:
+    """Before an engine loads a published adapter directory: the weights' sha256, the version in their
+    header, and ``adapter_config.json`` against the copy in that header (so the checksum covers it)."""
+    from safetensors import safe_open
+
+    weights = Path(path) / ADAPTER_WEIGHTS
+    got = file_sha256(str(weights))
+    if got != checksum:
+        raise SyncError(
+            f"adapter file {weights} for policy version {version} is corrupt: sha256 {got[:12]} != "
+            f"published {checksum[:12]}"
+        )
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("policy_version") != str(version):
+        raise SyncError(f"adapter {path} holds policy version {meta.get('policy_version')}, expected {version}")
+    on_disk = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    if on_disk != json.loads(meta.get("adapter_config", "null")):
+        raise SyncError(
+            f"{Path(path) / ADAPTER_CONFIG} differs from the config published with policy version {version}"
+        )
+
+
+def write_adapter_dir(root: str, version: int, tensors: dict[str, torch.Tensor], config: str) -> str:
+    """An adapter that arrived over the broadcast, written where vLLM loads LoRAs from (a peft directory,
+    ``root/policy-v{version}.lora``; older versions under ``root`` removed). Returns the directory."""
+    from safetensors.torch import save_file
+
+    final = Path(root) / f"policy-v{version}.lora"
+    tmp = final.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / ADAPTER_CONFIG).write_text(config)
+    meta = {"policy_version": str(version), "adapter_config": config}
+    save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata=meta)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in Path(root).glob("policy-v*.lora"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(final)
+
+
 def engine_load_file(llm, update: WeightUpdate) -> int:
-    """Load a published weight file into every worker of a ``vllm.LLM`` (file transport)."""
+    """Load a published version into every worker of a ``vllm.LLM`` (file transport): merged weights
+    through the layerwise reload, an adapter as the engine's policy LoRA."""
     if update.path is None:
         raise SyncError(f"policy version {update.version} was not written to a file (collective-only sync)")
-    return _settled(llm, _rpc(llm, "gdpo_load_file", update.path, update.version, update.checksum), update.version)
+    method = "gdpo_load_adapter" if update.adapter else "gdpo_load_file"
+    return _settled(llm, _rpc(llm, method, update.path, update.version, update.checksum), update.version)
 
 
 def engine_open(llm, spec: SyncGroup, rank_offset: int) -> list[int]:

@@ -149,20 +149,29 @@ def test_gdpo_eval_reports_the_same_figures_as_the_run_for_the_same_model(straig
 
 
 def test_a_lora_run_trains_syncs_and_its_final_adapter_serves_on_vllm(tmp_path):
-    """``learner.adapter=lora``: plain LoRA layers train, the engines get the policy (learner and sampler
-    agree after the sync), and the final adapter is a plain LoRA that vLLM serves on the base model."""
+    """``learner.adapter=lora``: plain LoRA layers train, each sync sends the adapter alone and the engines
+    serve it as a LoRA (learner and sampler agree after every sync), and the final adapter is a plain LoRA
+    that vLLM serves on the base model."""
     from gdpo.cli import main
 
     out = tmp_path / "lora"
-    summary = _train(out, "trainer.steps=2", "learner.adapter=lora")
+    _train(out, "trainer.steps=3", "learner.adapter=lora")
+    # the same run continued to 4 steps: resumed from step 3's checkpoint, the engines get its adapter
+    summary = _train(out, "trainer.steps=4", "learner.adapter=lora", "trainer.force_resume=true")
     rows = _rows(out)
-    assert [r["step"] for r in rows] == [1, 2] and all(r["logprob_drift"] < 1e-3 for r in rows)
+    # steps 2, 3 and 4 sample from adapter versions 1, 2 and (after the resume) 3; with the adapter left out
+    # of the rollout requests the drift is above 1e-3 (checked by hand, 2026-12-05)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["logprob_drift"] < 1e-3 for r in rows)
     conf = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())
     assert conf["use_dora"] is False
     from safetensors.torch import load_file
 
-    tensors = load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+    final = out / "final" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(final))
     assert tensors and not any("magnitude" in k for k in tensors)
+    # a sync is the adapter's tensors (float32 here, as saved) and a header, not the merged layers
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert all(payload <= r["sync/bytes"] <= payload + (64 << 10) for r in rows), [r["sync/bytes"] for r in rows]
     assert any(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_B" in k)  # it learned
     evals = tmp_path / "evals"
     data = [o for o in SMALL if o.startswith("data.")]

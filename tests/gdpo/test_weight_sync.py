@@ -56,9 +56,10 @@ class _Background(threading.Thread):
         return self.result
 
 
-def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
+def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None, adapter_config=None):
     """Learner 0's side here, the engine's in vLLM's worker: open a group, send ``version`` (the engine expects
-    ``expect``, default the same), close. Returns what the engine's receive returned or raised."""
+    ``expect``, default the same; ``adapter_config``: an adapter sync), close. Returns what the engine's
+    receive returned or raised."""
     listen = sync_transport.listen_socket("127.0.0.1")
     spec = SyncGroup(
         "gloo",
@@ -69,6 +70,7 @@ def _broadcast(llm, tensors, version, *, expect=None, corrupt_call=None):
         60.0,
         64 << 10,
         weight_sync.manifest_of(tensors),
+        adapter_config,
     )
     opened = _Background(weight_sync.engine_open, llm, spec, 1)
     comm = sync_transport.open_comm(spec, 0, "cpu", listen)
