@@ -12,7 +12,7 @@ from typing import Optional
 from gdpo.config import Config
 from gdpo.cpu_threads import cpu_share, cpu_threads_per_worker
 from gdpo.records import RolloutBatch
-from gdpo.weight_sync import TORN
+from gdpo.weight_sync import POLICY_LORA_ID, POLICY_LORA_NAME, TORN
 
 EXTENSION = "gdpo.vllm_ext.WeightSyncExtension"
 
@@ -228,8 +228,6 @@ def policy_lora(path: Optional[str]):
     if path is None:
         return None
     from vllm.lora.request import LoRARequest
-
-    from gdpo.weight_sync import POLICY_LORA_ID, POLICY_LORA_NAME
 
     return LoRARequest(POLICY_LORA_NAME, POLICY_LORA_ID, path)
 

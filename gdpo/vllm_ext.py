@@ -106,7 +106,9 @@ class WeightSyncExtension:
         if self._gdpo_lora_root is None:
             self._gdpo_lora_root = sync_transport.make_weights_dir(f"lora{self.rank}")
         path = weight_sync.write_adapter_dir(self._gdpo_lora_root, version, tensors, spec.adapter_config)
-        return self._gdpo_add_adapter(path, version)
+        self._gdpo_add_adapter(path, version)
+        weight_sync.prune_adapter_dirs(self._gdpo_lora_root, keep=path)
+        return version
 
     def gdpo_sync_close(self) -> None:
         if self._gdpo_group is not None:

@@ -489,7 +489,7 @@ def check_adapter_dir(path: str, version: int, checksum: str) -> None:
 
 def write_adapter_dir(root: str, version: int, tensors: dict[str, torch.Tensor], config: str) -> str:
     """An adapter that arrived over the broadcast, written where vLLM loads LoRAs from (a peft directory,
-    ``root/policy-v{version}.lora``; older versions under ``root`` removed). Returns the directory."""
+    ``root/policy-v{version}.lora``). Returns the directory."""
     from safetensors.torch import save_file
 
     final = Path(root) / f"policy-v{version}.lora"
@@ -501,10 +501,15 @@ def write_adapter_dir(root: str, version: int, tensors: dict[str, torch.Tensor],
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata=meta)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in Path(root).glob("policy-v*.lora"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
     return str(final)
+
+
+def prune_adapter_dirs(root: str, keep: str) -> None:
+    """Remove the adapter directories under ``root`` other than ``keep`` (once ``keep`` is loaded: until then
+    the version the engine holds keeps its files, which vLLM reads again if it ever evicts the adapter)."""
+    for old in Path(root).glob("policy-v*.lora"):
+        if str(old) != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def engine_load_file(llm, update: WeightUpdate) -> int:

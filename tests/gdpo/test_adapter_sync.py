@@ -93,6 +93,8 @@ def test_engine_serves_each_adapter_version_as_the_learner_computes_it(lora_engi
     after = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
     assert _worst(after, learner_lp2) < 1e-3, _worst(after, learner_lp2)
     assert _worst(after, learner_lp) > 1e-2
+    assert _broadcast(llm, tensors, 3, adapter_config=config) == 3  # the engine's older directories go
+    assert sorted(p.name for p in Path(where).parent.iterdir()) == ["owner", "policy-v3.lora"]
 
     # merged weights (an evaluation loading a checkpoint) replace the policy adapter
     assert weight_sync.engine_load_checkpoint(llm, path) == 0 and rollout.engine_state(llm) == (0, None)
@@ -127,11 +129,14 @@ def test_a_published_adapter_is_checked_before_an_engine_loads_it(tmp_path):
     """Without vLLM: the checksum, the version in the header and the config beside the weights."""
     from tests.gdpo.test_learner_sync import _adapted_lm
 
-    lora = _lora_lm()
+    lora = _adapted_lm(use_dora=False)
     tensors = weight_sync.adapter_tensors(lora, torch.float32)
     config = dora.peft_config(lora)
     path, digest, size = weight_sync.publish(tensors, 4, 1 << 16, directory=str(tmp_path), adapter_config=config)
     assert size == (Path(path) / weight_sync.ADAPTER_WEIGHTS).stat().st_size and config["use_dora"] is False
+    weight_sync.check_adapter_dir(path, 4, digest)
+    again = weight_sync.publish(tensors, 4, 1 << 16, directory=str(tmp_path), adapter_config=config)
+    assert again == (path, digest, size)  # re-sent for an engine catching up: the same directory, intact
     weight_sync.check_adapter_dir(path, 4, digest)
     with pytest.raises(SyncError, match="holds policy version 4, expected 5"):
         weight_sync.check_adapter_dir(path, 5, digest)
@@ -150,28 +155,10 @@ def test_a_published_adapter_is_checked_before_an_engine_loads_it(tmp_path):
         load_file(str(tmp_path / "saved" / dora.WEIGHTS_NAME)),
     )
     assert sent.keys() == saved.keys() and all(torch.equal(sent[k], saved[k]) for k in sent)
+    weight_sync.publish(tensors, 5, 1 << 16, directory=str(tmp_path), adapter_config=config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy-v5.lora", "saved"]  # version 4 removed
     with pytest.raises(ValueError, match="DoRA layer"):
         weight_sync.adapter_tensors(_adapted_lm(), torch.float32)
-
-
-def _lora_lm():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = Qwen2ForCausalLM(cfg)
-    dora.apply_dora(model, ["q_proj", "v_proj"], 4, 8.0, use_dora=False)
-    for _, layer in dora.dora_layers(model):
-        layer.lora_B.data += 0.1 * torch.randn_like(layer.lora_B)
-    return model
 
 
 def test_an_adapter_sync_needs_plain_lora():

@@ -107,3 +107,20 @@ def test_publish_broadcasts_from_the_models_device(policy):
     msg = learner.publish_weights(on_device, names, 1, comm=Recording(), bucket_mb=1)
     assert msg.broadcast and msg.num_bytes > 0 and msg.path is None
     assert len(sent) >= 4 and set(sent) == {DEVICE}  # header, sizes, then each bucket and its checksum
+
+
+def test_an_adapter_sync_broadcasts_from_the_models_device(model_path):
+    """``learner.adapter=lora``: the adapter's tensors go out from the device the LoRA layers live on."""
+    cfg = load_config(None, ["learner.adapter=lora"])
+    model, _ = learner.build_policy(model_path, cfg)
+    on_device = _on_device(model, FakeTensorMode(allow_non_fake_inputs=True))
+    sent = []
+
+    class Recording:
+        def broadcast(self, tensor, src=0):
+            sent.append(tensor.device)
+
+    msg = learner.publish_weights(on_device, [], 1, comm=Recording(), bucket_mb=1, adapter=True)
+    assert msg.adapter and msg.broadcast and msg.path is None
+    assert all(".lora_A." in n or ".lora_B." in n for n in msg.names) and msg.names
+    assert len(sent) >= 4 and set(sent) == {DEVICE}

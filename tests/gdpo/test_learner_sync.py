@@ -10,7 +10,7 @@ from gdpo.losses import token_logprobs
 from gdpo.records import TrainBatch
 
 
-def _adapted_lm(seed=0, dtype=torch.float32):
+def _adapted_lm(seed=0, dtype=torch.float32, use_dora=True):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -24,7 +24,7 @@ def _adapted_lm(seed=0, dtype=torch.float32):
         max_position_embeddings=64,
     )
     model = Qwen2ForCausalLM(cfg).to(dtype)
-    dora.apply_dora(model, ["q_proj", "v_proj", "down_proj"], 4, 8.0)
+    dora.apply_dora(model, ["q_proj", "v_proj", "down_proj"], 4, 8.0, use_dora=use_dora)
     for p in model.parameters():
         if p.requires_grad:
             p.data += 0.1 * torch.randn_like(p)  # B != 0: merged weights differ from the base

@@ -16,7 +16,8 @@ class _Engine:
         self.params = None
 
     def collective_rpc(self, name):
-        return [0]  # policy version 0
+        assert name == "gdpo_policy_state"
+        return [(0, None)]  # policy version 0, no policy adapter
 
     def generate(self, prompts, params, use_tqdm=False, lora_request=None):
         self.params = params
