@@ -127,7 +127,7 @@ class Cluster:
             f"{'nccl' if self.use_gpu else 'gloo'} broadcast"
         )
 
-    def _start_engines(self, learners_started: list) -> list:
+    def _start_engines(self, learners_started: list) -> tuple[list, Optional[str]]:
         """Start the engines beside the learners' start; returns learner 0's sync manifest and adapter config
         (``LearnerWorker.start``). Engines on the
         learners' GPUs start once the learners hold their memory: vLLM's start-up profiling would count
