@@ -11,7 +11,7 @@ import shutil
 
 import ray
 
-from gdpo import learner, sync_transport, weight_sync
+from gdpo import learner, learner_sync, sync_transport, weight_sync
 from gdpo.config import Config
 from gdpo.records import SyncGroup, TrainBatch, WeightUpdate
 
@@ -44,7 +44,7 @@ class LearnerWorker:
         self.engine = learner.make_engine(self.model, self.cfg)
         self.sync_names = weight_sync.sync_module_names(self.model, self.cfg.learner.target_modules)
         ln = self.cfg.learner
-        return learner.sync_manifest(self.model, self.sync_names, ln.zero_stage, ln.syncs_adapter)
+        return learner_sync.sync_manifest(self.model, self.sync_names, ln.zero_stage, ln.syncs_adapter)
 
     def logprobs(self, batch: TrainBatch) -> TrainBatch:
         return learner.attach_logprobs(self.model, batch, self.cfg)
@@ -98,7 +98,7 @@ class LearnerWorker:
             )
         if to_file and self.rank == 0 and self.weights_dir is None:
             self.weights_dir = sync_transport.make_weights_dir(self.run_id)
-        msg = learner.publish_weights(
+        msg = learner_sync.publish_weights(
             self.model,
             self.sync_names,
             version,

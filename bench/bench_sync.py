@@ -198,7 +198,7 @@ class _Adapter:
     def __init__(self, policy: str, rank: int, bucket_mb: int, own: list):
         import torch
 
-        from gdpo import dora, learner, sync_transport
+        from gdpo import dora, learner, learner_sync, sync_transport
         from gdpo.config import load_config
 
         self.rank, self.bucket = rank, bucket_mb << 20
@@ -217,8 +217,8 @@ class _Adapter:
         torch.manual_seed(rank)
         for _, layer in dora.dora_layers(self.model):
             layer.lora_B.data += 0.05 * torch.randn_like(layer.lora_B)
-        self.tensors = learner.sync_payload(self.model, [], adapter=True)
-        self.manifest, self.config = learner.sync_manifest(self.model, [], adapter=True)
+        self.tensors = learner_sync.sync_payload(self.model, [], adapter=True)
+        self.manifest, self.config = learner_sync.sync_manifest(self.model, [], adapter=True)
         self.payload = sum(t.nbytes for t in self.tensors)
         self.directory = tempfile.mkdtemp(prefix=f"gdpo-bench-lora{rank}-", dir=sync_transport.node_local_dir())
         self.times: dict[str, list[float]] = {"file": [], "broadcast": []}

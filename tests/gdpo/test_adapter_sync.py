@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gdpo import dora, learner, rollout, weight_sync
+from gdpo import dora, learner, learner_sync, rollout, weight_sync
 from gdpo.config import load_config
 from gdpo.policy import resolve_model_path
 from gdpo.records import WeightUpdate
@@ -52,7 +52,7 @@ def test_engine_serves_each_adapter_version_as_the_learner_computes_it(lora_engi
     base = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
 
     # the file transport: a peft adapter directory, a small fraction of the merged layers' bytes
-    msg = learner.publish_weights(model, names, 1, directory=str(tmp_path / "pub"), adapter=True)
+    msg = learner_sync.publish_weights(model, names, 1, directory=str(tmp_path / "pub"), adapter=True)
     assert msg.adapter and sorted(p.name for p in Path(msg.path).iterdir()) == [
         weight_sync.ADAPTER_CONFIG,
         weight_sync.ADAPTER_WEIGHTS,
@@ -75,9 +75,9 @@ def test_engine_serves_each_adapter_version_as_the_learner_computes_it(lora_engi
 
     # the broadcast: what an engine on another node runs, here over loopback gloo
     model2, _ = _lora_policy(path, cfg, 1)
-    tensors = learner.sync_payload(model2, names, adapter=True)
+    tensors = learner_sync.sync_payload(model2, names, adapter=True)
     assert all(".lora_A.weight" in t.name or ".lora_B.weight" in t.name for t in tensors)
-    _, config = learner.sync_manifest(model2, names, adapter=True)
+    _, config = learner_sync.sync_manifest(model2, names, adapter=True)
     learner_lp2 = _learner_logprobs(model2, batch, tok.pad_token_id)
     assert len(weight_sync.plan(weight_sync.manifest_of(tensors), 64 << 10)) >= 2
     refused = _broadcast(llm, tensors, 2, expect=3, adapter_config=config)
@@ -116,7 +116,7 @@ def test_after_an_adapter_sync_cached_prompt_blocks_are_not_reused(lora_engine, 
     for version, seed in ((1, 2), (2, 3)):
         model, tok = _lora_policy(path, cfg, seed)
         names = names or weight_sync.sync_module_names(model, cfg.learner.target_modules)
-        msg = learner.publish_weights(model, names, version, directory=str(tmp_path), adapter=True)
+        msg = learner_sync.publish_weights(model, names, version, directory=str(tmp_path), adapter=True)
         weight_sync.engine_load_file(llm, msg)
         batch = rollout.generate_checked(llm, version, [prompt], 2, max_new_tokens=16, temperature=1.0, seed=1)
         worst = _worst(batch.sampling_logprobs, _learner_logprobs(model, batch, tok.pad_token_id))

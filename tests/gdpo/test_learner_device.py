@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from gdpo import learner
+from gdpo import learner, learner_sync
 from gdpo.config import load_config
 from tests.gdpo.test_learner_zero import _fixed_batch
 from tests.helpers.chat_model import build_chat_model
@@ -104,7 +104,7 @@ def test_publish_broadcasts_from_the_models_device(policy):
             sent.append(tensor.device)
 
     names = weight_sync.sync_module_names(on_device, cfg.learner.target_modules)
-    msg = learner.publish_weights(on_device, names, 1, comm=Recording(), bucket_mb=1)
+    msg = learner_sync.publish_weights(on_device, names, 1, comm=Recording(), bucket_mb=1)
     assert msg.broadcast and msg.num_bytes > 0 and msg.path is None
     assert len(sent) >= 4 and set(sent) == {DEVICE}  # header, sizes, then each bucket and its checksum
 
@@ -120,7 +120,7 @@ def test_an_adapter_sync_broadcasts_from_the_models_device(model_path):
         def broadcast(self, tensor, src=0):
             sent.append(tensor.device)
 
-    msg = learner.publish_weights(on_device, [], 1, comm=Recording(), bucket_mb=1, adapter=True)
+    msg = learner_sync.publish_weights(on_device, [], 1, comm=Recording(), bucket_mb=1, adapter=True)
     assert msg.adapter and msg.broadcast and msg.path is None
     assert all(".lora_A." in n or ".lora_B." in n for n in msg.names) and msg.names
     assert len(sent) >= 4 and set(sent) == {DEVICE}

@@ -35,7 +35,7 @@ def _fixed_batch(tokenizer):
 
 
 def _worker(rank, world, port, stage, model_path, out_dir, adapter="dora"):
-    from gdpo import learner
+    from gdpo import learner, learner_sync
     from gdpo.config import load_config
 
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def _worker(rank, world, port, stage, model_path, out_dir, adapter="dora"):
     before = learner.checksum_params(model, stage)  # collective under ZeRO-3
     sums = learner.train_step(engine, share, cfg, global_tokens=tokens, global_seqs=8.0, world_size=world)
     names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
-    msg = learner.publish_weights(
+    msg = learner_sync.publish_weights(
         model, names, 1, rank=rank, zero_stage=stage, directory=out_dir, adapter=cfg.learner.syncs_adapter
     )
     Path(out_dir).mkdir(parents=True, exist_ok=True)  # rank 0's publish makes it; rank 1 may get here first

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from gdpo import learner, rollout, sync_transport, weight_sync
+from gdpo import learner, learner_sync, rollout, sync_transport, weight_sync
 from gdpo.config import load_config
 from gdpo.logprob_head import Sampling
 from gdpo.policy import resolve_model_path
@@ -117,7 +117,7 @@ def test_rollout_engine_matches_learner_after_a_file_or_broadcast_sync(engine, t
     names = weight_sync.sync_module_names(model, cfg.learner.target_modules)
     learner_lp = _learner_logprobs(model, batch, tok.pad_token_id)
     stale = rollout.sequence_logprobs(llm, batch.prompt_ids, batch.completion_ids)
-    msg = learner.publish_weights(model, names, 1, directory=str(tmp_path))
+    msg = learner_sync.publish_weights(model, names, 1, directory=str(tmp_path))
     with pytest.raises(rollout.StalePolicyError, match="holds policy version 0, the driver expects 1"):
         rollout.generate_checked(llm, 1, ["Compute 1+1\n"], 2, max_new_tokens=8, temperature=1.0)
     bad = type(msg)(**{**msg.__dict__, "checksum": "0" * 64})
